@@ -1,0 +1,23 @@
+"""The one error type the service raises towards callers, rendered as `{"error","message"}`."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """A protocol error: an HTTP status, a stable code and a human message."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}

@@ -1,0 +1,1 @@
+"""SQL persistence: SQLModel tables, the engine, and the queries the service runs."""
