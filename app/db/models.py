@@ -86,3 +86,33 @@ class AuditEvent(SQLModel, table=True):
     device_id: str | None = Field(default=None, max_length=32)
     approval_id: str | None = Field(default=None, max_length=32)
     detail: str = Field(default="{}", max_length=4000)
+
+
+class EmailToken(SQLModel, table=True):
+    """A single-use email verification token; a newer one for the same user cancels older ones."""
+
+    token_hash: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(foreign_key="user.id", index=True, max_length=32)
+    email: str = Field(max_length=320)
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None = None
+    cancelled_at: datetime | None = None
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message to send (mail, SMS), written in the same transaction as the change it reports."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    channel: str = Field(max_length=16)  # "email" | "sms"
+    recipient: str = Field(max_length=320)
+    template: str = Field(max_length=64)
+    payload: str = Field(default="{}", max_length=8000)  # JSON rendered into the template
+    status: str = Field(default="queued", index=True, max_length=16)
+    attempts: int = Field(default=0)
+    last_error: str | None = Field(default=None, max_length=1000)
+    created_at: datetime
+    next_attempt_at: datetime = Field(index=True)
+    expires_at: datetime
+    sent_at: datetime | None = None
+    user_id: str | None = Field(default=None, index=True, max_length=32)
