@@ -12,12 +12,15 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: dict[str, str] | None = None,
+        extra: dict[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}
 
-    def body(self) -> dict[str, str]:
-        return {"error": self.code, "message": self.message}
+    def body(self) -> dict[str, object]:
+        """The JSON body: `error` and `message`, plus any extra fields (e.g. a final `status`)."""
+        return {"error": self.code, "message": self.message, **self.extra}
