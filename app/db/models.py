@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
+# NaiveDatetime, not datetime: SQLModel maps plain datetime to a timezone-aware column that
+# rejects the naive UTC values app.core.clock.to_datetime() produces.
+from pydantic import NaiveDatetime
 from sqlmodel import Field, SQLModel
+
+# Named constraints let later Alembic migrations (SQLite batch mode included) find and alter
+# them; it must be set before the tables below are declared.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 
 class User(SQLModel, table=True):
@@ -18,9 +29,9 @@ class User(SQLModel, table=True):
     phone_verified: bool = Field(default=False)
     sms_fallback: bool = Field(default=True)
     locked: bool = Field(default=False)
-    locked_at: datetime | None = None
-    created_at: datetime
-    verified_at: datetime | None = None
+    locked_at: NaiveDatetime | None = None
+    created_at: NaiveDatetime
+    verified_at: NaiveDatetime | None = None
 
 
 class Device(SQLModel, table=True):
@@ -34,9 +45,9 @@ class Device(SQLModel, table=True):
     token_hash: str = Field(index=True, unique=True, max_length=64)
     push_provider: str | None = Field(default=None, max_length=8)
     push_token: str | None = Field(default=None, max_length=4096)
-    created_at: datetime
-    last_seen_at: datetime | None = None
-    revoked_at: datetime | None = None
+    created_at: NaiveDatetime
+    last_seen_at: NaiveDatetime | None = None
+    revoked_at: NaiveDatetime | None = None
 
 
 class EnrollmentCode(SQLModel, table=True):
@@ -44,9 +55,9 @@ class EnrollmentCode(SQLModel, table=True):
 
     code_hash: str = Field(primary_key=True, max_length=64)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=32)
-    created_at: datetime
-    expires_at: datetime
-    used_at: datetime | None = None
+    created_at: NaiveDatetime
+    expires_at: NaiveDatetime
+    used_at: NaiveDatetime | None = None
 
 
 class ApiKey(SQLModel, table=True):
@@ -55,8 +66,8 @@ class ApiKey(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=32)
     name: str = Field(index=True, unique=True, max_length=100)
     key_hash: str = Field(index=True, unique=True, max_length=64)
-    created_at: datetime
-    revoked_at: datetime | None = None
+    created_at: NaiveDatetime
+    revoked_at: NaiveDatetime | None = None
 
 
 class TrustedBrowser(SQLModel, table=True):
@@ -69,17 +80,17 @@ class TrustedBrowser(SQLModel, table=True):
     browser: str = Field(default="", max_length=100)
     os: str = Field(default="", max_length=100)
     ip: str = Field(default="", max_length=64)
-    created_at: datetime
-    last_used_at: datetime | None = None
-    expires_at: datetime
-    revoked_at: datetime | None = None
+    created_at: NaiveDatetime
+    last_used_at: NaiveDatetime | None = None
+    expires_at: NaiveDatetime
+    revoked_at: NaiveDatetime | None = None
 
 
 class AuditEvent(SQLModel, table=True):
     """One line of the audit log: who, what, when, from where."""
 
     id: int | None = Field(default=None, primary_key=True)
-    at: datetime = Field(index=True)
+    at: NaiveDatetime = Field(index=True)
     user_id: str | None = Field(default=None, index=True, max_length=32)
     kind: str = Field(max_length=64)
     ip: str | None = Field(default=None, max_length=64)
@@ -94,10 +105,10 @@ class EmailToken(SQLModel, table=True):
     token_hash: str = Field(primary_key=True, max_length=64)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=32)
     email: str = Field(max_length=320)
-    created_at: datetime
-    expires_at: datetime
-    used_at: datetime | None = None
-    cancelled_at: datetime | None = None
+    created_at: NaiveDatetime
+    expires_at: NaiveDatetime
+    used_at: NaiveDatetime | None = None
+    cancelled_at: NaiveDatetime | None = None
 
 
 class OutboxMessage(SQLModel, table=True):
@@ -111,8 +122,8 @@ class OutboxMessage(SQLModel, table=True):
     status: str = Field(default="queued", index=True, max_length=16)
     attempts: int = Field(default=0)
     last_error: str | None = Field(default=None, max_length=1000)
-    created_at: datetime
-    next_attempt_at: datetime = Field(index=True)
-    expires_at: datetime
-    sent_at: datetime | None = None
+    created_at: NaiveDatetime
+    next_attempt_at: NaiveDatetime = Field(index=True)
+    expires_at: NaiveDatetime
+    sent_at: NaiveDatetime | None = None
     user_id: str | None = Field(default=None, index=True, max_length=32)

@@ -1,0 +1,108 @@
+"""The audit log: who did what, when, from where; details are JSON and never hold secrets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.core.clock import rfc3339, to_datetime
+from app.db.models import AuditEvent
+
+# Keys whose values are replaced before a detail is stored: a careless caller must not be
+# able to write a password, token or code into the log.
+SECRET_KEYS = frozenset(
+    {
+        "password",
+        "password_hash",
+        "token",
+        "device_token",
+        "push_token",
+        "api_key",
+        "code",
+        "jws",
+        "challenge",
+        "secret",
+        "cookie",
+        "session",
+        "authorization",
+    }
+)
+REDACTED = "[redacted]"
+MAX_DETAIL_CHARS = 4000
+MAX_RECENT = 500
+
+
+async def record(
+    session: AsyncSession,
+    kind: str,
+    *,
+    user_id: str | None = None,
+    ip: str | None = None,
+    device_id: str | None = None,
+    approval_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+    now: float,
+) -> AuditEvent:
+    """Add one audit event to the session (the caller commits it with the change it reports)."""
+    event = AuditEvent(
+        at=to_datetime(now),
+        kind=kind[:64],
+        user_id=user_id,
+        ip=ip[:64] if ip is not None else None,
+        device_id=device_id,
+        approval_id=approval_id,
+        detail=_detail_json(detail or {}),
+    )
+    session.add(event)
+    return event
+
+
+async def recent(session: AsyncSession, user_id: str, limit: int = 50) -> list[AuditEvent]:
+    """The user's latest audit events, newest first."""
+    limit = max(1, min(limit, MAX_RECENT))
+    result = await session.exec(
+        select(AuditEvent)
+        .where(AuditEvent.user_id == user_id)
+        .order_by(col(AuditEvent.at).desc(), col(AuditEvent.id).desc())
+        .limit(limit)
+    )
+    return list(result.all())
+
+
+def event_json(event: AuditEvent) -> dict[str, Any]:
+    """An audit event as the JSON the account page's activity list shows."""
+    try:
+        detail = json.loads(event.detail)
+    except ValueError:
+        detail = {}
+    return {
+        "id": event.id,
+        "at": rfc3339(event.at),
+        "kind": event.kind,
+        "ip": event.ip,
+        "device_id": event.device_id,
+        "approval_id": event.approval_id,
+        "detail": detail,
+    }
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            str(key): REDACTED if str(key).lower() in SECRET_KEYS else _scrub(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub(item) for item in value]
+    return value
+
+
+def _detail_json(detail: dict[str, Any]) -> str:
+    text = json.dumps(_scrub(detail), sort_keys=True, separators=(",", ":"), default=str)
+    if len(text) <= MAX_DETAIL_CHARS:
+        return text
+    # Cutting the JSON would leave it unreadable; keep which keys there were instead.
+    return json.dumps({"truncated": True, "keys": sorted(str(k) for k in detail)[:50]})
