@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     email_token_ttl: int = Field(default=86400, ge=60)
     smtp_url: str | None = None
     mail_from: str = "tapprove@localhost"
+    # Seconds a worker may hold an outbox message before another takes it over.
+    outbox_lease: float = Field(default=60.0, ge=1.0, le=3600.0)
     fcm_credentials: Path | None = None
     fcm_project_id: str | None = None
     fcm_endpoint: str = "https://fcm.googleapis.com/v1/projects"
@@ -59,7 +61,8 @@ class Settings(BaseSettings):
     def origins(self) -> frozenset[str]:
         """Browser origins allowed to open WebSockets and send cookie-authenticated writes."""
         if self.allowed_origins:
-            return frozenset(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+            given = self.allowed_origins.split(",")
+            return frozenset(o.strip().rstrip("/") for o in given if o.strip())
         parts = urlsplit(self.public_url)
         return frozenset({f"{parts.scheme}://{parts.netloc}"})
 

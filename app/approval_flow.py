@@ -1,0 +1,229 @@
+"""The approval use cases shared by browsers, phones and relying parties: start one,
+decide it with a signed answer, wait for its end. Routes stay thin; the rules live in
+app.core and the atomic steps in app.store.approvals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import orjson
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.core.approvals import ApprovalContext, ApprovalKind, PendingApproval, Status, new_approval
+from app.core.clock import to_datetime
+from app.core.errors import ApiError
+from app.core.matching import MatchPolicy, number_matches
+from app.core.signatures import DecisionRejected, read_kid, verify_decision
+from app.db import audit
+from app.db.models import Device, User
+from app.services import Services
+from app.store.approvals import Backoff
+from app.store.events import RECONNECTED
+
+log = logging.getLogger(__name__)
+
+
+async def active_devices(svc: Services, user_id: str) -> list[Device]:
+    """The user's enrolled, unrevoked devices."""
+    async with svc.db() as db:
+        result = await db.exec(
+            select(Device).where(Device.user_id == user_id, Device.revoked_at == None)  # noqa: E711
+        )
+        return list(result.all())
+
+
+async def start_approval(
+    svc: Services,
+    user: User,
+    *,
+    kind: ApprovalKind,
+    context: ApprovalContext,
+    ttl: int | None = None,
+    browser_binding: str | None = None,
+    remember_browser: bool = False,
+    api_key_id: str | None = None,
+) -> PendingApproval:
+    """Create a pending approval for `user` and send it to every device at once.
+
+    Raises 423 `locked` after a fraud report and 429 `rate_limited` during push-fatigue backoff.
+    """
+    from app.delivery import dispatch
+
+    if user.locked:
+        raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
+    now = svc.clock.now()
+    approval = new_approval(
+        user_id=user.id,
+        kind=kind,
+        ttl=ttl or svc.settings.approval_ttl,
+        policy=MatchPolicy.for_mode(svc.settings.match_mode),
+        context=context,
+        now=now,
+        browser_binding=browser_binding,
+        remember_browser=remember_browser,
+        api_key_id=api_key_id,
+    )
+    devices = await active_devices(svc, user.id)
+    connected = await svc.presence.connected_devices(user.id)
+    approval.channels = dispatch.initial_channels(svc, devices, connected)
+    event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
+    outcome = await svc.approvals.create(approval, event)
+    if isinstance(outcome, Backoff):
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many unanswered or denied requests; wait before trying again",
+            {"Retry-After": str(outcome.retry_after)},
+        )
+    async with svc.db() as db:
+        if outcome.superseded:
+            await audit.record(
+                db,
+                "approval.superseded",
+                user_id=user.id,
+                approval_id=outcome.superseded,
+                ip=context.ip,
+                now=now,
+            )
+        await audit.record(
+            db,
+            "approval.created",
+            user_id=user.id,
+            approval_id=approval.id,
+            ip=context.ip,
+            detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
+            now=now,
+        )
+        await db.commit()
+    await dispatch.after_create(svc, approval, devices, connected)
+    return approval
+
+
+async def decide_with_jws(
+    svc: Services, device: Device, approval_id: str, jws: object, *, ip: str
+) -> Status:
+    """Check a device's signed answer and, if it wins the race, end the approval with it."""
+    if not isinstance(jws, str) or not jws:
+        raise ApiError(422, "invalid_request", "jws: expected a compact JWS string")
+    try:
+        kid = read_kid(jws)
+    except DecisionRejected as exc:
+        raise ApiError(400, "bad_signature", exc.message) from None
+    if kid != device.id:
+        raise ApiError(400, "bad_signature", "kid does not name this device")
+    approval = await svc.approvals.get(approval_id)
+    if approval is None or approval.user_id != device.user_id:
+        raise ApiError(404, "not_found", "no such approval")
+    now = svc.clock.now()
+    try:
+        claims = verify_decision(
+            jws,
+            orjson.loads(device.public_jwk),
+            approval_id=approval.id,
+            challenge=approval.challenge,
+            now=now,
+        )
+    except DecisionRejected as exc:
+        raise ApiError(400, "bad_signature", exc.message) from None
+    _raise_if_final(approval.status)
+
+    if claims.decision == "approve":
+        right = number_matches(approval.match, approval.number, claims.number)
+        status, reason = (Status.APPROVED, "") if right else (Status.DENIED, "wrong_number")
+    else:
+        status, reason = Status.DENIED, (claims.reason or "")
+    result = await svc.approvals.decide(approval.id, status, device_id=device.id, reason=reason)
+    if result.kind == "not_found":
+        raise ApiError(404, "not_found", "no such approval")
+    if result.kind == "final":
+        _raise_if_final(result.status or Status.EXPIRED)
+
+    async with svc.db() as db:
+        await audit.record(
+            db,
+            "approval.decided",
+            user_id=device.user_id,
+            device_id=device.id,
+            approval_id=approval.id,
+            ip=ip,
+            detail={"status": status.value, "reason": reason},
+            now=now,
+        )
+        if reason == "fraud":
+            await _lock_after_fraud(svc, db, device.user_id, approval, ip, now)
+        await db.commit()
+    if reason == "wrong_number":
+        raise ApiError(
+            422,
+            "wrong_number",
+            "the number does not match; the request was denied",
+            extra={"status": Status.DENIED.value},
+        )
+    return status
+
+
+def _raise_if_final(status: Status) -> None:
+    if status is Status.EXPIRED:
+        raise ApiError(410, "expired", "this request has expired", extra={"status": status.value})
+    if status is not Status.PENDING:
+        raise ApiError(
+            409,
+            "already_decided",
+            "this request was already answered",
+            extra={"status": status.value},
+        )
+
+
+async def _lock_after_fraud(
+    svc: Services, db: AsyncSession, user_id: str, approval: PendingApproval, ip: str, now: float
+) -> None:
+    """A fraud report locks new approvals for the user until an operator unlocks them."""
+    from app.delivery import notices
+
+    user = await db.get(User, user_id)
+    if user is None:
+        return
+    user.locked = True
+    user.locked_at = to_datetime(now)
+    db.add(user)
+    await audit.record(
+        db,
+        "user.locked",
+        user_id=user_id,
+        approval_id=approval.id,
+        ip=ip,
+        detail={
+            "reason": "fraud_reported",
+            "browser": approval.context.browser,
+            "login_ip": approval.context.ip,
+        },
+        now=now,
+    )
+    await notices.fraud_reported(svc, db, user, approval, now)
+    await svc.sessions.revoke_user(user_id)
+
+
+async def wait_for_end(svc: Services, approval_id: str, seconds: float) -> PendingApproval | None:
+    """Wait until the approval ends or `seconds` pass; return its latest state."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + max(0.0, seconds)
+    async with svc.events.listen(svc.keys.approval_channel(approval_id)) as queue:
+        while True:
+            approval = await svc.approvals.get(approval_id)
+            if approval is None or approval.status is not Status.PENDING:
+                return approval
+            until_deadline = approval.expires_at - svc.clock.now()
+            if until_deadline <= 0:
+                await svc.approvals.expire_if_due(approval_id)
+                continue
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                return approval
+            with contextlib.suppress(TimeoutError):
+                event = await asyncio.wait_for(queue.get(), min(remaining, until_deadline + 0.05))
+                if event is not RECONNECTED and event.get("type") != "result":
+                    continue

@@ -1,0 +1,79 @@
+"""Assemble the ASGI application from explicit parts: `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+
+from app.core.clock import Clock
+from app.delivery.push import Providers
+from app.services import Services, build_services
+from app.settings import Settings
+from app.web import account, browser, devices, ops, pages, registration, relying_party
+from app.web.errors import EXCEPTION_HANDLERS, BodyLimit
+from app.web.security import SecurityHeaders
+
+
+def all_routes() -> list[BaseRoute]:
+    """Every HTTP and WebSocket route, in one list (the OpenAPI test walks it)."""
+    return [
+        *ops.routes,
+        *registration.routes,
+        *browser.routes,
+        *account.routes,
+        *devices.routes,
+        *relying_party.routes,
+        *pages.routes,
+    ]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    providers: Providers | None = None,
+    run_worker: bool = False,
+) -> Starlette:
+    """Build the app; connections are opened in the lifespan, not at import or build time."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await build_services(settings, clock=clock, providers=providers)
+        app.state.services = services
+        await services.events.start()
+        await services.presence.start()
+        worker_task: asyncio.Task[None] | None = None
+        stop = asyncio.Event()
+        if run_worker:
+            from app.worker import run_worker as run_consumers
+
+            worker_task = asyncio.create_task(run_consumers(services, stop), name="worker")
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker_task is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(worker_task, timeout=10)
+            await services.close()
+
+    app = Starlette(
+        routes=all_routes(),
+        middleware=[Middleware(BodyLimit), Middleware(SecurityHeaders, settings=settings)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app
+
+
+def services_of(app: Starlette) -> Services:
+    """The Services of a running app."""
+    services: Services = app.state.services
+    return services

@@ -1,0 +1,96 @@
+"""The per-process bag of adapters, built once from Settings and handed to every route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.core.clock import Clock, SystemClock
+from app.core.tokens import new_id
+from app.db.engine import make_engine, make_sessionmaker
+from app.delivery.push import Providers, build_providers
+from app.settings import Settings
+from app.store.approvals import ApprovalStore
+from app.store.events import EventBus
+from app.store.presence import Presence
+from app.store.ratelimit import RateLimiter
+from app.store.redis import KeySpace, RedisHandle, connect
+from app.store.sessions import SessionStore
+
+
+@dataclass
+class Services:
+    """Everything a request handler or a worker needs; no module-level connections."""
+
+    settings: Settings
+    clock: Clock
+    redis_handle: RedisHandle
+    keys: KeySpace
+    engine: AsyncEngine
+    db: async_sessionmaker[AsyncSession]
+    events: EventBus
+    approvals: ApprovalStore
+    presence: Presence
+    sessions: SessionStore
+    limits: RateLimiter
+    providers: Providers
+    process_id: str = field(default_factory=new_id)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self.redis_handle.client
+
+    def spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
+        """Run a fire-and-forget coroutine that must not be garbage-collected mid-flight."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def close(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+        for task in list(self.background):
+            with contextlib.suppress(BaseException):
+                await task
+        await self.presence.stop()
+        await self.events.close()
+        await self.providers.close()
+        await self.engine.dispose()
+        await self.redis_handle.close()
+
+
+async def build_services(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    providers: Providers | None = None,
+) -> Services:
+    """Connect to Redis and the database and assemble the adapters."""
+    clock = clock or SystemClock()
+    handle = await connect(settings)
+    keys = KeySpace(settings.redis_prefix)
+    engine = make_engine(settings)
+    events = EventBus(handle.client)
+    process_id = new_id()
+    services = Services(
+        settings=settings,
+        clock=clock,
+        redis_handle=handle,
+        keys=keys,
+        engine=engine,
+        db=make_sessionmaker(engine),
+        events=events,
+        approvals=ApprovalStore(handle.client, keys, clock),
+        presence=Presence(handle.client, keys, process_id),
+        sessions=SessionStore(handle.client, keys, clock),
+        limits=RateLimiter(handle.client, keys, clock),
+        providers=providers if providers is not None else await build_providers(settings),
+        process_id=process_id,
+    )
+    return services

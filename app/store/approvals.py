@@ -1,0 +1,349 @@
+"""Pending approvals in Redis. Every state change is one Lua script, so any number of
+processes racing on one approval see exactly one winner, and the event announcing the
+change is published in the same atomic step (nobody sees a state without its event).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as aioredis
+
+from app.core.approvals import PendingApproval, Status
+from app.core.clock import Clock
+from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP
+from app.store.redis import KeySpace
+
+# How long a final state stays readable, so late callers get 409/410 rather than 404.
+FINAL_STATE_KEEP = 300
+
+# finalize(prefix, id, status, now, decided_by, reason): shared by every script below.
+_FINALIZE = """
+local function finalize(prefix, id, status, now, decided_by, reason, base, cap)
+  local key = prefix .. 'approval:' .. id
+  local uid = redis.call('HGET', key, 'user_id')
+  redis.call('HSET', key, 'status', status, 'decided_at', now)
+  if decided_by ~= '' then redis.call('HSET', key, 'decided_by', decided_by) end
+  if reason ~= '' then redis.call('HSET', key, 'reason', reason) end
+  redis.call('EXPIRE', key, KEEP)
+  redis.call('EXPIRE', key .. ':acks', KEEP)
+  redis.call('ZREM', prefix .. 'approvals:deadlines', id)
+  local pending_key = prefix .. 'user:' .. uid .. ':pending'
+  if redis.call('GET', pending_key) == id then redis.call('DEL', pending_key) end
+  local fatigue = prefix .. 'user:' .. uid .. ':fatigue'
+  if status == 'approved' then
+    redis.call('DEL', fatigue)
+  else
+    local n = redis.call('HINCRBY', fatigue, 'failures', 1)
+    local wait = math.min(cap, base * math.pow(2, n - 1))
+    redis.call('HSET', fatigue, 'next_at', tonumber(now) + wait)
+    redis.call('EXPIRE', fatigue, 86400)
+  end
+  redis.call('PUBLISH', prefix .. 'ev:approval:' .. id,
+    cjson.encode({type = 'result', status = status}))
+  redis.call('PUBLISH', prefix .. 'ev:user:' .. uid,
+    cjson.encode({type = 'approval_resolved', id = id, status = status}))
+end
+""".replace("KEEP", str(FINAL_STATE_KEEP))
+
+# KEYS: new approval key. ARGV: prefix, now, id, user_id, expires_at, keep_seconds,
+# base, cap, request_event_json, then field/value pairs.
+_CREATE = (
+    _FINALIZE
+    + """
+local prefix, now, id, uid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local expires_at, keep, base, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local pending_key = prefix .. 'user:' .. uid .. ':pending'
+local old = redis.call('GET', pending_key)
+local old_status = nil
+if old then
+  old_status = redis.call('HGET', prefix .. 'approval:' .. old, 'status')
+  local old_exp = tonumber(redis.call('HGET', prefix .. 'approval:' .. old, 'expires_at') or '0')
+  if old_status == 'pending' and old_exp <= now then
+    finalize(prefix, old, 'expired', ARGV[2], '', '', base, cap)
+    old_status = 'expired'
+  end
+end
+local fatigue_key = prefix .. 'user:' .. uid .. ':fatigue'
+local next_at = tonumber(redis.call('HGET', fatigue_key, 'next_at') or '0')
+if next_at > now then
+  return {'backoff', tostring(math.ceil(next_at - now))}
+end
+local superseded = ''
+if old and old_status == 'pending' then
+  finalize(prefix, old, 'expired', ARGV[2], '', 'superseded', base, cap)
+  superseded = old
+end
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], keep)
+redis.call('SET', pending_key, id, 'EX', keep)
+redis.call('ZADD', prefix .. 'approvals:deadlines', expires_at, id)
+redis.call('PUBLISH', prefix .. 'ev:user:' .. uid, ARGV[9])
+return {'created', superseded}
+"""
+)
+
+# KEYS: approval key. ARGV: prefix, now, id, outcome, decided_by, reason, base, cap.
+_DECIDE = (
+    _FINALIZE
+    + """
+local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found', ''} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'pending' then return {'final', status} end
+if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) <= now then
+  finalize(prefix, id, 'expired', ARGV[2], '', '', tonumber(ARGV[7]), tonumber(ARGV[8]))
+  return {'final', 'expired'}
+end
+finalize(prefix, id, ARGV[4], ARGV[2], ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
+return {'decided', ARGV[4]}
+"""
+)
+
+# KEYS: approval key. ARGV: prefix, now, id, base, cap. Ends a pending approval past its deadline.
+_EXPIRE = (
+    _FINALIZE
+    + """
+local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  redis.call('ZREM', prefix .. 'approvals:deadlines', id)
+  return 'gone'
+end
+if status ~= 'pending' then return status end
+if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) > now then return 'pending' end
+finalize(prefix, id, 'expired', ARGV[2], '', '', tonumber(ARGV[4]), tonumber(ARGV[5]))
+return 'expired'
+"""
+)
+
+# Appends ARGV[n] to the JSON list in hash field `field` unless present.
+_ADD_TO_LIST = """
+local function add_to_list(key, field, value)
+  local items = cjson.decode(redis.call('HGET', key, field) or '[]')
+  for _, item in ipairs(items) do if item == value then return end end
+  items[#items + 1] = value
+  redis.call('HSET', key, field, cjson.encode(items))
+end
+"""
+
+# KEYS: approval key, acks set. ARGV: device id, approval channel, delivered event.
+_ACK = (
+    _ADD_TO_LIST
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
+local added = redis.call('SADD', KEYS[2], ARGV[1])
+if added == 1 then
+  redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
+  add_to_list(KEYS[1], 'delivered', 'websocket')
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return added
+"""
+)
+
+# KEYS: approval key. Marks a login approval completed once.
+_COMPLETE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'not_found' end
+if status ~= 'approved' then return 'not_approved' end
+if redis.call('HGET', KEYS[1], 'completed') == '1' then return 'already_completed' end
+redis.call('HSET', KEYS[1], 'completed', '1')
+return 'ok'
+"""
+
+# KEYS: approval key. ARGV: channel, approval channel, event, which list ("channels"/"delivered").
+_CHANNEL = (
+    _ADD_TO_LIST
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
+add_to_list(KEYS[1], ARGV[4], ARGV[1])
+if ARGV[4] == 'delivered' then add_to_list(KEYS[1], 'channels', ARGV[1]) end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return 1
+"""
+)
+
+
+@dataclass(frozen=True)
+class Created:
+    """The approval was stored; `superseded` names the pending one it replaced, if any."""
+
+    superseded: str | None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Push-fatigue backoff: the user may get a new approval in `retry_after` seconds."""
+
+    retry_after: int
+
+
+@dataclass(frozen=True)
+class DecideResult:
+    """What an atomic decide did: `decided` (this caller won) or found it `final` already."""
+
+    kind: Literal["decided", "final", "not_found"]
+    status: Status | None
+
+
+class ApprovalStore:
+    """Reads and atomically changes pending approvals held in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, clock: Clock) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._clock = clock
+        self._create = redis.register_script(_CREATE)
+        self._decide = redis.register_script(_DECIDE)
+        self._expire = redis.register_script(_EXPIRE)
+        self._ack = redis.register_script(_ACK)
+        self._complete = redis.register_script(_COMPLETE)
+        self._channel = redis.register_script(_CHANNEL)
+
+    async def create(self, approval: PendingApproval, request_event: bytes) -> Created | Backoff:
+        """Store a new pending approval, superseding the user's previous one, unless backed off.
+
+        `request_event` is published to the user's devices in the same step.
+        """
+        now = self._clock.now()
+        keep = int(approval.expires_at - now) + FINAL_STATE_KEEP
+        flat: list[str] = []
+        for name, value in approval.to_fields().items():
+            flat += [name, value]
+        result = await self._create(
+            keys=[self._keys.approval(approval.id)],
+            args=[
+                self._keys.prefix,
+                repr(now),
+                approval.id,
+                approval.user_id,
+                repr(approval.expires_at),
+                keep,
+                BACKOFF_BASE,
+                BACKOFF_CAP,
+                request_event,
+                *flat,
+            ],
+        )
+        kind, value = result[0], result[1]
+        if kind == "backoff":
+            return Backoff(max(1, int(value)))
+        return Created(value or None)
+
+    async def get(self, approval_id: str) -> PendingApproval | None:
+        """The approval as stored (pending or final), or None when unknown or long gone."""
+        if not _plausible_id(approval_id):
+            return None
+        fields: dict[str, str] = await self._redis.hgetall(self._keys.approval(approval_id))  # type: ignore[assignment]
+        if not fields:
+            return None
+        return PendingApproval.from_fields(fields)
+
+    async def decide(
+        self, approval_id: str, status: Status, *, device_id: str = "", reason: str = ""
+    ) -> DecideResult:
+        """Try to end a pending approval with `status`; exactly one caller ever wins."""
+        result = await self._decide(
+            keys=[self._keys.approval(approval_id)],
+            args=[
+                self._keys.prefix,
+                repr(self._clock.now()),
+                approval_id,
+                status.value,
+                device_id,
+                reason,
+                BACKOFF_BASE,
+                BACKOFF_CAP,
+            ],
+        )
+        kind, value = result[0], result[1]
+        return DecideResult(kind, Status(value) if value else None)
+
+    async def expire_if_due(self, approval_id: str) -> Status | None:
+        """End the approval as expired if its deadline passed; returns its status now."""
+        result = await self._expire(
+            keys=[self._keys.approval(approval_id)],
+            args=[
+                self._keys.prefix,
+                repr(self._clock.now()),
+                approval_id,
+                BACKOFF_BASE,
+                BACKOFF_CAP,
+            ],
+        )
+        return None if result == "gone" else Status(result)
+
+    async def due_for_expiry(self, limit: int = 200) -> list[str]:
+        """Ids of pending approvals whose deadline has passed."""
+        ids: list[str] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+            self._keys.deadlines(), "-inf", repr(self._clock.now()), start=0, num=limit
+        )
+        return ids
+
+    async def next_deadline(self) -> float | None:
+        """The earliest deadline of any pending approval."""
+        first = await self._redis.zrange(self._keys.deadlines(), 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    async def pending_for_user(self, user_id: str) -> PendingApproval | None:
+        """The user's one pending approval, if it is still pending."""
+        approval_id: str | None = await self._redis.get(self._keys.user_pending(user_id))  # type: ignore[assignment]
+        if not approval_id:
+            return None
+        approval = await self.get(approval_id)
+        if approval is None or approval.status is not Status.PENDING:
+            return None
+        if approval.expires_at <= self._clock.now():
+            await self.expire_if_due(approval_id)
+            return None
+        return approval
+
+    async def ack(self, approval_id: str, device_id: str, delivered_event: bytes) -> bool:
+        """Record that a device received the request; True the first time."""
+        added = await self._ack(
+            keys=[self._keys.approval(approval_id), self._keys.approval_acks(approval_id)],
+            args=[device_id, self._keys.approval_channel(approval_id), delivered_event],
+        )
+        return bool(added)
+
+    async def acked_devices(self, approval_id: str) -> set[str]:
+        members: set[str] = await self._redis.smembers(self._keys.approval_acks(approval_id))  # type: ignore[assignment]
+        return members
+
+    async def mark_delivered(self, approval_id: str, channel: str, event: bytes) -> None:
+        """Record that `channel` reached the user and tell the waiting browser."""
+        await self._channel(
+            keys=[self._keys.approval(approval_id)],
+            args=[channel, self._keys.approval_channel(approval_id), event, "delivered"],
+        )
+
+    async def mark_sent(self, approval_id: str, channel: str) -> None:
+        """Record that the request went out on `channel` (listed in `channels`)."""
+        await self._channel(
+            keys=[self._keys.approval(approval_id)],
+            args=[channel, self._keys.approval_channel(approval_id), "", "channels"],
+        )
+
+    async def complete(self, approval_id: str) -> str:
+        """Mark an approved login used: `ok`, `not_approved`, `already_completed`, `not_found`."""
+        result: str = await self._complete(keys=[self._keys.approval(approval_id)])
+        return result
+
+    async def set_field(self, approval_id: str, name: str, value: str) -> None:
+        await self._redis.hset(self._keys.approval(approval_id), name, value)
+
+    async def fatigue(self, user_id: str) -> tuple[int, float]:
+        """(failures, next_at) of the user's push-fatigue backoff."""
+        data = await self._redis.hgetall(self._keys.user_fatigue(user_id))
+        return int(data.get("failures", 0)), float(data.get("next_at", 0))
+
+    async def clear_fatigue(self, user_id: str) -> None:
+        await self._redis.delete(self._keys.user_fatigue(user_id))
+
+
+def _plausible_id(approval_id: str) -> bool:
+    return 0 < len(approval_id) <= 64 and approval_id.isalnum()

@@ -1,0 +1,168 @@
+"""Cross-process events: one Redis pub/sub connection per process, fanned out locally.
+
+A socket never holds a Redis subscription of its own; it gets a local queue, and the
+process subscribes once per channel however many local listeners share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+# Delivered to every local listener after the pub/sub link came back: events may have been
+# missed, so listeners re-read the state they care about.
+RECONNECTED: Event = {"type": "_reconnected"}
+
+
+class EventBus:
+    """Publish JSON events to Redis channels and listen to them from many local tasks."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=False)
+        self._listeners: dict[str, set[asyncio.Queue[Event]]] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start the reader task (idempotent)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever(), name="event-bus")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+            self._reader = None
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def publish(self, channel: str, event: Event) -> None:
+        """Send one event to every listener of `channel`, in every process."""
+        await self._redis.publish(channel, orjson.dumps(event))
+
+    @contextlib.asynccontextmanager
+    async def listen(self, *channels: str) -> AsyncIterator[asyncio.Queue[Event]]:
+        """A queue that receives every event on `channels` until the block ends.
+
+        Returns only once Redis has confirmed the subscriptions, so state read afterwards
+        cannot miss an event published after that read.
+        """
+        await self.start()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        new: list[str] = []
+        async with self._lock:
+            for channel in channels:
+                listeners = self._listeners.setdefault(channel, set())
+                if not listeners:
+                    new.append(channel)
+                listeners.add(queue)
+            waits = []
+            for channel in new:
+                future = asyncio.get_running_loop().create_future()
+                self._confirmations[channel] = future
+                waits.append(future)
+            if new:
+                try:
+                    await self._pubsub.subscribe(*new)
+                except Exception:
+                    self._drop(queue, channels)
+                    raise
+        try:
+            if waits:
+                await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
+            yield queue
+        finally:
+            async with self._lock:
+                gone = self._drop(queue, channels)
+                if gone and self._pubsub.connection is not None:
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.unsubscribe(*gone)
+
+    def _drop(self, queue: asyncio.Queue[Event], channels: tuple[str, ...]) -> list[str]:
+        gone = []
+        for channel in channels:
+            listeners = self._listeners.get(channel)
+            if listeners is None:
+                continue
+            listeners.discard(queue)
+            if not listeners:
+                del self._listeners[channel]
+                gone.append(channel)
+                future = self._confirmations.pop(channel, None)
+                if future is not None and not future.done():
+                    future.cancel()
+        return gone
+
+    def listener_count(self) -> int:
+        return sum(len(v) for v in self._listeners.values())
+
+    async def _read_forever(self) -> None:
+        failures = 0
+        while True:
+            if not self._pubsub.subscribed:
+                # get_message on a connection with no subscriptions returns at once; idle politely.
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+                if failures:
+                    failures = 0
+                    self._broadcast(RECONNECTED)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                failures += 1
+                log.warning("event bus lost Redis (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                await self._resubscribe()
+                continue
+            if message is None:
+                continue
+            self._dispatch(message)
+
+    async def _resubscribe(self) -> None:
+        channels = list(self._listeners)
+        with contextlib.suppress(Exception):
+            await self._pubsub.reset()
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+        if channels:
+            with contextlib.suppress(Exception):
+                await self._pubsub.subscribe(*channels)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel")
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        if kind == "subscribe":
+            future = self._confirmations.pop(str(channel), None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            return
+        if kind != "message":
+            return
+        try:
+            event = orjson.loads(message["data"])
+        except orjson.JSONDecodeError:
+            log.warning("dropping a malformed event on %s", channel)
+            return
+        for queue in list(self._listeners.get(str(channel), ())):
+            queue.put_nowait(event)
+
+    def _broadcast(self, event: Event) -> None:
+        for listeners in self._listeners.values():
+            for queue in listeners:
+                queue.put_nowait(event)

@@ -1,0 +1,115 @@
+"""A small durable job queue in Redis: delayed jobs, leases, retries.
+
+`due` (ZSET, score = run at) holds waiting jobs; `claim` moves due ones to `leased`
+(ZSET, score = lease end) atomically, so two workers never take the same job; a job whose
+worker died is put back when its lease ends. Job bodies live in a hash by id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from app.core.clock import Clock
+from app.core.tokens import new_id
+from app.store.redis import KeySpace
+
+LEASE_SECONDS = 30
+
+# KEYS: due, leased, data. ARGV: now, lease end, max count.
+_CLAIM = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[1], ARGV[1], id)
+end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local body = redis.call('HGET', KEYS[3], id)
+  if body then
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    out[#out + 1] = id
+    out[#out + 1] = body
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of delivery work."""
+
+    id: str
+    kind: str
+    payload: dict[str, Any]
+    attempt: int = 0
+
+
+class JobQueue:
+    """Enqueue, claim, finish and retry jobs."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, clock: Clock) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._due = keys("jobs", "due")
+        self._leased = keys("jobs", "leased")
+        self._data = keys("jobs", "data")
+        self.wake_channel = keys("jobs", "wake")
+        self._claim = redis.register_script(_CLAIM)
+
+    async def enqueue(
+        self, kind: str, payload: dict[str, Any], *, run_at: float | None = None, attempt: int = 0
+    ) -> Job:
+        """Store a job to run at `run_at` (now by default)."""
+        job = Job(new_id(), kind, payload, attempt)
+        at = self._clock.now() if run_at is None else run_at
+        body = orjson.dumps({"kind": kind, "payload": payload, "attempt": attempt})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._data, job.id, body)
+            pipe.zadd(self._due, {job.id: at})
+            if run_at is None:
+                pipe.publish(self.wake_channel, b"1")
+            await pipe.execute()
+        return job
+
+    async def claim(self, limit: int = 50) -> list[Job]:
+        """Take up to `limit` due jobs under a lease."""
+        now = self._clock.now()
+        flat = await self._claim(
+            keys=[self._due, self._leased, self._data],
+            args=[repr(now), repr(now + LEASE_SECONDS), limit],
+        )
+        jobs = []
+        for i in range(0, len(flat), 2):
+            body = orjson.loads(flat[i + 1])
+            jobs.append(Job(flat[i], body["kind"], body["payload"], int(body.get("attempt", 0))))
+        return jobs
+
+    async def done(self, job: Job) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._leased, job.id)
+            pipe.hdel(self._data, job.id)
+            await pipe.execute()
+
+    async def retry(self, job: Job, run_at: float) -> None:
+        """Put the job back, one attempt further, to run at `run_at`."""
+        body = orjson.dumps({"kind": job.kind, "payload": job.payload, "attempt": job.attempt + 1})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._leased, job.id)
+            pipe.hset(self._data, job.id, body)
+            pipe.zadd(self._due, {job.id: run_at})
+            await pipe.execute()
+
+    async def next_due(self) -> float | None:
+        first = await self._redis.zrange(self._due, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    async def depth(self) -> int:
+        count: int = await self._redis.hlen(self._data)
+        return count

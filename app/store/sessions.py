@@ -1,0 +1,77 @@
+"""Server-side sessions in Redis: the cookie holds a random token, Redis holds its hash."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import orjson
+import redis.asyncio as aioredis
+
+from app.core.clock import Clock
+from app.core.tokens import hash_token, new_token
+from app.store.redis import KeySpace
+
+SESSION_TTL = 12 * 3600
+
+
+@dataclass(frozen=True)
+class Session:
+    """Who is signed in, and how strongly."""
+
+    user_id: str
+    created_at: float
+    # A restricted session may only enroll a first device and see the account page.
+    restricted: bool = False
+    # True when this sign-in was approved on an enrolled device (needed to add another one).
+    approved_with_device: bool = False
+    approval_id: str | None = None
+
+
+class SessionStore:
+    """Create, read and revoke sessions."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, clock: Clock) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._clock = clock
+
+    async def create(
+        self,
+        user_id: str,
+        *,
+        restricted: bool = False,
+        approved_with_device: bool = False,
+        approval_id: str | None = None,
+    ) -> str:
+        """Start a session and return the cookie value."""
+        token = new_token()
+        session = Session(user_id, self._clock.now(), restricted, approved_with_device, approval_id)
+        token_hash = hash_token(token)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.session(token_hash), orjson.dumps(asdict(session)), ex=SESSION_TTL)
+            pipe.sadd(self._keys.user_sessions(user_id), token_hash)
+            pipe.expire(self._keys.user_sessions(user_id), SESSION_TTL)
+            await pipe.execute()
+        return token
+
+    async def get(self, token: str | None) -> Session | None:
+        if not token or len(token) > 128:
+            return None
+        raw = await self._redis.get(self._keys.session(hash_token(token)))
+        if raw is None:
+            return None
+        return Session(**orjson.loads(raw))
+
+    async def delete(self, token: str) -> None:
+        token_hash = hash_token(token)
+        raw = await self._redis.getdel(self._keys.session(token_hash))
+        if raw is not None:
+            user_id = orjson.loads(raw)["user_id"]
+            await self._redis.srem(self._keys.user_sessions(user_id), token_hash)
+
+    async def revoke_user(self, user_id: str) -> None:
+        """End every session of a user (after a fraud report, say)."""
+        hashes: set[str] = await self._redis.smembers(self._keys.user_sessions(user_id))  # type: ignore[assignment]
+        if hashes:
+            await self._redis.delete(*(self._keys.session(h) for h in hashes))
+        await self._redis.delete(self._keys.user_sessions(user_id))

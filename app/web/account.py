@@ -1,0 +1,251 @@
+"""The signed-in user's account: settings, trusted browsers, activity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import phonenumbers
+from pydantic import Field
+from sqlmodel import col, select
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from app.approval_flow import active_devices
+from app.core.clock import rfc3339, to_datetime
+from app.core.errors import ApiError
+from app.core.tokens import hash_token, new_numeric_code, same_secret
+from app.db import audit
+from app.db.models import TrustedBrowser, User
+from app.services import Services
+from app.web.common import client_ip, current_session, json, services
+from app.web.devices import device_json
+from app.web.errors import StrictBody, read_body
+from app.web.security import check_csrf
+
+
+class AccountUpdate(StrictBody):
+    sms_fallback: bool | None = None
+
+
+class PhoneBody(StrictBody):
+    phone: str = Field(min_length=2, max_length=32)
+
+
+class PhoneCode(StrictBody):
+    code: str = Field(min_length=1, max_length=32)
+
+
+PHONE_CODE_LIFE = 600
+PHONE_CODE_ATTEMPTS = 5
+
+
+def trusted_browser_json(browser: TrustedBrowser) -> dict[str, Any]:
+    return {
+        "id": browser.id,
+        "browser": browser.browser,
+        "os": browser.os,
+        "ip": browser.ip,
+        "created_at": rfc3339(browser.created_at),
+        "last_used_at": rfc3339(browser.last_used_at) if browser.last_used_at else None,
+        "expires_at": rfc3339(browser.expires_at),
+    }
+
+
+async def _account_json(svc: Services, user: User) -> dict[str, Any]:
+    now = to_datetime(svc.clock.now())
+    async with svc.db() as db:
+        result = await db.exec(
+            select(TrustedBrowser)
+            .where(
+                TrustedBrowser.user_id == user.id,
+                TrustedBrowser.revoked_at == None,  # noqa: E711
+                TrustedBrowser.expires_at > now,
+            )
+            .order_by(col(TrustedBrowser.created_at).desc())
+        )
+        browsers = list(result.all())
+    return {
+        "email": user.email,
+        "phone": user.phone,
+        "phone_verified": user.phone_verified,
+        "sms_fallback": user.sms_fallback,
+        "locked": user.locked,
+        "devices": [device_json(d) for d in await active_devices(svc, user.id)],
+        "trusted_browsers": [trusted_browser_json(b) for b in browsers],
+    }
+
+
+async def _user(svc: Services, user_id: str) -> User:
+    async with svc.db() as db:
+        user = await db.get(User, user_id)
+    if user is None:
+        raise ApiError(401, "unauthorized", "sign in first")
+    return user
+
+
+async def get_account(request: Request) -> Response:
+    """GET /api/account."""
+    svc = services(request)
+    session = await current_session(request)
+    body = await _account_json(svc, await _user(svc, session.user_id))
+    body["restricted"] = session.restricted
+    return json(body)
+
+
+async def patch_account(request: Request) -> Response:
+    """PATCH /api/account `{"sms_fallback": bool}`."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    body = await read_body(request, AccountUpdate)
+    async with svc.db() as db:
+        user = await db.get(User, session.user_id)
+        if user is None:
+            raise ApiError(401, "unauthorized", "sign in first")
+        if body.sms_fallback is not None:
+            user.sms_fallback = body.sms_fallback
+        db.add(user)
+        await audit.record(
+            db,
+            "account.updated",
+            user_id=user.id,
+            ip=client_ip(request),
+            detail=body.model_dump(exclude_none=True),
+            now=svc.clock.now(),
+        )
+        await db.commit()
+    return json(await _account_json(svc, user))
+
+
+async def revoke_trusted_browser(request: Request) -> Response:
+    """DELETE /api/account/trusted-browsers/<id>."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    async with svc.db() as db:
+        browser = await db.get(TrustedBrowser, request.path_params["browser_id"])
+        if browser is None or browser.user_id != session.user_id or browser.revoked_at:
+            raise ApiError(404, "not_found", "no such trusted browser")
+        browser.revoked_at = to_datetime(svc.clock.now())
+        db.add(browser)
+        await audit.record(
+            db,
+            "browser.untrusted",
+            user_id=session.user_id,
+            ip=client_ip(request),
+            detail={"trusted_browser_id": browser.id},
+            now=svc.clock.now(),
+        )
+        await db.commit()
+    return json({"status": "revoked"})
+
+
+def _e164(raw: str) -> str:
+    try:
+        number = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException:
+        raise ApiError(
+            422, "invalid_request", "phone: not an E.164 number like +15551234567"
+        ) from None
+    if not phonenumbers.is_valid_number(number):
+        raise ApiError(422, "invalid_request", "phone: not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+async def start_phone_verification(request: Request) -> Response:
+    """POST /api/account/phone: text a code to a new number; it counts once verified."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    body = await read_body(request, PhoneBody)
+    phone = _e164(body.phone)
+    if svc.providers.sms is None:
+        raise ApiError(409, "sms_unavailable", "SMS is not set up on this server")
+    verdict = await svc.limits.hit(
+        svc.limits.key("phone-code", session.user_id), limit=5, window=3600
+    )
+    if not verdict.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many codes requested",
+            {"Retry-After": str(verdict.retry_after)},
+        )
+    code = new_numeric_code(6)
+    key = svc.keys("phone-verify", session.user_id)
+    await svc.redis.delete(key)
+    await svc.redis.hset(
+        key, mapping={"phone": phone, "code": hash_token(f"{phone}:{code}"), "attempts": 0}
+    )
+    await svc.redis.expire(key, PHONE_CODE_LIFE)
+    result = await svc.providers.sms.send(phone, f"Your tapprove verification code is {code}.")
+    if result.outcome != "accepted":
+        raise ApiError(502, "sms_failed", "the SMS provider did not accept the message")
+    return json({"status": "code_sent", "phone": phone}, status=202)
+
+
+async def verify_phone(request: Request) -> Response:
+    """POST /api/account/phone/verify: confirm the number with the texted code."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    body = await read_body(request, PhoneCode)
+    key = svc.keys("phone-verify", session.user_id)
+    pending: dict[str, str] = await svc.redis.hgetall(key)  # type: ignore[assignment]
+    if not pending:
+        raise ApiError(400, "invalid_code", "no code is pending; ask for a new one")
+    attempts = await svc.redis.hincrby(key, "attempts", 1)
+    expected = pending["code"]
+    right = same_secret(hash_token(f"{pending['phone']}:{body.code.strip()}"), expected)
+    if not right or attempts > PHONE_CODE_ATTEMPTS:
+        if attempts >= PHONE_CODE_ATTEMPTS:
+            await svc.redis.delete(key)
+        raise ApiError(400, "invalid_code", "that code is not right")
+    await svc.redis.delete(key)
+    async with svc.db() as db:
+        user = await db.get(User, session.user_id)
+        if user is None:
+            raise ApiError(401, "unauthorized", "sign in first")
+        user.phone = pending["phone"]
+        user.phone_verified = True
+        db.add(user)
+        await audit.record(
+            db, "phone.verified", user_id=user.id, ip=client_ip(request), now=svc.clock.now()
+        )
+        await db.commit()
+    return json({"status": "verified", "phone": pending["phone"]})
+
+
+async def activity(request: Request) -> Response:
+    """GET /api/account/activity: the user's recent audit events."""
+    svc = services(request)
+    session = await current_session(request)
+    async with svc.db() as db:
+        events = await audit.recent(db, session.user_id, limit=50)
+    return json(
+        {
+            "events": [
+                {
+                    "at": rfc3339(e.at),
+                    "kind": e.kind,
+                    "ip": e.ip,
+                    "device_id": e.device_id,
+                    "approval_id": e.approval_id,
+                    "detail": orjson.loads(e.detail or "{}"),
+                }
+                for e in events
+            ]
+        }
+    )
+
+
+routes: list[BaseRoute] = [
+    Route("/api/account", get_account, methods=["GET"]),
+    Route("/api/account", patch_account, methods=["PATCH"]),
+    Route("/api/account/trusted-browsers/{browser_id}", revoke_trusted_browser, methods=["DELETE"]),
+    Route("/api/account/activity", activity, methods=["GET"]),
+    Route("/api/account/phone", start_phone_verification, methods=["POST"]),
+    Route("/api/account/phone/verify", verify_phone, methods=["POST"]),
+]

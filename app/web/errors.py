@@ -1,0 +1,163 @@
+"""One JSON error shape for every failure, request body limits, and body parsing."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.errors import ApiError
+
+MAX_BODY = 64 * 1024
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+class FastJSON(JSONResponse):
+    """JSONResponse rendered with orjson."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(error: ApiError) -> Response:
+    """Render an ApiError as the protocol's `{"error","message"}` body."""
+    return FastJSON(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = {
+        404: f"no such route: {request.url.path}",
+        405: f"{request.method} is not allowed here",
+    }.get(exc.status_code, str(exc.detail))
+    return error_response(ApiError(exc.status_code, code, message, dict(exc.headers or {})))
+
+
+async def _dependency_down(request: Request, exc: Exception) -> Response:
+    name = "redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "database"
+    return error_response(
+        ApiError(
+            503, "unavailable", f"{name} is unavailable; try again shortly", {"Retry-After": "2"}
+        )
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    return error_response(ApiError(500, "internal_error", "unexpected server error"))
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    ApiError: _api_error,
+    HTTPException: _http_error,
+    RedisConnectionError: _dependency_down,
+    RedisTimeoutError: _dependency_down,
+    OperationalError: _dependency_down,
+    DBAPIError: _dependency_down,
+    Exception: _unexpected,
+}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse request bodies over 64 KiB with 413 `too_large`, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(
+            ApiError(413, "too_large", f"request body exceeds {self.limit} bytes")
+        )
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.limit:
+                    await too_large(scope, receive, send)
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "body"
+
+
+async def read_body(request: Request, model: type[Body]) -> Body:
+    """Parse a JSON body into `model`, or raise 422 `invalid_request` naming the bad field."""
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        raise ApiError(422, "invalid_request", "body: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_request", "body: expected a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = _field_name(tuple(first["loc"]))
+        raise ApiError(422, "invalid_request", f"{field}: {first['msg']}") from None
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid_request", "body: invalid unicode") from None
+
+
+class StrictBody(BaseModel):
+    """Base for request bodies: unknown fields are ignored, wrong types are never coerced."""
+
+    model_config = {"strict": True, "extra": "ignore"}

@@ -1,0 +1,64 @@
+"""Operations endpoints: liveness, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from app import metrics
+from app.web.common import json, services
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: the process is alive (never touches Redis or the database)."""
+    return json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """GET /readyz: 200 when Redis and the database answer, else 503 naming the failing one."""
+    svc = services(request)
+    failing: list[str] = []
+    try:
+        await asyncio.wait_for(svc.redis.ping(), timeout=2)
+    except Exception:
+        failing.append("redis")
+    try:
+        async with svc.engine.connect() as conn:
+            await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
+    except Exception:
+        failing.append("database")
+    if failing:
+        return json(
+            {
+                "error": "unavailable",
+                "message": f"not ready: {', '.join(failing)} unreachable",
+                "failing": failing,
+            },
+            status=503,
+        )
+    return json({"status": "ready"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """GET /metrics: Prometheus text for this process."""
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    """GET /openapi.json: the OpenAPI 3.1 description of every HTTP call."""
+    from app.web.openapi import document
+
+    return json(document(request.app.state.settings.public_url))
+
+
+routes: list[BaseRoute] = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics_endpoint, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]

@@ -1,0 +1,118 @@
+"""The server-to-server API for relying parties (VPN, SSH, other apps): `/api/v1/approvals`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from app.approval_flow import start_approval, wait_for_end
+from app.core.approvals import PendingApproval
+from app.core.clock import rfc3339
+from app.core.errors import ApiError
+from app.db.accounts import get_api_key_by_plaintext, get_user_by_email
+from app.db.models import ApiKey
+from app.web.common import bearer, json, request_context, services
+from app.web.errors import StrictBody, read_body
+
+MAX_WAIT = 30
+
+
+class RpContext(StrictBody):
+    ip: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=512)
+    browser: str | None = Field(default=None, max_length=100)
+    os: str | None = Field(default=None, max_length=100)
+
+
+class CreateApproval(StrictBody):
+    user: str = Field(min_length=1, max_length=320)
+    context: RpContext | None = None
+    ttl: int | None = Field(default=None, ge=10, le=600)
+
+
+async def _api_key(request: Request) -> ApiKey:
+    token = bearer(request)
+    if token is None or len(token) > 256:
+        raise ApiError(401, "unauthorized", "missing or invalid API key")
+    async with services(request).db() as db:
+        key = await get_api_key_by_plaintext(db, token)
+    if key is None:
+        raise ApiError(401, "unauthorized", "missing or invalid API key")
+    return key
+
+
+def _rp_json(approval: PendingApproval) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "approval_id": approval.id,
+        "status": approval.status.value,
+        "expires_at": rfc3339(approval.expires_at),
+        "created_at": rfc3339(approval.created_at),
+    }
+    if approval.decided_at is not None:
+        body["decided_at"] = rfc3339(approval.decided_at)
+    return body
+
+
+async def create(request: Request) -> Response:
+    """POST /api/v1/approvals: ask a user to approve something on their phone."""
+    svc = services(request)
+    key = await _api_key(request)
+    body = await read_body(request, CreateApproval)
+    async with svc.db() as db:
+        user = await get_user_by_email(db, body.user.strip().lower())
+    if user is None:
+        raise ApiError(404, "unknown_user", "no user with that email")
+    given = body.context.model_dump(exclude_none=True) if body.context else {}
+    approval = await start_approval(
+        svc,
+        user,
+        kind="rp",
+        context=request_context(request, given),
+        ttl=body.ttl,
+        api_key_id=key.id,
+    )
+    return json(
+        {
+            "approval_id": approval.id,
+            "number": approval.number,
+            "expires_at": rfc3339(approval.expires_at),
+            "match": approval.match.to_json(),
+            "channels": approval.channels,
+        },
+        status=201,
+    )
+
+
+def _wait_seconds(request: Request) -> float:
+    raw = request.query_params.get("wait")
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_request", "wait: must be a number from 0 to 30") from None
+    if not 0 <= wait <= MAX_WAIT:
+        raise ApiError(422, "invalid_request", "wait: must be a number from 0 to 30")
+    return wait
+
+
+async def status(request: Request) -> Response:
+    """GET /api/v1/approvals/<id>?wait=N: the status, optionally held until it ends."""
+    svc = services(request)
+    key = await _api_key(request)
+    wait = _wait_seconds(request)
+    approval = await svc.approvals.get(request.path_params["approval_id"])
+    if approval is None or approval.api_key_id != key.id:
+        raise ApiError(404, "not_found", "no such approval")
+    latest = await wait_for_end(svc, approval.id, wait)
+    return json(_rp_json(latest or approval))
+
+
+routes: list[BaseRoute] = [
+    Route("/api/v1/approvals", create, methods=["POST"]),
+    Route("/api/v1/approvals/{approval_id}", status, methods=["GET"]),
+]
