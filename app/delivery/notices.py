@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.approvals import PendingApproval
+from app.core.clock import rfc3339
 from app.db.models import Device, User
 from app.delivery import outbox
 from app.services import Services
@@ -23,6 +24,7 @@ async def device_added(
         template="device_added",
         payload={
             "device_name": device.name,
+            "at": rfc3339(now),
             "platform": device.platform,
             "account_url": f"{svc.settings.public_url}/account",
         },
@@ -44,6 +46,7 @@ async def fraud_reported(
         template="fraud_reported",
         payload={
             "browser": context.browser,
+            "at": rfc3339(now),
             "os": context.os,
             "ip": context.ip,
             "account_url": f"{svc.settings.public_url}/account",
