@@ -34,8 +34,9 @@ async def next_frame(ws: Any, kind: str, timeout: float = 5) -> dict[str, Any]:
             return frame
 
 
-def login_stream(server: LiveServer, browser: httpx.AsyncClient, approval_id: str,
-                 origin: str | None = None) -> Any:
+def login_stream(
+    server: LiveServer, browser: httpx.AsyncClient, approval_id: str, origin: str | None = None
+) -> Any:
     cookie = browser.cookies.get("tapprove_login")
     headers = {"Cookie": f"tapprove_login={cookie}"} if cookie else {}
     return websockets.connect(
@@ -75,8 +76,9 @@ async def test_a_phone_approves_a_login_and_the_browser_signs_in(server: LiveSer
         await ws.send(json.dumps({"type": "ack", "id": approval["id"]}))
         assert json.loads(await stream.recv()) == {"type": "delivered", "channel": "websocket"}
 
-        await ws.send(json.dumps({"type": "decision",
-                                  "jws": phone.sign(approval, number=started["number"])}))
+        await ws.send(
+            json.dumps({"type": "decision", "jws": phone.sign(approval, number=started["number"])})
+        )
         # Every device hears that it ended; the deciding one also gets its own result.
         frames = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
         assert sorted(frames, key=lambda f: f["type"]) == [
@@ -104,8 +106,11 @@ async def test_a_denied_login_cannot_be_completed(server: LiveServer) -> None:
     started = (await server.login(browser, "bob@example.com")).json()
     approval = await approval_for(phone, server)
     async with httpx.AsyncClient(base_url=server.url) as app:
-        answer = await app.post(f"/api/approvals/{approval['id']}/decision",
-                                json={"jws": phone.sign(approval, "deny")}, headers=phone.auth)
+        answer = await app.post(
+            f"/api/approvals/{approval['id']}/decision",
+            json={"jws": phone.sign(approval, "deny")},
+            headers=phone.auth,
+        )
     assert answer.status_code == 200 and answer.json() == {"status": "denied"}
     async with login_stream(server, browser, started["approval_id"]) as stream:
         assert json.loads(await stream.recv()) == {"type": "result", "status": "denied"}
@@ -123,14 +128,18 @@ async def test_a_wrong_number_denies_the_approval(server: LiveServer) -> None:
     approval = await approval_for(phone, server)
     wrong = f"{(int(started['number']) + 1) % 100:02d}"
     async with httpx.AsyncClient(base_url=server.url) as app:
-        answer = await app.post(f"/api/approvals/{approval['id']}/decision",
-                                json={"jws": phone.sign(approval, number=wrong)},
-                                headers=phone.auth)
+        answer = await app.post(
+            f"/api/approvals/{approval['id']}/decision",
+            json={"jws": phone.sign(approval, number=wrong)},
+            headers=phone.auth,
+        )
         assert answer.status_code == 422 and answer.json()["error"] == "wrong_number"
         # The right number afterwards is too late: the approval is already denied.
-        retry = await app.post(f"/api/approvals/{approval['id']}/decision",
-                               json={"jws": phone.sign(approval, number=started["number"])},
-                               headers=phone.auth)
+        retry = await app.post(
+            f"/api/approvals/{approval['id']}/decision",
+            json={"jws": phone.sign(approval, number=started["number"])},
+            headers=phone.auth,
+        )
     assert retry.status_code == 409 and retry.json()["error"] == "already_decided"
     assert (await browser.get(f"/api/login/{started['approval_id']}")).json()["status"] == "denied"
 
@@ -142,13 +151,20 @@ async def test_racing_decisions_have_exactly_one_winner(server: LiveServer) -> N
     started = (await server.login(browser, "race@example.com")).json()
     approval = await approval_for(phone, server)
     async with httpx.AsyncClient(base_url=server.url) as app:
-        answers = await asyncio.gather(*(
-            app.post(f"/api/approvals/{approval['id']}/decision",
-                     json={"jws": phone.sign(approval, "approve" if i % 2 else "deny",
-                                             number=started["number"])},
-                     headers=phone.auth)
-            for i in range(20)
-        ))
+        answers = await asyncio.gather(
+            *(
+                app.post(
+                    f"/api/approvals/{approval['id']}/decision",
+                    json={
+                        "jws": phone.sign(
+                            approval, "approve" if i % 2 else "deny", number=started["number"]
+                        )
+                    },
+                    headers=phone.auth,
+                )
+                for i in range(20)
+            )
+        )
     codes = sorted(a.status_code for a in answers)
     assert codes.count(200) == 1, codes
     assert codes.count(409) == 19
@@ -162,18 +178,22 @@ async def test_a_forged_signature_is_refused(server: LiveServer) -> None:
     started = (await server.login(browser, "eve@example.com")).json()
     approval = await approval_for(phone, server)
     # Signed by another key, but claiming to be `phone`.
-    forged = Phone(phone.device_id, phone.token, other.key).sign(approval,
-                                                                 number=started["number"])
+    forged = Phone(phone.device_id, phone.token, other.key).sign(approval, number=started["number"])
     async with httpx.AsyncClient(base_url=server.url) as app:
-        answer = await app.post(f"/api/approvals/{approval['id']}/decision",
-                                json={"jws": forged}, headers=phone.auth)
+        answer = await app.post(
+            f"/api/approvals/{approval['id']}/decision", json={"jws": forged}, headers=phone.auth
+        )
         assert answer.status_code == 400 and answer.json()["error"] == "bad_signature"
         stale = phone.sign(approval, number=started["number"], iat=time.time() - 301)
-        answer = await app.post(f"/api/approvals/{approval['id']}/decision",
-                                json={"jws": stale}, headers=phone.auth)
+        answer = await app.post(
+            f"/api/approvals/{approval['id']}/decision", json={"jws": stale}, headers=phone.auth
+        )
         assert answer.status_code == 400 and answer.json()["error"] == "bad_signature"
-        garbage = await app.post(f"/api/approvals/{approval['id']}/decision",
-                                 json={"jws": "not.a.jws"}, headers=phone.auth)
+        garbage = await app.post(
+            f"/api/approvals/{approval['id']}/decision",
+            json={"jws": "not.a.jws"},
+            headers=phone.auth,
+        )
         assert garbage.status_code == 400 and garbage.json()["error"] == "bad_signature"
     assert (await browser.get(f"/api/login/{started['approval_id']}")).json()["status"] == "pending"
 
@@ -191,7 +211,9 @@ async def test_another_users_device_sees_not_found(server: LiveServer) -> None:
         assert seen.status_code == 404 and seen.json()["error"] == "not_found"
         answer = await app.post(
             f"/api/approvals/{approval['id']}/decision",
-            json={"jws": mallory_phone.sign(approval, number="00")}, headers=mallory_phone.auth)
+            json={"jws": mallory_phone.sign(approval, number="00")},
+            headers=mallory_phone.auth,
+        )
         assert answer.status_code == 404 and answer.json()["error"] == "not_found"
         nobody = await app.get(f"/api/approvals/{approval['id']}")
         assert nobody.status_code == 401
@@ -210,8 +232,9 @@ async def test_the_stream_refuses_browsers_without_cookie_or_with_a_foreign_orig
             pass
     assert no_cookie.value.response.status_code == 403
     with pytest.raises(websockets.InvalidStatus) as foreign:
-        async with login_stream(server, browser, started["approval_id"],
-                                origin="https://evil.example"):
+        async with login_stream(
+            server, browser, started["approval_id"], origin="https://evil.example"
+        ):
             pass
     assert foreign.value.response.status_code == 403
     assert (await stranger.get(f"/api/login/{started['approval_id']}")).status_code == 403
@@ -231,8 +254,12 @@ async def test_an_enrollment_code_works_once(server: LiveServer) -> None:
 
     def body() -> dict[str, Any]:
         key = ec.generate_private_key(ec.SECP256R1())
-        return {"code": code, "name": "p", "platform": "ios",
-                "public_key": device_public_jwk(key.public_key())}
+        return {
+            "code": code,
+            "name": "p",
+            "platform": "ios",
+            "public_key": device_public_jwk(key.public_key()),
+        }
 
     async with httpx.AsyncClient(base_url=server.url) as app:
         results = await asyncio.gather(*(app.post("/api/devices", json=body()) for _ in range(5)))
@@ -268,9 +295,11 @@ async def test_a_fraud_report_locks_new_approvals(server: LiveServer) -> None:
     await server.login(browser, "fraud@example.com")
     approval = await approval_for(phone, server)
     async with httpx.AsyncClient(base_url=server.url) as app:
-        answer = await app.post(f"/api/approvals/{approval['id']}/decision",
-                                json={"jws": phone.sign(approval, "deny", reason="fraud")},
-                                headers=phone.auth)
+        answer = await app.post(
+            f"/api/approvals/{approval['id']}/decision",
+            json={"jws": phone.sign(approval, "deny", reason="fraud")},
+            headers=phone.auth,
+        )
     assert answer.status_code == 200 and answer.json() == {"status": "denied"}
     locked = await server.login(server.browser(), "fraud@example.com")
     assert locked.status_code == 423 and locked.json()["error"] == "locked"
@@ -294,11 +323,13 @@ async def test_relying_party_long_poll_sees_the_decision(server: LiveServer) -> 
     async with server.services.db() as db:
         _, api_key = await create_api_key(db, "vpn", now=time.time())
         await db.commit()
-    rp = httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {api_key}"},
-                           timeout=40)
+    rp = httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=40
+    )
     async with rp:
-        created = await rp.post("/api/v1/approvals",
-                                json={"user": "rp@example.com", "context": {"ip": "10.1.2.3"}})
+        created = await rp.post(
+            "/api/v1/approvals", json={"user": "rp@example.com", "context": {"ip": "10.1.2.3"}}
+        )
         assert created.status_code == 201, created.text
         body = created.json()
         assert set(body) >= {"approval_id", "number", "expires_at"}
@@ -308,9 +339,11 @@ async def test_relying_party_long_poll_sees_the_decision(server: LiveServer) -> 
         approval = await approval_for(phone, server)
         assert approval["context"]["ip"] == "10.1.2.3"
         async with httpx.AsyncClient(base_url=server.url) as app:
-            await app.post(f"/api/approvals/{approval['id']}/decision",
-                           json={"jws": phone.sign(approval, number=body["number"])},
-                           headers=phone.auth)
+            await app.post(
+                f"/api/approvals/{approval['id']}/decision",
+                json={"jws": phone.sign(approval, number=body["number"])},
+                headers=phone.auth,
+            )
         result = await asyncio.wait_for(waiting, 10)
         assert result.status_code == 200 and result.json()["status"] == "approved"
         unknown = await rp.post("/api/v1/approvals", json={"user": "nobody@example.com"})
@@ -318,5 +351,6 @@ async def test_relying_party_long_poll_sees_the_decision(server: LiveServer) -> 
         bad_wait = await rp.get(f"/api/v1/approvals/{body['approval_id']}?wait=31")
         assert bad_wait.status_code == 422
     no_key = await httpx.AsyncClient(base_url=server.url).post(
-        "/api/v1/approvals", json={"user": "rp@example.com"})
+        "/api/v1/approvals", json={"user": "rp@example.com"}
+    )
     assert no_key.status_code == 401
