@@ -1,0 +1,35 @@
+"""The browser pages (`/`, `/register`, `/account`, `/phone`) and the static files they load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
+
+PAGES: dict[str, str] = {
+    "/": "index.html",
+    "/register": "register.html",
+    "/account": "account.html",
+    "/phone": "phone.html",
+}
+
+
+def page(path: str, filename: str) -> Route:
+    """A GET route that serves one HTML file from the static directory."""
+
+    async def serve(request: Request) -> FileResponse:
+        return FileResponse(STATIC_DIR / filename, media_type="text/html; charset=utf-8")
+
+    return Route(path, serve, methods=["GET"], name=f"page:{filename.removesuffix('.html')}")
+
+
+routes: list[BaseRoute] = [
+    *(page(path, filename) for path, filename in PAGES.items()),
+    # check_dir=False: building the app must not fail where static/ is absent (e.g. an sdist).
+    Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
+]

@@ -1,0 +1,682 @@
+// The in-browser phone: enrolls with a WebCrypto P-256 key kept non-extractable in IndexedDB,
+// holds the device WebSocket, and answers approval requests with ES256 compact JWS decisions.
+import { api, backoffDelay, errorText, formatClock, h, showError, showMessage, clearMessage, wsUrl } from "/static/api.js";
+
+const $ = (id) => document.getElementById(id);
+
+const DB_NAME = "tapprove-phone";
+const STORE = "device";
+const RECORD = "current";
+const CLOSE_UNAUTHORIZED = 4401;
+// If the socket gives no answer to a decision in this long, send it over HTTP instead.
+const DECISION_FALLBACK_MS = 5000;
+const MAX_FINISHED_CARDS = 3;
+
+/** The enrolled device: {deviceId, deviceToken, keyPair, name, email, server}. */
+let device = null;
+const link = { socket: null, attempts: 0, timer: null, ready: false, stopped: true };
+/** approval id -> request card state */
+const requests = new Map();
+
+// ---------- IndexedDB (CryptoKey objects are stored as they are, never exported) ----------
+
+function openDb() {
+  return new Promise((resolve, reject) => {
+    const request = indexedDB.open(DB_NAME, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore(STORE);
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+async function withStore(mode, action) {
+  const db = await openDb();
+  try {
+    return await new Promise((resolve, reject) => {
+      const tx = db.transaction(STORE, mode);
+      const request = action(tx.objectStore(STORE));
+      tx.oncomplete = () => resolve(request.result);
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+    });
+  } finally {
+    db.close();
+  }
+}
+
+const loadDevice = () => withStore("readonly", (store) => store.get(RECORD));
+const saveDevice = (record) => withStore("readwrite", (store) => store.put(record, RECORD));
+const clearDevice = () => withStore("readwrite", (store) => store.delete(RECORD));
+
+// ---------- Views ----------
+
+function showView(name) {
+  for (const view of ["enroll", "revoked", "device"]) $(`view-${view}`).hidden = view !== name;
+}
+
+function setConn(text, state = "") {
+  const el = $("conn");
+  el.textContent = text;
+  el.className = `conn ${state}`.trim();
+}
+
+function announce(text) {
+  const el = $("announce");
+  el.textContent = "";
+  // A fresh text node after a tick makes screen readers repeat identical announcements.
+  setTimeout(() => (el.textContent = text), 50);
+}
+
+function showEnrollForm(info = "") {
+  stopLink();
+  clearRequests();
+  showView("enroll");
+  setConn("Not enrolled");
+  if (info) showMessage($("enroll-info"), info, "info");
+  else clearMessage($("enroll-info"));
+  $("enroll").disabled = false;
+  $("enroll-input").focus();
+}
+
+function showDevice() {
+  $("device-title").textContent = device.name || "Browser phone";
+  $("device-user").textContent = device.email ? `Approves sign-ins for ${device.email}` : "";
+  showView("device");
+  renderIdle();
+  startLink();
+}
+
+function showRevoked() {
+  stopLink();
+  clearRequests();
+  setConn("Revoked", "offline");
+  showView("revoked");
+  $("revoked-title").focus();
+}
+
+// ---------- Enrollment ----------
+
+/** {code, server} from `tapprove://enroll?url=...&code=...`, an https link with ?code=, or a bare code. */
+export function parseEnrollment(text) {
+  const value = text.trim();
+  const query = value.includes("?") ? value.slice(value.indexOf("?") + 1).split("#")[0] : "";
+  if (/^tapprove:/i.test(value) || (/^https?:\/\//i.test(value) && query)) {
+    const params = new URLSearchParams(query);
+    const code = (params.get("code") || "").trim();
+    if (!code) return null;
+    let server = window.location.origin;
+    const url = params.get("url");
+    if (url) {
+      try {
+        server = new URL(url).origin;
+      } catch {
+        return null;
+      }
+    }
+    return { code, server };
+  }
+  if (!value || /\s/.test(value)) return null;
+  return { code: value, server: window.location.origin };
+}
+
+function publicJwk(jwk) {
+  // Only the public point leaves the browser: never ext/key_ops, and certainly never d.
+  return { kty: jwk.kty, crv: jwk.crv, x: jwk.x, y: jwk.y };
+}
+
+async function enroll(event) {
+  event.preventDefault();
+  const form = $("enroll-form");
+  if (!form.reportValidity()) return;
+  const error = $("enroll-error");
+  clearMessage(error);
+  const parsed = parseEnrollment($("enroll-input").value);
+  if (!parsed) {
+    showError(error, "That doesn't look like an enrollment link or code. Copy it again from your account page.");
+    $("enroll-input").focus();
+    return;
+  }
+  if (!window.isSecureContext || !window.crypto || !window.crypto.subtle) {
+    showError(error, "This page must be opened over HTTPS (or on localhost) to create a signing key.");
+    return;
+  }
+  // Page scripts may only talk to their own origin (CSP connect-src 'self').
+  if (parsed.server !== window.location.origin) {
+    showMessage(
+      $("enroll-info"),
+      `The link names ${parsed.server}; this page enrolls with ${window.location.origin}.`,
+      "info",
+    );
+  }
+  const name = $("device-name").value.trim() || "Browser phone";
+  const button = $("enroll");
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  try {
+    const keyPair = await crypto.subtle.generateKey({ name: "ECDSA", namedCurve: "P-256" }, false, ["sign", "verify"]);
+    const jwk = await crypto.subtle.exportKey("jwk", keyPair.publicKey);
+    const res = await api("POST", "/api/devices", {
+      code: parsed.code,
+      name,
+      platform: "web",
+      public_key: publicJwk(jwk),
+    });
+    if (!res.ok) {
+      showError(error, res);
+      $("enroll-input").focus();
+      return;
+    }
+    const record = {
+      deviceId: res.body.device_id,
+      deviceToken: res.body.device_token,
+      keyPair,
+      name,
+      email: (res.body.user && res.body.user.email) || "",
+      server: window.location.origin,
+      enrolledAt: new Date().toISOString(),
+    };
+    await saveDevice(record);
+    device = record;
+    $("enroll-input").value = "";
+    clearMessage($("enroll-info"));
+    showDevice();
+    showMessage($("device-notice"), "This browser is now your phone. Keep this tab open to get sign-in requests.", "success");
+    $("device-title").focus();
+  } catch (err) {
+    showError(error, `Couldn't create or store the device key: ${err && err.message ? err.message : err}`);
+  } finally {
+    button.disabled = false;
+    button.removeAttribute("aria-busy");
+  }
+}
+
+// ---------- The device WebSocket ----------
+
+function startLink() {
+  link.stopped = false;
+  link.attempts = 0;
+  connect();
+}
+
+function stopLink() {
+  link.stopped = true;
+  link.ready = false;
+  clearTimeout(link.timer);
+  const socket = link.socket;
+  link.socket = null;
+  if (socket) {
+    socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+    if (socket.readyState <= WebSocket.OPEN) socket.close(1000);
+  }
+}
+
+function connect() {
+  if (link.stopped || !device) return;
+  clearTimeout(link.timer);
+  setConn(link.attempts ? "Reconnecting…" : "Connecting…");
+  let socket;
+  try {
+    socket = new WebSocket(wsUrl("/ws/device"));
+  } catch {
+    scheduleReconnect();
+    return;
+  }
+  link.socket = socket;
+  link.ready = false;
+  socket.onopen = () => {
+    socket.send(JSON.stringify({ type: "auth", token: device.deviceToken }));
+  };
+  socket.onmessage = (event) => {
+    let frame;
+    try {
+      frame = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (frame && typeof frame === "object") onFrame(frame, socket);
+  };
+  socket.onclose = (event) => {
+    if (link.socket !== socket) return;
+    link.socket = null;
+    link.ready = false;
+    if (link.stopped) return;
+    if (event.code === CLOSE_UNAUTHORIZED) {
+      showRevoked();
+      return;
+    }
+    scheduleReconnect();
+  };
+}
+
+function scheduleReconnect() {
+  if (link.stopped) return;
+  const delay = backoffDelay(link.attempts++, { base: 1000, cap: 30000 });
+  setConn(`Offline, retrying in ${Math.ceil(delay / 1000)} s`, "offline");
+  clearTimeout(link.timer);
+  link.timer = setTimeout(connect, delay);
+}
+
+function send(frame) {
+  if (!link.socket || !link.ready || link.socket.readyState !== WebSocket.OPEN) return false;
+  link.socket.send(JSON.stringify(frame));
+  return true;
+}
+
+function onFrame(frame, socket) {
+  switch (frame.type) {
+    case "ready":
+      link.ready = true;
+      link.attempts = 0;
+      setConn("Connected", "online");
+      break;
+    case "approval_request":
+      if (frame.approval && typeof frame.approval.id === "string") {
+        // Ack first, before any rendering, so the browser sees "delivered" at once.
+        if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "ack", id: frame.approval.id }));
+        addRequest(frame.approval);
+      }
+      break;
+    case "approval_resolved": {
+      const entry = requests.get(frame.id);
+      if (entry && entry.decided && !entry.finished) {
+        // Our own answer: its decision_result or error (e.g. wrong_number) says more; wait briefly.
+        setTimeout(() => resolveRequest(frame.id, frame.status, "mine"), 1500);
+      } else {
+        resolveRequest(frame.id, frame.status, "elsewhere");
+      }
+      break;
+    }
+    case "decision_result":
+      resolveRequest(frame.id, frame.status, "mine");
+      break;
+    case "error":
+      onError(frame);
+      break;
+    case "device_revoked":
+      showRevoked();
+      break;
+    default:
+      break;
+  }
+}
+
+function onError(frame) {
+  const entry = frame.id ? requests.get(frame.id) : null;
+  if (!entry) return;
+  clearTimeout(entry.fallbackTimer);
+  switch (frame.error) {
+    case "wrong_number":
+      finishRequest(entry, "denied", "Wrong number. The sign-in was denied.");
+      break;
+    case "expired":
+      finishRequest(entry, "expired", "This request expired before your answer arrived.");
+      break;
+    case "already_decided":
+      finishRequest(
+        entry,
+        frame.status || "done",
+        `This request was already answered${frame.status ? ` (${frame.status})` : ""}.`,
+      );
+      break;
+    case "not_found":
+      finishRequest(entry, "expired", "This request is no longer available.");
+      break;
+    default:
+      entryError(entry, errorText({ body: frame, status: 400 }));
+      setBusy(entry, false);
+      break;
+  }
+}
+
+// ---------- Request cards ----------
+
+function clearRequests() {
+  for (const entry of requests.values()) {
+    clearInterval(entry.timer);
+    clearTimeout(entry.fallbackTimer);
+  }
+  requests.clear();
+  $("requests").replaceChildren();
+}
+
+function renderIdle() {
+  const pending = [...requests.values()].some((entry) => !entry.finished);
+  $("idle").hidden = pending;
+}
+
+function addRequest(approval) {
+  const existing = requests.get(approval.id);
+  if (existing) return;
+  if (approval.status && approval.status !== "pending") return;
+
+  const id = approval.id;
+  const context = approval.context || {};
+  const match = approval.match || {};
+  const digits = Number(match.digits) || 0;
+  const choices = Array.isArray(approval.number_choices) ? approval.number_choices.map(String) : null;
+  const numberId = `number-${id}`;
+  const hintId = `number-hint-${id}`;
+
+  const numberInput = h("input", {
+    id: numberId,
+    name: "number",
+    type: "text",
+    inputmode: "numeric",
+    autocomplete: "off",
+    pattern: "[0-9]*",
+    maxlength: digits ? String(digits) : "10",
+    "aria-describedby": hintId,
+    class: "code-input",
+  });
+  const choiceButtons = choices
+    ? choices.map((value) =>
+        h(
+          "button",
+          {
+            type: "button",
+            "aria-pressed": "false",
+            onclick: () => {
+              numberInput.value = value;
+              for (const b of choiceButtons) b.setAttribute("aria-pressed", String(b.textContent === value));
+              numberInput.removeAttribute("aria-invalid");
+            },
+          },
+          value,
+        ),
+      )
+    : [];
+  const approveButton = h("button", { type: "submit", class: "primary" }, "Approve");
+  const denyButton = h("button", { type: "button", onclick: () => decide(entry, "deny") }, "Deny");
+  const fraudButton = h("button", { type: "button", class: "danger fraud", onclick: () => decide(entry, "deny", "fraud") }, "Report fraud");
+  const timeLeft = h("dd", { "data-testid": "time-left" }, "");
+  const fill = h("div", { class: "countdown-fill" });
+  const bar = h(
+    "div",
+    { class: "countdown", role: "progressbar", "aria-label": "Time left", "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": "100" },
+    fill,
+  );
+  const message = h("p", { class: "status-line", role: "status", "aria-live": "polite", "data-testid": "decision-result" });
+
+  const form = h(
+    "form",
+    { onsubmit: (event) => { event.preventDefault(); decide(entry, "approve"); } },
+    choices ? h("div", { class: "choices", role: "group", "aria-label": "Choices" }, choiceButtons) : null,
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: numberId }, "Number"),
+      numberInput,
+      h(
+        "p",
+        { class: "hint", id: hintId },
+        choices
+          ? "Pick the number your browser shows, then approve."
+          : `Type the ${digits ? `${digits}-digit ` : ""}number your browser shows, then approve.`,
+      ),
+    ),
+    h("div", { class: "decision-buttons" }, approveButton, denyButton, fraudButton),
+  );
+
+  const card = h(
+    "article",
+    { class: "card request", "data-testid": "approval-request", "data-approval-id": id, "aria-labelledby": `title-${id}` },
+    h("h2", { id: `title-${id}` }, "Is this you signing in?"),
+    h(
+      "dl",
+      {},
+      h("dt", {}, "Browser"),
+      h("dd", { "data-testid": "request-browser" }, context.browser || "Unknown"),
+      h("dt", {}, "OS"),
+      h("dd", { "data-testid": "request-os" }, context.os || "Unknown"),
+      h("dt", {}, "IP address"),
+      h("dd", { "data-testid": "request-ip", class: "mono" }, context.ip || "Unknown"),
+      h("dt", {}, "Time left"),
+      timeLeft,
+    ),
+    bar,
+    form,
+    message,
+  );
+
+  const expiresAt = Date.parse(approval.expires_at);
+  const createdAt = Date.parse(approval.created_at);
+  const life = Number.isNaN(createdAt) ? 120000 : Math.max(1000, expiresAt - createdAt);
+  const entry = {
+    id,
+    approval,
+    digits,
+    card,
+    form,
+    numberInput,
+    buttons: [approveButton, denyButton, fraudButton, ...choiceButtons],
+    message,
+    timeLeft,
+    fill,
+    bar,
+    expiresAt,
+    total: Math.min(life, Math.max(1000, expiresAt - Date.now())),
+    finished: false,
+    decided: null,
+    timer: null,
+    fallbackTimer: null,
+  };
+  requests.set(id, entry);
+  $("requests").prepend(card);
+  clearMessage($("device-notice"));
+  renderIdle();
+  tickRequest(entry);
+  entry.timer = setInterval(() => tickRequest(entry), 250);
+  announce(`New sign-in request from ${context.browser || "a browser"} on ${context.os || "an unknown system"}.`);
+  (choices ? choiceButtons[0] : numberInput).focus({ preventScroll: false });
+}
+
+function tickRequest(entry) {
+  if (entry.finished) return;
+  const left = entry.expiresAt - Date.now();
+  const fraction = Math.max(0, Math.min(1, left / entry.total));
+  entry.fill.style.transform = `scaleX(${fraction})`;
+  entry.fill.classList.toggle("low", left < 15000);
+  entry.bar.setAttribute("aria-valuenow", String(Math.round(fraction * 100)));
+  entry.timeLeft.textContent = left > 0 ? formatClock(left / 1000) : "0:00";
+  if (left <= 0 && !entry.decided) finishRequest(entry, "expired", "This request expired.");
+}
+
+function setBusy(entry, busy) {
+  for (const button of entry.buttons) button.disabled = busy;
+  entry.numberInput.disabled = busy;
+}
+
+function entryError(entry, text) {
+  entry.message.textContent = text;
+  entry.message.className = "status-line error";
+}
+
+function resolveRequest(id, status, source) {
+  const entry = requests.get(id);
+  if (!entry || entry.finished) return;
+  clearTimeout(entry.fallbackTimer);
+  if (source === "mine" || entry.decided) {
+    const text =
+      status === "approved"
+        ? "Approved. You can go back to your browser."
+        : entry.decided && entry.decided.reason === "fraud"
+          ? "Reported as fraud. The sign-in was denied and your account is locked."
+          : status === "denied"
+            ? "Denied. The sign-in was blocked."
+            : status === "expired"
+              ? "This request expired."
+              : `Finished: ${status}.`;
+    finishRequest(entry, status, text);
+    return;
+  }
+  const text =
+    status === "expired"
+      ? "This request expired."
+      : status === "approved"
+        ? "Approved on another device."
+        : status === "denied"
+          ? "Denied on another device."
+          : `Finished: ${status}.`;
+  finishRequest(entry, status, text);
+}
+
+function finishRequest(entry, status, text) {
+  if (entry.finished) return;
+  entry.finished = true;
+  clearInterval(entry.timer);
+  clearTimeout(entry.fallbackTimer);
+  entry.form.remove(); // only live requests keep a "Number" field and decision buttons
+  entry.bar.hidden = true;
+  entry.timeLeft.textContent = "—";
+  entry.card.classList.add("done");
+  entry.card.dataset.status = status;
+  entry.message.textContent = text;
+  entry.message.className = `status-line result ${status === "approved" ? "success" : status === "denied" ? "error" : ""}`.trim();
+  announce(text);
+  renderIdle();
+  // Keep a short history of answered requests and drop older ones.
+  const finished = [...requests.values()].filter((e) => e.finished);
+  for (const old of finished.slice(0, Math.max(0, finished.length - MAX_FINISHED_CARDS))) {
+    old.card.remove();
+    requests.delete(old.id);
+  }
+}
+
+// ---------- Decisions (ES256 compact JWS) ----------
+
+function base64url(bytes) {
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+const jsonPart = (value) => base64url(new TextEncoder().encode(JSON.stringify(value)));
+
+/** Sign claims as a compact JWS; WebCrypto's ECDSA output is already the raw r||s that ES256 wants. */
+async function signJws(claims) {
+  const signingInput = `${jsonPart({ alg: "ES256", kid: device.deviceId })}.${jsonPart(claims)}`;
+  const signature = await crypto.subtle.sign(
+    { name: "ECDSA", hash: "SHA-256" },
+    device.keyPair.privateKey,
+    new TextEncoder().encode(signingInput),
+  );
+  return `${signingInput}.${base64url(new Uint8Array(signature))}`;
+}
+
+async function decide(entry, decision, reason = null) {
+  if (entry.finished || entry.decided) return;
+  const number = entry.numberInput.value.trim();
+  if (decision === "approve") {
+    const wanted = entry.digits ? `${entry.digits}-digit ` : "";
+    if (!/^[0-9]+$/.test(number) || (entry.digits && number.length !== entry.digits)) {
+      entry.numberInput.setAttribute("aria-invalid", "true");
+      entryError(entry, `Enter the ${wanted}number shown in your browser.`);
+      entry.numberInput.focus();
+      return;
+    }
+  }
+  entry.numberInput.removeAttribute("aria-invalid");
+  const claims = {
+    aid: entry.id,
+    chl: entry.approval.challenge,
+    decision,
+    number: number || null,
+    iat: Math.floor(Date.now() / 1000),
+  };
+  if (reason) claims.reason = reason;
+  setBusy(entry, true);
+  entry.message.className = "status-line";
+  entry.message.textContent = decision === "approve" ? "Approving…" : reason === "fraud" ? "Reporting…" : "Denying…";
+  let jws;
+  try {
+    jws = await signJws(claims);
+  } catch (err) {
+    setBusy(entry, false);
+    entryError(entry, `Couldn't sign the answer: ${err && err.message ? err.message : err}`);
+    return;
+  }
+  entry.decided = { decision, reason };
+  if (send({ type: "decision", jws })) {
+    // The socket normally answers with decision_result or error; if it goes quiet, use HTTP.
+    entry.fallbackTimer = setTimeout(() => postDecision(entry, jws), DECISION_FALLBACK_MS);
+  } else {
+    postDecision(entry, jws);
+  }
+}
+
+async function postDecision(entry, jws) {
+  if (entry.finished) return;
+  const res = await api("POST", `/api/approvals/${encodeURIComponent(entry.id)}/decision`, { jws }, { token: device.deviceToken });
+  if (entry.finished) return;
+  if (res.ok) {
+    resolveRequest(entry.id, res.body.status, "mine");
+  } else if (res.status === 401) {
+    showRevoked();
+  } else if (res.status === 0) {
+    entry.decided = null;
+    setBusy(entry, false);
+    entryError(entry, "No connection. Your answer was not sent; try again.");
+  } else {
+    onError({ id: entry.id, ...res.body });
+  }
+}
+
+// ---------- Forget / re-enroll ----------
+
+async function forget() {
+  const button = $("forget");
+  button.disabled = true;
+  clearMessage($("device-error"));
+  const res = await api("DELETE", "/api/devices/me", undefined, { token: device.deviceToken });
+  button.disabled = false;
+  // 401: the server already forgot this device; anything else but success keeps it enrolled.
+  if (!res.ok && res.status !== 401) {
+    showError($("device-error"), `Couldn't remove this device: ${errorText(res)}`);
+    return;
+  }
+  await clearDevice();
+  device = null;
+  showEnrollForm("This device was removed from your account and its key deleted from this browser.");
+}
+
+async function reEnroll() {
+  await clearDevice();
+  device = null;
+  showEnrollForm();
+}
+
+// ---------- Start ----------
+
+function prefillFromHash() {
+  const hash = window.location.hash.slice(1);
+  if (!hash) return;
+  const params = new URLSearchParams(hash);
+  const value = params.get("enroll") || params.get("code");
+  if (value) $("enroll-input").value = value;
+  // The code is a secret: don't leave it in the address bar or history.
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+}
+
+$("enroll-form").addEventListener("submit", enroll);
+window.addEventListener("hashchange", prefillFromHash);
+$("forget").addEventListener("click", forget);
+$("re-enroll").addEventListener("click", reEnroll);
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible" && device && !link.stopped && !link.socket) connect();
+});
+window.addEventListener("online", () => {
+  if (device && !link.stopped && !link.socket) connect();
+});
+
+prefillFromHash();
+try {
+  device = (await loadDevice()) || null;
+} catch {
+  device = null;
+}
+if (device && device.deviceToken && device.keyPair && device.keyPair.privateKey) {
+  showDevice();
+} else {
+  device = null;
+  showEnrollForm();
+}
