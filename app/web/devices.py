@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from typing import Any, Literal
 from urllib.parse import quote
@@ -87,6 +88,15 @@ def device_json(device: Device) -> dict[str, Any]:
     }
 
 
+def _qr_svg(uri: str) -> str:
+    """The enrollment link as a standalone SVG (with its namespace, so it works as an image)."""
+    buffer = io.BytesIO()
+    segno.make(uri, error="m").save(
+        buffer, kind="svg", xmldecl=False, nl=False, scale=4, dark="#111", light="#fff"
+    )
+    return buffer.getvalue().decode()
+
+
 async def create_enrollment(request: Request) -> Response:
     """POST /api/devices/enrollments: a one-time code (and QR) to add a phone."""
     svc = services(request)
@@ -107,7 +117,7 @@ async def create_enrollment(request: Request) -> Response:
         )
         await db.commit()
     uri = enrollment_uri(svc.settings.public_url, code)
-    qr_svg = segno.make(uri, error="m").svg_inline(scale=4, dark="#111", light="#fff")
+    qr_svg = _qr_svg(uri)
     return json(
         {"code": code, "uri": uri, "qr_svg": qr_svg, "expires_at": rfc3339(expires_at)},
         status=201,
