@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     twilio_from: str | None = None
     twilio_endpoint: str = "https://api.twilio.com"
     log_format: Literal["json", "console"] | None = None
+    # `tapprove worker` serves its Prometheus metrics on this port (web processes: /metrics).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("public_url")
     @classmethod

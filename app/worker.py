@@ -54,6 +54,11 @@ def run_worker_forever(settings: Settings) -> None:
     from app.logs import configure_logging
 
     configure_logging(settings)
+    if settings.metrics_port:
+        from app.metrics import serve_metrics
+
+        serve_metrics(settings.metrics_port)
+        log.info("metrics on port %d", settings.metrics_port)
 
     async def main() -> None:
         services = await build_services(settings)
