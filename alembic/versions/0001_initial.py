@@ -1,5 +1,7 @@
-"""Initial schema: users, devices, enrollment codes, API keys, trusted browsers, audit log,
-email tokens and the outbox.
+"""Initial schema
+
+Users, devices, enrollment codes, API keys, trusted browsers, the audit log, email tokens
+and the outbox.
 
 Revision ID: 0001
 Revises:

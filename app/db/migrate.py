@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,10 @@ from app.settings import Settings
 # The package is installed editable from the repository, whose root holds alembic/.
 REPO_ROOT = Path(app.__file__).resolve().parent.parent
 ALEMBIC_DIR = REPO_ROOT / "alembic"
+
+# Alembic keeps its migration context in module globals, so one process runs one migration at
+# a time; other processes are kept apart by env.py (advisory lock / lock file).
+_in_process = threading.Lock()
 
 
 def alembic_config(url: str) -> Config:
@@ -65,11 +70,15 @@ async def downgrade_async(settings: Settings, revision: str) -> None:
 
 
 def _outside_event_loop(action: Callable[[], None]) -> None:
+    def locked() -> None:
+        with _in_process:
+            action()
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        action()
+        locked()
         return
     # env.py drives the async engine with asyncio.run(), which cannot nest in a running loop.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alembic") as pool:
-        pool.submit(action).result()
+        pool.submit(locked).result()

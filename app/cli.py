@@ -1,0 +1,529 @@
+"""The `tapprove` command: run the server or worker, migrate, and manage users, devices, keys.
+
+With `--json` (before or after the subcommand) a command prints exactly one JSON object on
+stdout and nothing else; logs and messages go to stderr. A failure exits non-zero with the
+message on stderr and, with `--json`, `{"error","message"}` on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
+
+import pydantic
+import typer
+from sqlalchemy import make_url
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.core.clock import SystemClock, rfc3339
+from app.db import accounts, migrate
+from app.db.audit import event_json
+from app.db.engine import make_engine, make_sessionmaker
+from app.db.models import AuditEvent, OutboxMessage, User
+from app.settings import Settings
+
+T = TypeVar("T")
+
+# The argument that means "read it from standard input" (passwords, import files).
+STDIN = "-"
+
+JsonFlag = Annotated[
+    bool,
+    typer.Option("--json", help="Print exactly one JSON object on stdout (logs go to stderr)."),
+]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command prints: `payload` with --json, `text` otherwise."""
+
+    payload: dict[str, Any]
+    text: str
+
+
+@dataclass
+class CliFailure(Exception):
+    """A failure to report as `{"error": code, "message": message}` with a non-zero exit."""
+
+    code: str
+    message: str
+    exit_code: int = 1
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+app = typer.Typer(
+    name="tapprove",
+    help="tapprove: self-hosted push login approval (push MFA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+user_app = typer.Typer(help="Users: add, unlock, import.", no_args_is_help=True)
+device_app = typer.Typer(help="Devices: enrollment codes.", no_args_is_help=True)
+apikey_app = typer.Typer(help="Relying-party API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(user_app, name="user")
+app.add_typer(device_app, name="device")
+app.add_typer(apikey_app, name="apikey")
+
+
+# `--json` is accepted on the root, on every group and on every command, so it may stand
+# anywhere on the line; main() reads it once from the arguments.
+@app.callback()
+def _root(json_output: JsonFlag = False) -> None:
+    """tapprove: self-hosted push login approval (push MFA)."""
+
+
+@db_app.callback()
+def _db(json_output: JsonFlag = False) -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@user_app.callback()
+def _user(json_output: JsonFlag = False) -> None:
+    """Users: add, unlock, import."""
+
+
+@device_app.callback()
+def _device(json_output: JsonFlag = False) -> None:
+    """Devices: enrollment codes."""
+
+
+@apikey_app.callback()
+def _apikey(json_output: JsonFlag = False) -> None:
+    """Relying-party API keys."""
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+
+def load_settings() -> Settings:
+    """Settings from the TAPPROVE_* environment, or a CliFailure naming the bad variable."""
+    try:
+        return Settings()
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"TAPPROVE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise CliFailure("invalid_settings", f"invalid settings: {problems}") from None
+
+
+def _quiet_logging(settings: Settings) -> None:
+    from app.logs import configure_logging
+
+    configure_logging(settings)
+    # Data commands report through their result; only warnings are worth a log line.
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _run_with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Migrate to head, then run `work` in one transaction (committed if it returns)."""
+    migrate.upgrade(settings)
+
+    async def run() -> T:
+        engine = make_engine(settings)
+        try:
+            async with make_sessionmaker(engine).begin() as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _now() -> float:
+    return SystemClock().now()
+
+
+def enrollment_uri(settings: Settings, code: str) -> str:
+    """The `tapprove://enroll` link a phone opens (or scans as a QR code) to enroll."""
+    url = quote(settings.public_url, safe="")
+    return f"tapprove://enroll?url={url}&code={quote(code, safe='')}"
+
+
+async def reset_push_fatigue(settings: Settings, user_id: str) -> None:
+    """Clear the user's push-fatigue backoff in Redis after an operator unlock.
+
+    Call point for the Redis side of `tapprove user unlock` (ApprovalStore.clear_fatigue);
+    it does nothing until that is wired in.
+    """
+    return None
+
+
+# --- serve / worker / db ------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Web server processes.")] = 1,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Do not run the broker consumers in-process.")
+    ] = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Run the web server (and, unless --no-worker, the broker consumers in-process).
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    migrate.upgrade(settings)
+    from app.server import run_server
+
+    run_server(settings, host=host, port=port, workers=workers, with_worker=not no_worker)
+
+
+@app.command()
+def worker(json_output: JsonFlag = False) -> None:
+    """Run the broker consumers only: outbox, push retries, events.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    migrate.upgrade(settings)
+    from app.worker import run_worker_forever
+
+    run_worker_forever(settings)
+
+
+@db_app.command("upgrade")
+def db_upgrade(json_output: JsonFlag = False) -> Result:
+    """Migrate the database schema to the latest version (Alembic head)."""
+    settings = load_settings()
+    migrate.upgrade(settings)
+    revision = migrate.head_revision()
+    where = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+    return Result({"revision": revision}, f"Database {where} is at revision {revision} (head).")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision; `base` drops everything.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Migrate the database schema down to REVISION (for development and tests)."""
+    settings = load_settings()
+    migrate.downgrade(settings, revision)
+    return Result({"revision": revision}, f"Database downgraded to {revision}.")
+
+
+# --- users --------------------------------------------------------------------------------
+
+
+@user_app.command("add")
+def user_add(
+    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    password: Annotated[
+        str, typer.Option(help="Password (8+ characters); `-` reads one line from stdin.")
+    ],
+    verified: Annotated[bool, typer.Option("--verified", help="Mark the email verified.")] = False,
+    phone: Annotated[
+        str | None, typer.Option(help="Phone for SMS fallback, E.164 (+14155552671).")
+    ] = None,
+    json_output: JsonFlag = False,
+) -> Result:
+    """Add a user. A phone given here counts as verified.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+    if password == STDIN:
+        password = sys.stdin.readline().rstrip("\r\n")
+
+    async def work(session: AsyncSession) -> Result:
+        user = await accounts.create_user(
+            session,
+            email,
+            password=password,
+            verified=verified,
+            phone=phone,
+            phone_verified=phone is not None,
+            now=_now(),
+        )
+        return Result(
+            {"user_id": user.id, "email": user.email}, f"Added user {user.email} ({user.id})."
+        )
+
+    return _run_with_session(settings, work)
+
+
+@user_app.command("unlock")
+def user_unlock(
+    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Unlock a user locked by a fraud report, so logins can ask for approval again.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> tuple[str, str]:
+        user = await accounts.set_locked(session, email, False, now=_now())
+        return user.id, user.email
+
+    user_id, normalized = _run_with_session(settings, work)
+    asyncio.run(reset_push_fatigue(settings, user_id))
+    return Result({"email": normalized, "locked": False}, f"Unlocked {normalized}.")
+
+
+@user_app.command("import")
+def user_import(
+    file: Annotated[str, typer.Argument(help="JSON lines file (`-` for stdin).", metavar="FILE")],
+    enroll_codes: Annotated[
+        bool, typer.Option("--enroll-codes", help="Also create an enrollment code per user.")
+    ] = False,
+    json_output: JsonFlag = False,
+) -> Result:
+    """Import users from JSON lines, all or nothing.
+
+    Each line: {"email","password"} or {"email","password_hash"} (argon2), with optional
+    "verified" (bool) and "phone" (E.164, counts as verified). A bad line names its number and
+    nothing is imported. Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+    lines = _read_lines(file)
+
+    async def work(session: AsyncSession) -> list[accounts.ImportedUser]:
+        return await accounts.import_users(session, lines, _now(), enroll_codes)
+
+    imported = _run_with_session(settings, work)
+    users: list[dict[str, Any]] = []
+    text_lines = [f"Imported {len(imported)} user(s)."]
+    for item in imported:
+        entry: dict[str, Any] = {"email": item.email, "user_id": item.user_id}
+        line = f"  {item.email} ({item.user_id})"
+        if item.enroll_code is not None:
+            entry["enroll_code"] = item.enroll_code
+            line += f"  enroll code {item.enroll_code}"
+        users.append(entry)
+        text_lines.append(line)
+    return Result({"users": users}, "\n".join(text_lines))
+
+
+def _read_lines(file: str) -> list[str]:
+    if file == STDIN:
+        return sys.stdin.read().splitlines()
+    try:
+        # utf-8-sig: files saved by spreadsheet tools often start with a byte-order mark.
+        return Path(file).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliFailure("invalid_request", f"cannot read {file}: {exc}") from None
+
+
+# --- devices, API keys, outbox ------------------------------------------------------------
+
+
+@device_app.command("enroll-code")
+def device_enroll_code(
+    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Create a single-use code (valid 10 minutes) that enrolls one device for the user.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> tuple[str, float]:
+        user = await accounts.get_user_by_email(session, email)
+        if user is None:
+            raise accounts.UnknownUser(email.strip())
+        return await accounts.create_enrollment_code(session, user.id, _now())
+
+    code, expires_at = _run_with_session(settings, work)
+    uri = enrollment_uri(settings, code)
+    expires = rfc3339(expires_at)
+    return Result(
+        {"code": code, "uri": uri, "expires_at": expires},
+        f"Enrollment code: {code}\nLink: {uri}\nExpires: {expires}",
+    )
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Argument(help="A unique name for the relying party.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Create a relying-party API key; it is printed once and stored only as a hash.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> tuple[str, str]:
+        key, plaintext = await accounts.create_api_key(session, name, _now())
+        return key.name, plaintext
+
+    key_name, plaintext = _run_with_session(settings, work)
+    return Result(
+        {"name": key_name, "api_key": plaintext},
+        f"API key {key_name!r}: {plaintext}\nStore it now; it cannot be shown again.",
+    )
+
+
+@app.command()
+def outbox(
+    status: Annotated[
+        str | None, typer.Option(help="Only messages in this status (queued, sent, dead, ...).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    json_output: JsonFlag = False,
+) -> Result:
+    """List outgoing messages (mail, SMS), newest first, with status, attempts and last error.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> list[OutboxMessage]:
+        query = select(OutboxMessage)
+        if status is not None:
+            query = query.where(OutboxMessage.status == status)
+        query = query.order_by(col(OutboxMessage.created_at).desc()).limit(limit)
+        return list((await session.exec(query)).all())
+
+    rows = _run_with_session(settings, work)
+    messages = [
+        {
+            "id": m.id,
+            "channel": m.channel,
+            "status": m.status,
+            "attempts": m.attempts,
+            "last_error": m.last_error,
+        }
+        for m in rows
+    ]
+    text = "\n".join(
+        f"{m.id}  {m.channel:<5}  {m.status:<8}  attempts={m.attempts}"
+        + (f"  last_error={m.last_error}" if m.last_error else "")
+        for m in rows
+    )
+    return Result({"messages": messages}, text or "No messages.")
+
+
+@app.command("audit")
+def audit_events(
+    user: Annotated[str | None, typer.Option(help="Only this user's events (email).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only events of this kind (login.failed, ...).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    json_output: JsonFlag = False,
+) -> Result:
+    """List audit events, newest first: sign-ins, approvals, decisions, delivery attempts,
+    device and settings changes, with time, IP and device.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> list[tuple[AuditEvent, str | None]]:
+        query = select(AuditEvent, User.email).join(
+            User, col(User.id) == col(AuditEvent.user_id), isouter=True
+        )
+        if user is not None:
+            found = await accounts.get_user_by_email(session, user)
+            if found is None:
+                raise accounts.UnknownUser(user.strip())
+            query = query.where(AuditEvent.user_id == found.id)
+        if kind is not None:
+            query = query.where(AuditEvent.kind == kind)
+        query = query.order_by(col(AuditEvent.at).desc(), col(AuditEvent.id).desc()).limit(limit)
+        return [(event, email) for event, email in (await session.exec(query)).all()]
+
+    rows = _run_with_session(settings, work)
+    events = [
+        {**event_json(event), "user_id": event.user_id, "email": email} for event, email in rows
+    ]
+    text = "\n".join(
+        f"{e['at']}  {e['kind']:<24}  {e['email'] or '-'}  ip={e['ip'] or '-'}"
+        + (f"  device={e['device_id']}" if e["device_id"] else "")
+        + (f"  approval={e['approval_id']}" if e["approval_id"] else "")
+        + (f"  {json.dumps(e['detail'], sort_keys=True)}" if e["detail"] else "")
+        for e in events
+    )
+    return Result({"events": events}, text or "No events.")
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the `tapprove` command line and exit with its status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in args
+    stdout = sys.stdout
+    # With --json, anything a library prints goes to stderr so stdout holds one object only.
+    redirect = contextlib.redirect_stdout(sys.stderr) if json_mode else contextlib.nullcontext()
+    try:
+        with redirect:
+            outcome = app(args=args, prog_name="tapprove", standalone_mode=False)
+    except CliFailure as exc:
+        _fail(json_mode, stdout, exc.code, exc.message, exc.exit_code)
+    except accounts.AccountError as exc:
+        _fail(json_mode, stdout, exc.code, exc.message, 1)
+    except typer.TyperException as exc:
+        # Usage errors from the command-line parser (typer's own copy of click).
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show(file=sys.stderr)
+        message = exc.format_message() or "usage error"
+        _fail(json_mode, stdout, "usage", message, exc.exit_code, echo=not callable(show))
+    except (typer.Abort, KeyboardInterrupt):
+        _fail(json_mode, stdout, "interrupted", "interrupted", 130)
+    except Exception as exc:
+        logging.getLogger("tapprove.cli").exception("command failed")
+        _fail(json_mode, stdout, "internal_error", f"{type(exc).__name__}: {exc}", 1)
+    if isinstance(outcome, Result):
+        if json_mode:
+            stdout.write(json.dumps(outcome.payload) + "\n")
+        else:
+            stdout.write(outcome.text + "\n")
+        stdout.flush()
+        sys.exit(0)
+    # The parser returns the exit code for --help; commands that serve return None.
+    sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
+def _fail(
+    json_mode: bool,
+    stdout: Any,
+    code: str,
+    message: str,
+    exit_code: int,
+    *,
+    echo: bool = True,
+) -> None:
+    if echo:
+        sys.stderr.write(f"error: {message}\n")
+    if json_mode:
+        stdout.write(json.dumps({"error": code, "message": message}) + "\n")
+        stdout.flush()
+    sys.exit(exit_code or 1)
+
+
+if __name__ == "__main__":
+    main()
