@@ -1,5 +1,11 @@
 """Getting an approval request to the person: WebSocket first, push for phones that are
 away or slow to acknowledge, SMS when nothing else can reach them. Also the expiry sweeper.
+
+Every delivery that is under way for an approval holds a ticket in the Redis set
+`approval:{id}:inflight`: one per push (kept across its retries) and one for the ack check of
+connected phones. A delivery that ends without reaching anyone gives its ticket back; when
+the last ticket comes back and no device acknowledged and no provider accepted, the SMS
+fallback goes out (at most once per approval).
 """
 
 from __future__ import annotations
@@ -8,27 +14,39 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import orjson
-from sqlmodel import select
+from sqlmodel import col, select
 
 from app import metrics
+from app.approval_flow import active_devices
 from app.core.approvals import PendingApproval, Status
+from app.core.tokens import new_id
 from app.db import audit
 from app.db.models import Device
-from app.delivery.push import PushMessage
+from app.delivery import sms_codes
+from app.delivery.push import PushMessage, PushResult
 from app.delivery.retry import PUSH_RETRY_BASE, PUSH_RETRY_CAP, next_attempt_at
 from app.services import Services
+from app.store.approvals import FINAL_STATE_KEEP
 from app.store.jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
 
 # A connected phone that has not acknowledged a request within this long also gets a push.
 ACK_TIMEOUT = 3.0
+# A push needs at least this much life left (FCM's TTL and APNs' expiration are in seconds).
+MIN_PUSH_LIFE = 1.0
+
+
+def log_fields(approval: PendingApproval, **more: object) -> dict[str, object]:
+    """Structured log fields for a line about `approval`, under the request that started it."""
+    return {"approval_id": approval.id, "request_id": approval.request_id, **more}
 
 
 def jobs(svc: Services) -> JobQueue:
+    """The delivery job queue of this deployment."""
     return JobQueue(svc.redis, svc.keys, svc.clock)
 
 
@@ -52,20 +70,92 @@ def initial_channels(svc: Services, devices: list[Device], connected: set[str]) 
     return channels
 
 
+# --- tickets: which deliveries are still under way ----------------------------------------
+
+
+def _inflight_key(svc: Services, approval_id: str) -> str:
+    return svc.keys("approval", approval_id, "inflight")
+
+
+async def _open_ticket(svc: Services, approval: PendingApproval) -> str:
+    """Register one delivery under way for `approval`; the set lives as long as the approval."""
+    ticket = new_id()
+    key = _inflight_key(svc, approval.id)
+    keep = max(1, int(approval.expires_at - svc.clock.now())) + FINAL_STATE_KEEP
+    async with svc.redis.pipeline(transaction=True) as pipe:
+        pipe.sadd(key, ticket)
+        pipe.expire(key, keep)
+        await pipe.execute()
+    return ticket
+
+
+async def _close_ticket(svc: Services, approval: PendingApproval, ticket: str) -> bool:
+    """End one delivery; True when it was the last under way and nothing reached anyone."""
+    async with svc.redis.pipeline(transaction=True) as pipe:
+        pipe.srem(_inflight_key(svc, approval.id), ticket)
+        pipe.scard(_inflight_key(svc, approval.id))
+        pipe.scard(svc.keys.approval_acks(approval.id))
+        pipe.hget(svc.keys.approval(approval.id), "delivered")
+        _, under_way, acked, delivered = await pipe.execute()
+    return under_way == 0 and acked == 0 and not orjson.loads(delivered or "[]")
+
+
+async def _finish(svc: Services, approval: PendingApproval, ticket: str | None) -> None:
+    """One delivery ended; if it was the last and nobody was reached, the SMS fallback goes."""
+    if ticket is None or not await _close_ticket(svc, approval, ticket):
+        return
+    latest = await svc.approvals.get(approval.id)
+    if latest is not None and await sms_codes.request_code(svc, latest, automatic=True):
+        log.info(
+            "no device reached for approval %s; SMS fallback queued",
+            approval.id,
+            extra=log_fields(approval, channel="sms"),
+        )
+
+
+async def _schedule_push(
+    svc: Services, queue: JobQueue, approval: PendingApproval, device: Device
+) -> None:
+    ticket = await _open_ticket(svc, approval)
+    await queue.enqueue(
+        "push", {"approval_id": approval.id, "device_id": device.id, "ticket": ticket}
+    )
+    await svc.approvals.mark_sent(approval.id, device.push_provider or "")
+
+
+# --- scheduling --------------------------------------------------------------------------
+
+
 async def after_create(
     svc: Services, approval: PendingApproval, devices: list[Device], connected: set[str]
 ) -> None:
-    """Schedule pushes now for phones that are away, and an ack check for connected ones."""
-    queue = jobs(svc)
-    for device in devices:
-        if device.id not in connected and _pushable(svc, device):
-            await queue.enqueue("push", {"approval_id": approval.id, "device_id": device.id})
-    if any(d.id in connected for d in devices):
-        await queue.enqueue(
-            "ack_check", {"approval_id": approval.id}, run_at=svc.clock.now() + ACK_TIMEOUT
+    """Push now to phones that are away, check acks of connected ones in 3 s, else SMS.
+
+    Never raises: a delivery problem must not fail the sign-in (the app can still fetch
+    pending approvals). Adds `sms` to `approval.channels` when the code goes out at once.
+    """
+    try:
+        queue = jobs(svc)
+        scheduled = False
+        for device in devices:
+            if device.id not in connected and _pushable(svc, device):
+                await _schedule_push(svc, queue, approval, device)
+                scheduled = True
+        waiting = [d.id for d in devices if d.id in connected]
+        if waiting:
+            ticket = await _open_ticket(svc, approval)
+            await queue.enqueue(
+                "ack_check",
+                {"approval_id": approval.id, "devices": waiting, "ticket": ticket},
+                run_at=svc.clock.now() + ACK_TIMEOUT,
+            )
+            scheduled = True
+        if not scheduled and await sms_codes.request_code(svc, approval, automatic=True):
+            approval.channels.append("sms")
+    except Exception:
+        log.exception(
+            "could not schedule delivery of approval %s", approval.id, extra=log_fields(approval)
         )
-    elif not any(_pushable(svc, d) for d in devices):
-        await sms_fallback(svc, approval)
 
 
 async def resend(svc: Services, approval: PendingApproval) -> None:
@@ -76,41 +166,54 @@ async def resend(svc: Services, approval: PendingApproval) -> None:
     )
     acked = await svc.approvals.acked_devices(approval.id)
     queue = jobs(svc)
-    async with svc.db() as db:
-        result = await db.exec(
-            select(Device).where(Device.user_id == approval.user_id, Device.revoked_at == None)  # noqa: E711
-        )
-        devices = list(result.all())
-    for device in devices:
+    pushed: list[str] = []
+    for device in await active_devices(svc, approval.user_id):
         if device.id not in acked and _pushable(svc, device):
-            await queue.enqueue("push", {"approval_id": approval.id, "device_id": device.id})
+            await _schedule_push(svc, queue, approval, device)
+            pushed.append(device.id)
+    async with svc.db() as db:
+        await audit.record(
+            db,
+            "approval.resent",
+            user_id=approval.user_id,
+            approval_id=approval.id,
+            detail={"pushed_devices": pushed},
+            now=svc.clock.now(),
+        )
+        await db.commit()
 
 
-async def sms_fallback(svc: Services, approval: PendingApproval) -> bool:
-    """Send the SMS code when no device can be reached; True if one went out."""
-    from app.delivery import sms_codes
-
-    return await sms_codes.send_fallback_code(svc, approval)
+# --- job handlers ------------------------------------------------------------------------
 
 
 async def _ack_check(svc: Services, job: Job) -> None:
+    """Job `ack_check`: connected phones that did not acknowledge get a push."""
     approval = await svc.approvals.get(job.payload["approval_id"])
     if approval is None or approval.status is not Status.PENDING:
         return
     acked = await svc.approvals.acked_devices(approval.id)
-    if acked:
-        return
-    queue = jobs(svc)
-    async with svc.db() as db:
-        result = await db.exec(
-            select(Device).where(Device.user_id == approval.user_id, Device.revoked_at == None)  # noqa: E711
-        )
-        devices = list(result.all())
-    pushable = [d for d in devices if _pushable(svc, d)]
-    for device in pushable:
-        await queue.enqueue("push", {"approval_id": approval.id, "device_id": device.id})
-    if not pushable:
-        await sms_fallback(svc, approval)
+    silent = [d for d in job.payload.get("devices", []) if d not in acked]
+    if silent:
+        queue = jobs(svc)
+        async with svc.db() as db:
+            result = await db.exec(
+                select(Device).where(
+                    col(Device.id).in_(silent),
+                    Device.revoked_at == None,  # noqa: E711
+                )
+            )
+            devices = list(result.all())
+        for device in devices:
+            if _pushable(svc, device):
+                log.info(
+                    "device %s did not ack approval %s in %.0f s; pushing",
+                    device.id,
+                    approval.id,
+                    ACK_TIMEOUT,
+                    extra=log_fields(approval, device_id=device.id),
+                )
+                await _schedule_push(svc, queue, approval, device)
+    await _finish(svc, approval, job.payload.get("ticket"))
 
 
 def push_text(approval: PendingApproval) -> tuple[str, str]:
@@ -121,29 +224,102 @@ def push_text(approval: PendingApproval) -> tuple[str, str]:
 
 
 async def _push(svc: Services, job: Job) -> None:
+    """Job `push`: one attempt to one device; retried with backoff until the approval ends."""
     approval = await svc.approvals.get(job.payload["approval_id"])
-    if approval is None or approval.status is not Status.PENDING:
-        return
     now = svc.clock.now()
-    if approval.expires_at <= now:
+    if approval is None or approval.status is not Status.PENDING or approval.expires_at <= now:
+        return  # nothing is sent for an approval that has ended
+    ticket: str | None = job.payload.get("ticket")
+    if approval.expires_at - now < MIN_PUSH_LIFE:
+        await _finish(svc, approval, ticket)
         return
     async with svc.db() as db:
         device = await db.get(Device, job.payload["device_id"])
-    if device is None or device.revoked_at is not None or not device.push_token:
+    sender = svc.providers.push(device.push_provider or "") if device is not None else None
+    if device is None or device.revoked_at is not None or not device.push_token or not sender:
+        await _finish(svc, approval, ticket)
         return
     if device.id in await svc.approvals.acked_devices(approval.id):
-        return
-    sender = svc.providers.push(device.push_provider or "")
-    if sender is None:
+        await _finish(svc, approval, ticket)
         return
     title, body = push_text(approval)
     message = PushMessage(approval.id, approval.expires_at, title, body)
     started = time.perf_counter()
-    result = await sender.send(device.push_token, message, now=now)
+    try:
+        result = await sender.send(device.push_token, message, now=now)
+    except Exception as exc:  # an adapter bug must not lose the push: retry like a timeout
+        log.exception("%s sender failed", sender.channel, extra=log_fields(approval))
+        result = PushResult("retry", detail=f"error: {type(exc).__name__}")
     latency = result.latency or (time.perf_counter() - started)
-    channel = sender.channel
+    await _record_attempt(svc, approval, device, sender.channel, result, latency, job.attempt)
+    log.log(
+        logging.INFO if result.outcome == "accepted" else logging.WARNING,
+        "delivery of approval %s by %s to device %s: %s (attempt %d, %.0f ms) %s",
+        approval.id,
+        sender.channel,
+        device.id,
+        result.outcome,
+        job.attempt + 1,
+        latency * 1000,
+        result.detail[:200],
+        extra=log_fields(
+            approval,
+            device_id=device.id,
+            channel=sender.channel,
+            outcome=result.outcome,
+            attempt=job.attempt + 1,
+            latency_ms=round(latency * 1000, 1),
+        ),
+    )
+    if result.outcome == "accepted":
+        await svc.approvals.mark_delivered(
+            approval.id, sender.channel, sms_codes.delivered_event(sender.channel)
+        )
+        await _finish(svc, approval, ticket)
+        return
+    if result.outcome == "retry":
+        at = next_attempt_at(
+            svc.clock.now(),
+            job.attempt,
+            approval.expires_at - MIN_PUSH_LIFE,
+            base=PUSH_RETRY_BASE,
+            cap=PUSH_RETRY_CAP,
+            retry_after=result.retry_after,
+        )
+        if at is not None:
+            await jobs(svc).enqueue("push", job.payload, run_at=at, attempt=job.attempt + 1)
+            return
+    # A dead token, a permanent failure, or no time left: maybe SMS can still reach them.
+    await _finish(svc, approval, ticket)
+
+
+async def _record_attempt(
+    svc: Services,
+    approval: PendingApproval,
+    device: Device,
+    channel: str,
+    result: PushResult,
+    latency: float,
+    attempt: int,
+) -> None:
+    """Metrics and audit for one push attempt; a dead token is forgotten in the same step."""
     metrics.DELIVERY_ATTEMPTS.labels(channel, result.outcome).inc()
     metrics.DELIVERY_LATENCY.labels(channel).observe(latency)
+    log.info(
+        "delivery of approval %s by %s: %s",
+        approval.id,
+        channel,
+        result.outcome,
+        extra={
+            "approval_id": approval.id,
+            "request_id": approval.request_id,  # the sign-in's, so one id follows it
+            "device_id": device.id,
+            "channel": channel,
+            "outcome": result.outcome,
+            "attempt": attempt + 1,
+            "latency_ms": round(latency * 1000, 1),
+        },
+    )
     async with svc.db() as db:
         await audit.record(
             db,
@@ -154,7 +330,7 @@ async def _push(svc: Services, job: Job) -> None:
             detail={
                 "channel": channel,
                 "outcome": result.outcome,
-                "attempt": job.attempt + 1,
+                "attempt": attempt + 1,
                 "latency_ms": round(latency * 1000, 1),
                 "detail": result.detail[:200],
             },
@@ -162,36 +338,33 @@ async def _push(svc: Services, job: Job) -> None:
         )
         if result.outcome == "invalid_token":
             current = await db.get(Device, device.id)
+            # Only the token that failed: the app may have sent a fresh one meanwhile.
             if current is not None and current.push_token == device.push_token:
                 current.push_token = None
                 db.add(current)
+                await audit.record(
+                    db,
+                    "device.push_token_cleared",
+                    user_id=approval.user_id,
+                    device_id=device.id,
+                    approval_id=approval.id,
+                    detail={"channel": channel, "detail": result.detail[:200]},
+                    now=svc.clock.now(),
+                )
         await db.commit()
-    if result.outcome == "accepted":
-        await svc.approvals.mark_delivered(
-            approval.id, channel, orjson.dumps({"type": "delivered", "channel": channel})
-        )
-        return
-    if result.outcome == "retry":
-        at = next_attempt_at(
-            svc.clock.now(),
-            job.attempt,
-            approval.expires_at,
-            base=PUSH_RETRY_BASE,
-            cap=PUSH_RETRY_CAP,
-            retry_after=result.retry_after,
-        )
-        if at is not None:
-            await jobs(svc).enqueue("push", job.payload, run_at=at, attempt=job.attempt + 1)
-            return
-    # invalid token, permanent failure, or no time left to retry: maybe SMS can still reach them.
-    await sms_fallback(svc, approval)
 
 
-HANDLERS: dict[str, Any] = {"push": _push, "ack_check": _ack_check}
+Handler = Callable[[Services, Job], Awaitable[None]]
+HANDLERS: dict[str, Handler] = {
+    "push": _push,
+    "ack_check": _ack_check,
+    "sms": sms_codes.send_code,
+}
 
 
 async def run_delivery_jobs(svc: Services, stop: asyncio.Event) -> None:
-    """Consume delivery jobs until `stop`: claim due ones, run them concurrently, finish them."""
+    """Consume delivery jobs until `stop`: claim due ones and run each in its own task, so
+    pushes to several devices (and slow providers) never wait for one another."""
     queue = jobs(svc)
     running: set[asyncio.Task[None]] = set()
 
@@ -205,7 +378,10 @@ async def run_delivery_jobs(svc: Services, stop: asyncio.Event) -> None:
         except Exception:
             log.exception("delivery job %s failed", job.kind)
         finally:
-            await queue.done(job)
+            try:
+                await queue.done(job)
+            except Exception as exc:  # its lease ends and it runs again; handlers allow that
+                log.warning("could not finish job %s: %s", job.id, type(exc).__name__)
 
     async with svc.events.listen(queue.wake_channel) as wake:
         while not stop.is_set():
@@ -216,7 +392,7 @@ async def run_delivery_jobs(svc: Services, stop: asyncio.Event) -> None:
                 claimed = []
                 await _sleep_or_stop(stop, 1.0)
             for job in claimed:
-                task = asyncio.create_task(run(job))
+                task = asyncio.create_task(run(job), name=f"job-{job.kind}")
                 running.add(task)
                 task.add_done_callback(running.discard)
             if claimed:
@@ -236,9 +412,7 @@ async def run_expiry_sweeper(svc: Services, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             for approval_id in await svc.approvals.due_for_expiry():
-                status = await svc.approvals.expire_if_due(approval_id)
-                if status is Status.EXPIRED:
-                    metrics.APPROVALS.labels("expired").inc()
+                await svc.approvals.expire_if_due(approval_id)  # counted in the store
             next_deadline = await svc.approvals.next_deadline()
         except Exception as exc:
             log.warning("expiry sweep failed: %s", type(exc).__name__)

@@ -94,14 +94,21 @@ async def build_providers(settings: Settings) -> Providers:
     FCM needs TAPPROVE_FCM_CREDENTIALS (project id from the setting or the file); APNs the
     key file, key id, team id and topic; SMS the Twilio account sid, auth token and sender.
     A provider with only some of its settings raises ValueError (fail at startup).
+
+    SMS is never None here: without Twilio settings it goes to the log (`LogSms`), as mail
+    does without SMTP, so the embedded default can still verify phones and show the SMS
+    fallback; the operator reads the codes from the log.
     """
     # Imported here: the adapters import this module for PushMessage / PushResult.
     from app.delivery.apns import ApnsSender
     from app.delivery.fcm import FcmSender
-    from app.delivery.sms import TwilioSms
+    from app.delivery.sms import LogSms, TwilioSms
 
+    sms: SmsSender = (
+        TwilioSms.from_settings(settings) if TwilioSms.configured(settings) else LogSms()
+    )
     return Providers(
         fcm=FcmSender.from_settings(settings) if FcmSender.configured(settings) else None,
         apns=ApnsSender.from_settings(settings) if ApnsSender.configured(settings) else None,
-        sms=TwilioSms.from_settings(settings) if TwilioSms.configured(settings) else None,
+        sms=sms,
     )

@@ -1,7 +1,11 @@
-"""SMS through Twilio's Messages REST API (httpx), result classified like a push."""
+"""SMS senders: Twilio's Messages REST API (httpx), or the log when Twilio is not set up.
+
+Both answer like a push sender (`PushResult`), so delivery code treats SMS as one more channel.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import httpx
@@ -16,6 +20,24 @@ DEFAULT_TIMEOUT = 10.0
 # Twilio error codes for a number that can never receive our SMS: forget it.
 # 21211 invalid 'To' number, 21614 not a mobile number, 21610 recipient opted out (STOP).
 INVALID_NUMBER_CODES = frozenset({21211, 21614, 21610})
+
+log = logging.getLogger(__name__)
+
+
+class LogSms:
+    """The embedded default without Twilio: each SMS is written to the log for the operator.
+
+    Like mail without TAPPROVE_SMTP_URL, this keeps a fresh install's phone verification and
+    SMS fallback usable for a demo or a single operator who reads the log; nothing reaches a
+    phone. Set TAPPROVE_TWILIO_* to send real messages.
+    """
+
+    async def send(self, to: str, body: str) -> PushResult:
+        """Log the message and report it accepted."""
+        log.info(
+            "sms (no TAPPROVE_TWILIO_* set) to %s: %s", to, body, extra={"sms_to": to}
+        )
+        return PushResult("accepted", detail="logged")
 
 
 class TwilioSms:

@@ -1,6 +1,8 @@
 """Pending approvals in Redis. Every state change is one Lua script, so any number of
 processes racing on one approval see exactly one winner, and the event announcing the
 change is published in the same atomic step (nobody sees a state without its event).
+The scripts also say when this call was the one that ended an approval, so its end is
+counted exactly once (app.metrics).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
+from app import metrics
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import Clock
 from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP
@@ -57,18 +60,20 @@ local expires_at, keep, base, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]
 local pending_key = prefix .. 'user:' .. uid .. ':pending'
 local old = redis.call('GET', pending_key)
 local old_status = nil
+local expired_old = ''
 if old then
   old_status = redis.call('HGET', prefix .. 'approval:' .. old, 'status')
   local old_exp = tonumber(redis.call('HGET', prefix .. 'approval:' .. old, 'expires_at') or '0')
   if old_status == 'pending' and old_exp <= now then
     finalize(prefix, old, 'expired', ARGV[2], '', '', base, cap)
     old_status = 'expired'
+    expired_old = old
   end
 end
 local fatigue_key = prefix .. 'user:' .. uid .. ':fatigue'
 local next_at = tonumber(redis.call('HGET', fatigue_key, 'next_at') or '0')
 if next_at > now then
-  return {'backoff', tostring(math.ceil(next_at - now))}
+  return {'backoff', tostring(math.ceil(next_at - now)), expired_old}
 end
 local superseded = ''
 if old and old_status == 'pending' then
@@ -82,28 +87,31 @@ redis.call('EXPIRE', KEYS[1], keep)
 redis.call('SET', pending_key, id, 'EX', keep)
 redis.call('ZADD', prefix .. 'approvals:deadlines', expires_at, id)
 redis.call('PUBLISH', prefix .. 'ev:user:' .. uid, ARGV[9])
-return {'created', superseded}
+return {'created', superseded, expired_old}
 """
 )
 
 # KEYS: approval key. ARGV: prefix, now, id, outcome, decided_by, reason, base, cap.
+# The third result is the approval's created_at when this call ended it, else ''.
 _DECIDE = (
     _FINALIZE
     + """
 local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found', ''} end
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'pending' then return {'final', status} end
+if status ~= 'pending' then return {'final', status, ''} end
+local created_at = redis.call('HGET', KEYS[1], 'created_at')
 if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) <= now then
   finalize(prefix, id, 'expired', ARGV[2], '', '', tonumber(ARGV[7]), tonumber(ARGV[8]))
-  return {'final', 'expired'}
+  return {'final', 'expired', created_at}
 end
 finalize(prefix, id, ARGV[4], ARGV[2], ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
-return {'decided', ARGV[4]}
+return {'decided', ARGV[4], created_at}
 """
 )
 
 # KEYS: approval key. ARGV: prefix, now, id, base, cap. Ends a pending approval past its deadline.
+# Returns {status, '1' when this call ended it}.
 _EXPIRE = (
     _FINALIZE
     + """
@@ -111,12 +119,12 @@ local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   redis.call('ZREM', prefix .. 'approvals:deadlines', id)
-  return 'gone'
+  return {'gone', ''}
 end
-if status ~= 'pending' then return status end
-if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) > now then return 'pending' end
+if status ~= 'pending' then return {status, ''} end
+if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) > now then return {'pending', ''} end
 finalize(prefix, id, 'expired', ARGV[2], '', '', tonumber(ARGV[4]), tonumber(ARGV[5]))
-return 'expired'
+return {'expired', '1'}
 """
 )
 
@@ -124,9 +132,10 @@ return 'expired'
 _ADD_TO_LIST = """
 local function add_to_list(key, field, value)
   local items = cjson.decode(redis.call('HGET', key, field) or '[]')
-  for _, item in ipairs(items) do if item == value then return end end
+  for _, item in ipairs(items) do if item == value then return false end end
   items[#items + 1] = value
   redis.call('HSET', key, field, cjson.encode(items))
+  return true
 end
 """
 
@@ -138,8 +147,7 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
 local added = redis.call('SADD', KEYS[2], ARGV[1])
 if added == 1 then
   redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
-  add_to_list(KEYS[1], 'delivered', 'websocket')
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  if add_to_list(KEYS[1], 'delivered', 'websocket') then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 end
 return added
 """
@@ -160,9 +168,10 @@ _CHANNEL = (
     _ADD_TO_LIST
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
-add_to_list(KEYS[1], ARGV[4], ARGV[1])
+-- The browser hears of each channel once, however many devices it reached.
+local added = add_to_list(KEYS[1], ARGV[4], ARGV[1])
 if ARGV[4] == 'delivered' then add_to_list(KEYS[1], 'channels', ARGV[1]) end
-if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if added and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 """
 )
@@ -229,9 +238,14 @@ class ApprovalStore:
                 *flat,
             ],
         )
-        kind, value = result[0], result[1]
+        kind, value, expired_old = result[0], result[1], result[2]
+        if expired_old:
+            metrics.approval_ended(Status.EXPIRED.value, 0.0)
         if kind == "backoff":
             return Backoff(max(1, int(value)))
+        metrics.APPROVALS_CREATED.labels(approval.kind).inc()
+        if value:
+            metrics.approval_ended(Status.EXPIRED.value, 0.0)
         return Created(value or None)
 
     async def get(self, approval_id: str) -> PendingApproval | None:
@@ -247,11 +261,12 @@ class ApprovalStore:
         self, approval_id: str, status: Status, *, device_id: str = "", reason: str = ""
     ) -> DecideResult:
         """Try to end a pending approval with `status`; exactly one caller ever wins."""
+        now = self._clock.now()
         result = await self._decide(
             keys=[self._keys.approval(approval_id)],
             args=[
                 self._keys.prefix,
-                repr(self._clock.now()),
+                repr(now),
                 approval_id,
                 status.value,
                 device_id,
@@ -260,7 +275,9 @@ class ApprovalStore:
                 BACKOFF_CAP,
             ],
         )
-        kind, value = result[0], result[1]
+        kind, value, ended_created_at = result[0], result[1], result[2]
+        if ended_created_at:
+            metrics.approval_ended(value, now - float(ended_created_at))
         return DecideResult(kind, Status(value) if value else None)
 
     async def expire_if_due(self, approval_id: str) -> Status | None:
@@ -275,7 +292,10 @@ class ApprovalStore:
                 BACKOFF_CAP,
             ],
         )
-        return None if result == "gone" else Status(result)
+        status, ended = result[0], result[1]
+        if ended:
+            metrics.approval_ended(Status.EXPIRED.value, 0.0)
+        return None if status == "gone" else Status(status)
 
     async def due_for_expiry(self, limit: int = 200) -> list[str]:
         """Ids of pending approvals whose deadline has passed."""

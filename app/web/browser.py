@@ -22,10 +22,16 @@ from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
 from app.core.tokens import hash_token, new_id, new_token, same_secret
 from app.db import audit
-from app.db.accounts import check_password, get_user_by_email
+from app.db.accounts import (
+    InvalidAccountData,
+    check_password,
+    get_user_by_email,
+    normalize_email,
+)
 from app.db.models import TrustedBrowser, User
 from app.services import Services
 from app.store.events import RECONNECTED
+from app.store.ratelimit import Verdict
 from app.web.common import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -75,33 +81,61 @@ async def login(request: Request) -> Response:
     check_csrf(request, svc.settings)
     body = await read_body(request, LoginBody)
     ip = client_ip(request)
-    email = body.email.strip().lower()
-    account_key = svc.limits.key("login-failed", "account", hash_token(email))
-    ip_key = svc.limits.key("login-failed", "ip", ip)
-    by_account = await svc.limits.peek(account_key, limit=FAILED_PER_ACCOUNT)
-    by_ip = await svc.limits.peek(ip_key, limit=FAILED_PER_IP)
+    try:
+        # The canonical form, so `A@EXAMPLE.com` and full-width spellings share one budget.
+        email = normalize_email(body.email)
+    except InvalidAccountData:
+        email = body.email.strip().lower()
     trusted = await _trusted_browser(svc, request)
-
     async with svc.db() as db:
         user = await get_user_by_email(db, email)
-    limited = not (by_account.allowed and by_ip.allowed)
-    # A correct password from a browser this user trusts is let through a rate limit.
-    if limited and not (user is not None and trusted is not None and trusted.user_id == user.id):
-        retry = max(by_account.retry_after, by_ip.retry_after)
-        raise ApiError(429, "rate_limited", "too many failed sign-ins", {"Retry-After": str(retry)})
+
+    # Every attempt takes its place in the budgets before the password is checked, so a burst
+    # of parallel guesses cannot all slip in; a correct password gives its places back.
+    spent: list[str] = []
+    verdicts: list[Verdict] = []
+    for key, limit in (
+        (svc.limits.key("login-failed", "account", hash_token(email)), FAILED_PER_ACCOUNT),
+        (svc.limits.key("login-failed", "ip", ip), FAILED_PER_IP),
+    ):
+        verdicts.append(await svc.limits.hit(key, limit=limit, window=FAILED_LOGIN_WINDOW))
+        if verdicts[-1].allowed:
+            spent.append(key)
+    if not all(v.allowed for v in verdicts):
+        # A correct password from a browser this user trusts is let through a rate limit;
+        # that browser has a budget of failures of its own, so a stolen trust cookie does not
+        # buy unlimited guesses.
+        trusted_through = False
+        if user is not None and trusted is not None and trusted.user_id == user.id:
+            browser_key = svc.limits.key("login-failed", "browser", trusted.id)
+            verdicts.append(
+                await svc.limits.hit(
+                    browser_key, limit=FAILED_PER_ACCOUNT, window=FAILED_LOGIN_WINDOW
+                )
+            )
+            if verdicts[-1].allowed:
+                spent.append(browser_key)
+                trusted_through = True
+        if not trusted_through:
+            for key in spent:
+                await svc.limits.refund(key)
+            retry = max(v.retry_after for v in verdicts)
+            raise ApiError(
+                429, "rate_limited", "too many failed sign-ins", {"Retry-After": str(retry)}
+            )
 
     # Unknown emails spend the same argon2 work as known ones (no timing oracle).
     password_ok = await check_password(user, body.password)
     now = svc.clock.now()
     if user is None or not password_ok:
-        await svc.limits.hit(account_key, limit=10**9, window=FAILED_LOGIN_WINDOW)
-        await svc.limits.hit(ip_key, limit=10**9, window=FAILED_LOGIN_WINDOW)
         async with svc.db() as db:
             await audit.record(
                 db, "login.failed", user_id=user.id if user else None, ip=ip, now=now
             )
             await db.commit()
         raise ApiError(401, "invalid_credentials", "email or password is wrong")
+    for key in spent:
+        await svc.limits.refund(key)
     if not user.email_verified:
         raise ApiError(403, "email_not_verified", "confirm your email address first")
     if user.locked:
@@ -330,7 +364,10 @@ async def complete(request: Request) -> Response:
     if outcome == "not_found":
         raise ApiError(404, "not_found", "no such approval")
     token = await svc.sessions.create(
-        approval.user_id, approved_with_device=True, approval_id=approval.id
+        approval.user_id,
+        # An SMS code is not a device: such a session may not add another device.
+        approved_with_device=approval.decided_by is not None,
+        approval_id=approval.id,
     )
     now = svc.clock.now()
     response = json({"status": "authenticated"})

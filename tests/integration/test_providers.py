@@ -16,7 +16,7 @@ from app.core.tokens import new_id
 from app.delivery.apns import ApnsSender
 from app.delivery.fcm import FcmSender
 from app.delivery.push import PushMessage, build_providers
-from app.delivery.sms import TwilioSms
+from app.delivery.sms import LogSms, TwilioSms
 from app.settings import Settings
 from tests.fakes import Reply, run_in_thread
 from tests.fakes import apns as apns_replies
@@ -505,8 +505,10 @@ async def test_build_providers_builds_only_what_is_configured(
         assert isinstance(everything.apns, ApnsSender)
         assert isinstance(everything.sms, TwilioSms)
         assert isinstance(only_fcm.fcm, FcmSender)
-        assert (only_fcm.apns, only_fcm.sms) == (None, None)
-        assert (nothing.fcm, nothing.apns, nothing.sms) == (None, None, None)
+        assert only_fcm.apns is None
+        assert (nothing.fcm, nothing.apns) == (None, None)
+        # Without Twilio, SMS goes to the log (like mail without SMTP).
+        assert isinstance(only_fcm.sms, LogSms) and isinstance(nothing.sms, LogSms)
     finally:
         for providers in (everything, only_fcm, nothing):
             await providers.close()
