@@ -1,0 +1,148 @@
+"""The Alembic history builds exactly the schema the models describe, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlmodel import SQLModel
+
+from app.db import migrate
+from app.db.engine import engine_from_url
+from app.settings import Settings
+
+MODEL_TABLES = set(SQLModel.metadata.tables)
+
+
+def _schema_diff(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, SQLModel.metadata))
+
+
+async def _inspect(url: str) -> tuple[set[str], list[Any], str | None]:
+    """Tables present, differences from the models, and the stamped revision."""
+    engine = engine_from_url(url, pooled=False)
+    try:
+        async with engine.connect() as conn:
+            tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+            diff = await conn.run_sync(_schema_diff)
+            revision = await conn.run_sync(
+                lambda c: MigrationContext.configure(c).get_current_revision()
+            )
+    finally:
+        await engine.dispose()
+    return tables, diff, revision
+
+
+async def test_upgrade_on_sqlite_matches_the_models(fresh_sqlite_url: str) -> None:
+    await migrate.upgrade_async(Settings(database_url=fresh_sqlite_url))
+
+    tables, diff, revision = await _inspect(fresh_sqlite_url)
+
+    assert diff == []
+    assert tables == MODEL_TABLES | {"alembic_version"}
+    assert revision == migrate.head_revision()
+
+
+async def test_upgrade_on_postgres_matches_the_models(fresh_pg_url: str) -> None:
+    await migrate.upgrade_async(Settings(database_url=fresh_pg_url))
+
+    tables, diff, revision = await _inspect(fresh_pg_url)
+
+    assert diff == []
+    assert tables == MODEL_TABLES | {"alembic_version"}
+    assert revision == migrate.head_revision()
+
+
+async def test_upgrade_downgrade_upgrade_round_trips(any_db_url: str) -> None:
+    settings = Settings(database_url=any_db_url)
+
+    await migrate.upgrade_async(settings)
+    await migrate.downgrade_async(settings, "base")
+    tables, _, revision = await _inspect(any_db_url)
+    assert tables <= {"alembic_version"}
+    assert revision is None
+
+    await migrate.upgrade_async(settings)
+    tables, diff, revision = await _inspect(any_db_url)
+    assert diff == []
+    assert tables == MODEL_TABLES | {"alembic_version"}
+    assert revision == migrate.head_revision()
+
+
+async def test_sync_upgrade_works_inside_a_running_event_loop(fresh_sqlite_url: str) -> None:
+    # The blocking form moves Alembic (which runs its own loop) onto a thread.
+    migrate.upgrade(Settings(database_url=fresh_sqlite_url))
+
+    _, diff, revision = await _inspect(fresh_sqlite_url)
+    assert diff == []
+    assert revision == migrate.head_revision()
+
+
+async def test_upgrading_twice_is_a_no_op(fresh_sqlite_url: str) -> None:
+    settings = Settings(database_url=fresh_sqlite_url)
+    await migrate.upgrade_async(settings)
+    await migrate.upgrade_async(settings)
+
+    _, diff, revision = await _inspect(fresh_sqlite_url)
+    assert diff == []
+    assert revision == migrate.head_revision()
+
+
+async def test_concurrent_upgrades_in_one_process_all_succeed(any_db_url: str) -> None:
+    settings = Settings(database_url=any_db_url)
+
+    await asyncio.gather(*(migrate.upgrade_async(settings) for _ in range(4)))
+
+    _, diff, revision = await _inspect(any_db_url)
+    assert diff == []
+    assert revision == migrate.head_revision()
+
+
+async def test_processes_starting_at_once_on_an_empty_database_all_migrate(
+    any_db_url: str, tmp_path: Path
+) -> None:
+    # Several `tapprove serve` processes may start together on a fresh database.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAPPROVE_")}
+    env.update(TAPPROVE_DATABASE_URL=any_db_url, TAPPROVE_DATA_DIR=str(tmp_path))
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app.cli",
+            "--json",
+            "db",
+            "upgrade",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    results = [await proc.communicate() for proc in procs]
+
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err.decode()
+        assert json.loads(out) == {"revision": migrate.head_revision()}
+    _, diff, revision = await _inspect(any_db_url)
+    assert diff == []
+    assert revision == migrate.head_revision()
+
+
+async def test_sqlite_upgrade_creates_the_data_directory(tmp_path: Path) -> None:
+    data_dir = tmp_path / "not" / "yet" / "there"
+    settings = Settings(data_dir=data_dir)
+
+    await migrate.upgrade_async(settings)
+
+    assert (data_dir / "tapprove.sqlite3").is_file()
+    _, diff, _ = await _inspect(settings.sqlalchemy_url)
+    assert diff == []
