@@ -54,6 +54,10 @@ class KeySpace:
         return self("ev", "approval", approval_id)
 
 
+MAX_CONNECTIONS = 256
+POOL_WAIT = 10.0
+
+
 @dataclass
 class RedisHandle:
     """A connected async client, and the embedded server it talks to, if any."""
@@ -88,9 +92,20 @@ async def connect(settings: Settings) -> RedisHandle:
         "health_check_interval": 15,
         "socket_keepalive": True,
     }
+    # A blocking pool waits for a free connection under bursts (mass reconnects, login
+    # storms) instead of failing at once when the default pool's limit is reached.
     if settings.redis_url:
-        client = aioredis.Redis.from_url(settings.redis_url, **common)
-        return RedisHandle(client)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT, **common
+        )
+        return RedisHandle(aioredis.Redis(connection_pool=pool))
     embedded = await asyncio.to_thread(_start_embedded, settings)
-    client = aioredis.Redis(unix_socket_path=embedded.socket_file, **common)
-    return RedisHandle(client, embedded)
+    pool = aioredis.BlockingConnectionPool(
+        connection_class=aioredis.UnixDomainSocketConnection,
+        path=embedded.socket_file,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT,
+        decode_responses=True,
+        health_check_interval=15,
+    )
+    return RedisHandle(aioredis.Redis(connection_pool=pool), embedded)
