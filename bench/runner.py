@@ -1,0 +1,484 @@
+"""One benchmark run: start a target (tapprove or the baseline) with its own Redis, drive it
+with the load generator through every scenario, and collect the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import PASSWORD, procs
+from bench.population import (
+    Population,
+    baseline_population,
+    insert_idle_devices,
+    populate_tapprove,
+    wait_outbox_drained,
+)
+
+ORIGIN = "http://bench.invalid"
+# Sockets per holder process, well under a default 20k open-file limit and the ~28k
+# ephemeral ports of one source address.
+PER_HOLDER = 12_000
+FD_MARGIN = 500
+
+
+@dataclass
+class Plan:
+    """How long and how hard each scenario runs (see `plans()` for the presets)."""
+
+    name: str
+    levels: list[int]  # relying-party flows in flight, one phase each
+    light: int  # the "light load" level (10 flows in flight)
+    warmup: float
+    duration: float
+    light_duration: float
+    think_ms: float  # the person looking at the phone before tapping approve
+    browser_concurrency: int
+    browser_duration: float
+    login_load: int  # concurrent password logins that keep argon2id busy
+    argon2_duration: float
+    sockets: int
+    idle_flow_duration: float
+    idle_cpu_window: float
+    connect_deadline: float  # idle sockets not connected by then are reported as not tried
+    max_warmup: float = 12.0  # a phase waits up to this long for every worker to finish once
+    servers: int = 1
+    baseline: bool = True
+    scenarios: list[str] = field(
+        default_factory=lambda: ["light", "saturation", "browser", "argon2", "idle"]
+    )
+
+    @property
+    def phones(self) -> int:
+        return max([*self.levels, self.light, self.browser_concurrency])
+
+
+def plans() -> dict[str, Plan]:
+    return {
+        "full": Plan(
+            name="full",
+            levels=[1, 5, 10, 25, 50, 100],
+            light=10,
+            warmup=2.0,
+            duration=6.0,
+            light_duration=10.0,
+            think_ms=10,
+            browser_concurrency=12,
+            browser_duration=10.0,
+            login_load=8,
+            argon2_duration=10.0,
+            sockets=10_000,
+            idle_flow_duration=6.0,
+            idle_cpu_window=5.0,
+            connect_deadline=120.0,
+        ),
+        "quick": Plan(
+            name="quick",
+            levels=[1, 10, 50],
+            light=10,
+            warmup=1.0,
+            duration=2.5,
+            light_duration=3.0,
+            think_ms=10,
+            browser_concurrency=8,
+            browser_duration=2.5,
+            login_load=8,
+            argon2_duration=3.0,
+            sockets=1_000,
+            idle_flow_duration=2.0,
+            idle_cpu_window=1.0,
+            connect_deadline=15.0,
+            max_warmup=5.0,
+        ),
+        "smoke": Plan(
+            name="smoke",
+            levels=[2],
+            light=2,
+            warmup=1.0,
+            duration=2.0,
+            light_duration=2.0,
+            think_ms=5,
+            browser_concurrency=1,
+            browser_duration=1.5,
+            login_load=1,
+            argon2_duration=1.5,
+            sockets=20,
+            idle_flow_duration=1.0,
+            idle_cpu_window=0.5,
+            connect_deadline=20.0,
+            max_warmup=5.0,
+            baseline=False,
+        ),
+    }
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Target:
+    """A started system under test: its servers, helpers and everything to stop afterwards."""
+
+    kind: str  # "tapprove" | "baseline"
+    urls: list[str]
+    pids: dict[str, list[int]]
+    population: Population
+    children: list[procs.Child]
+    redis: procs.PrivateRedis
+    db: procs.ScratchDatabase | None = None
+    setup_s: dict[str, float] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.redis.child.stop()
+
+
+async def start_tapprove(plan: Plan, workdir: Path, idle: int) -> Target:
+    """Private Redis, a fresh database, `tapprove worker` and N `tapprove serve --no-worker`."""
+    timings: dict[str, float] = {}
+    began = time.monotonic()
+    redis = procs.PrivateRedis.start(workdir / "redis")
+    db = await procs.ScratchDatabase.create()
+    ports = [procs.free_port() for _ in range(plan.servers)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    env = procs.tapprove_env(
+        redis_url=redis.url,
+        database_url=db.url,
+        public_url=urls[0],
+        origin=ORIGIN,
+        data_dir=workdir / "data",
+    )
+    children: list[procs.Child] = []
+    target = Target("tapprove", urls, {}, Population("", [], []), children, redis, db)
+    try:
+        procs.run_cli(["db", "upgrade"], env)
+        timings["migrate"] = round(time.monotonic() - began, 2)
+        children.append(
+            procs.spawn("worker", [procs.TAPPROVE, "worker"], workdir / "worker.log", env)
+        )
+        for i, port in enumerate(ports):
+            argv = [procs.TAPPROVE, "serve", "--no-worker", "--host", "127.0.0.1",
+                    "--port", str(port)]
+            children.append(procs.spawn(f"server-{i}", argv, workdir / f"server-{i}.log", env))
+        for child, url in zip(children[1:], urls, strict=True):
+            await asyncio.to_thread(procs.wait_http, url + "/healthz", child)
+        timings["start"] = round(time.monotonic() - began, 2)
+        t = time.monotonic()
+        login_users = max(plan.login_load * 4, 4)
+        target.population = await populate_tapprove(db.url, urls[0], plan.phones, login_users)
+        timings["populate"] = round(time.monotonic() - t, 2)
+        if idle:
+            t = time.monotonic()
+            target.population.idle_seed = await insert_idle_devices(db.url, idle)
+            target.population.idle_count = idle
+            timings["idle_devices_insert"] = round(time.monotonic() - t, 2)
+        left = await wait_outbox_drained(db.url)
+        if left:
+            log(f"warning: {left} enrollment notices still queued")
+        target.pids = {
+            "server": [c.pid for c in children if c.name.startswith("server")],
+            "worker": [children[0].pid],
+            "redis": [redis.child.pid],
+            "postgres": await db.backends(),
+        }
+        timings["total"] = round(time.monotonic() - began, 2)
+        target.setup_s = timings
+        return target
+    except BaseException:
+        target.stop()
+        await db.drop()
+        raise
+
+
+async def start_baseline(plan: Plan, workdir: Path) -> Target:
+    """Private Redis and N baseline processes (bench/baseline.py)."""
+    began = time.monotonic()
+    redis = procs.PrivateRedis.start(workdir / "redis")
+    ports = [procs.free_port() for _ in range(plan.servers)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    children: list[procs.Child] = []
+    population = baseline_population(plan.phones, max(plan.login_load * 4, 4))
+    target = Target("baseline", urls, {}, population, children, redis)
+    try:
+        for i, port in enumerate(ports):
+            argv = [sys.executable, "-m", "bench.baseline", "--port", str(port),
+                    "--redis-url", redis.url]
+            children.append(
+                procs.spawn(f"baseline-{i}", argv, workdir / f"baseline-{i}.log")
+            )
+        for child, url in zip(children, urls, strict=True):
+            await asyncio.to_thread(procs.wait_http, url + "/healthz", child)
+        target.pids = {"server": [c.pid for c in children], "redis": [redis.child.pid]}
+        target.setup_s = {"total": round(time.monotonic() - began, 2)}
+        return target
+    except BaseException:
+        target.stop()
+        raise
+
+
+def flow_phases(plan: Plan) -> list[dict[str, Any]]:
+    """The phases one load-generator run goes through, in order."""
+    phases: list[dict[str, Any]] = []
+    wanted = set(plan.scenarios)
+    levels = sorted(set(plan.levels) | {plan.light})
+    if "saturation" not in wanted:
+        levels = [plan.light] if "light" in wanted else []
+    for level in levels:
+        light = level == plan.light
+        phases.append(
+            {
+                "name": f"rp-c{level}",
+                "path": "rp",
+                "concurrency": level,
+                "think_ms": plan.think_ms,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup,
+                "duration": plan.light_duration if light else plan.duration,
+            }
+        )
+    if "browser" in wanted:
+        phases.append(
+            {
+                "name": "browser",
+                "path": "browser",
+                "concurrency": plan.browser_concurrency,
+                "think_ms": 0,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup,
+                "duration": plan.browser_duration,
+            }
+        )
+    if "argon2" in wanted:
+        phases.append(
+            {
+                "name": "logins-only",
+                "concurrency": 0,
+                "login_load": plan.login_load,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup,
+                "duration": plan.argon2_duration / 2,
+            }
+        )
+        phases.append(
+            {
+                "name": f"rp-c{plan.light}-argon2",
+                "path": "rp",
+                "concurrency": plan.light,
+                "think_ms": plan.think_ms,
+                "login_load": plan.login_load,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup,
+                "duration": plan.argon2_duration,
+            }
+        )
+    return phases
+
+
+def run_loadgen(config: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
+    """Run the load generator as its own process and return the JSON it prints."""
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config))
+    stderr_path = workdir / f"{name}.log"
+    with stderr_path.open("wb") as stderr:
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.loadgen", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=str(procs.REPO),
+            check=False,
+        )
+    if result.returncode != 0:
+        tail = stderr_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"load generator {name} failed ({result.returncode}):\n{tail}")
+    found: dict[str, Any] = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return found
+
+
+def loadgen_config(target: Target, phases: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "mode": "flows",
+        "target": target.kind,
+        "servers": target.urls,
+        "origin": ORIGIN,
+        "api_key": target.population.api_key,
+        "password": PASSWORD,
+        "phones": target.population.phones,
+        "login_users": target.population.login_users,
+        "pids": target.pids,
+        "database": target.db.name if target.db is not None else None,
+        "redis_url": target.redis.url,
+        "phases": phases,
+    }
+
+
+@dataclass
+class Holder:
+    child: subprocess.Popen[bytes]
+    count: int
+
+
+def idle_capacity(requested: int) -> tuple[int, str]:
+    """How many idle sockets one server process can hold under this machine's fd limit."""
+    limit = procs.raise_nofile()
+    if requested + FD_MARGIN <= limit:
+        return requested, ""
+    capped = max(0, limit - FD_MARGIN)
+    return capped, (
+        f"requested {requested} sockets, capped to {capped}: RLIMIT_NOFILE is {limit} here "
+        "and cannot be raised (no CAP_SYS_RESOURCE); raise the hard limit (ulimit -Hn) to "
+        "run more on one process"
+    )
+
+
+async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dict[str, Any]:
+    """Connect `count` idle device sockets to the first server; RSS, connect rate, a flow."""
+    server_pid = target.pids["server"][0]
+    seed = target.population.idle_seed or "baseline-idle"
+    await asyncio.sleep(1.0)
+    rss_before = procs.rss_bytes(server_pid)
+    load_before = procs.loadavg()
+    holders: list[Holder] = []
+    began = time.monotonic()
+    reports: list[dict[str, Any]] = []
+    try:
+        first = 0
+        k = 0
+        while first < count:
+            n = min(PER_HOLDER, count - first)
+            config = {
+                "mode": "hold",
+                "server": target.urls[0],
+                "seed": seed,
+                "first": first,
+                "count": n,
+                "local_addr": f"127.0.0.{2 + k}",
+                "connect_concurrency": 100,
+                "connect_deadline": plan.connect_deadline,
+            }
+            path = workdir / f"holder-{k}.json"
+            path.write_text(json.dumps(config))
+            with (workdir / f"holder-{k}.log").open("wb") as stderr:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "bench.loadgen", str(path)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    cwd=str(procs.REPO),
+                )
+            holders.append(Holder(child, n))
+            first += n
+            k += 1
+        for holder in holders:
+            assert holder.child.stdout is not None
+            line = await asyncio.to_thread(holder.child.stdout.readline)
+            if not line:
+                raise RuntimeError(f"idle holder exited early (see {workdir}/holder-*.log)")
+            reports.append(json.loads(line))
+        connected_s = time.monotonic() - began
+        ok = sum(r["ok"] for r in reports)
+        await asyncio.sleep(2.0)
+        rss_after = procs.rss_bytes(server_pid)
+        watched = {"server": [server_pid], "redis": target.pids["redis"]}
+        before = procs.cpu_snapshot(watched)
+        await asyncio.sleep(plan.idle_cpu_window)
+        after = procs.cpu_snapshot(watched)
+        idle_cpu = procs.cpu_delta(before, after)
+        idle_counters = procs.counter_delta(before, after)["server"]
+        phase = {
+            "name": f"rp-c{plan.light}-with-idle",
+            "path": "rp",
+            "concurrency": plan.light,
+            "think_ms": plan.think_ms,
+            "warmup": min(1.0, plan.warmup),
+            "duration": plan.idle_flow_duration,
+        }
+        flows = run_loadgen(loadgen_config(target, [phase]), workdir, f"{target.kind}-idle-flows")
+        still = procs.rss_bytes(server_pid)
+    finally:
+        for holder in holders:
+            if holder.child.stdin is not None:
+                with contextlib.suppress(OSError):
+                    holder.child.stdin.close()
+        for holder in holders:
+            try:
+                holder.child.wait(30)
+            except subprocess.TimeoutExpired:
+                holder.child.kill()
+    return {
+        "requested": count,
+        "connected": ok,
+        "failed": sum(r["failed"] for r in reports),
+        "not_tried_before_deadline": sum(r.get("not_tried_before_deadline", 0) for r in reports),
+        "errors": [r["errors"] for r in reports if r["errors"]],
+        "holders": len(holders),
+        "connect_s": round(connected_s, 2),
+        "connects_per_s": round(ok / connected_s, 1) if connected_s else None,
+        "handshake_ms": [r["handshake_ms"] for r in reports],
+        "server_rss_before_mib": round(rss_before / 2**20, 1),
+        "server_rss_after_mib": round(rss_after / 2**20, 1),
+        "server_rss_after_flows_mib": round(still / 2**20, 1),
+        "rss_per_socket_kib": round((rss_after - rss_before) / max(1, ok) / 1024, 2),
+        "client_rss_per_socket_kib": [r["client_rss_per_socket_kib"] for r in reports],
+        "idle_cpu": idle_cpu,
+        "idle_server_syscalls": idle_counters,
+        "idle_server_core_fraction": round(idle_cpu["server"] / idle_cpu["wall"], 4)
+        if idle_cpu.get("wall")
+        else None,
+        "loadavg": load_before,
+        "flow_phase": flows["phases"][0],
+    }
+
+
+async def run_target(kind: str, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Everything for one target; its processes are stopped whatever happens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    wants_idle = "idle" in plan.scenarios and plan.sockets > 0
+    sockets, note = idle_capacity(plan.sockets) if wants_idle else (0, "")
+    if note:
+        log(note)
+    log(f"{kind}: starting")
+    target = (
+        await start_tapprove(plan, workdir, sockets)
+        if kind == "tapprove"
+        else await start_baseline(plan, workdir)
+    )
+    out: dict[str, Any] = {"kind": kind, "servers": target.urls, "setup_s": target.setup_s}
+    try:
+        log(f"{kind}: up in {target.setup_s.get('total')} s; flows")
+        phases = flow_phases(plan)
+        if phases:
+            result = await asyncio.to_thread(
+                run_loadgen, loadgen_config(target, phases), workdir, f"{kind}-flows"
+            )
+            out["flows"] = result
+        if sockets:
+            log(f"{kind}: {sockets} idle sockets")
+            out["idle"] = await run_idle(target, plan, sockets, workdir)
+            if note:
+                out["idle"]["note"] = note
+        out["server_rss_end_mib"] = round(procs.rss_bytes(target.pids["server"][0]) / 2**20, 1)
+        for child in target.children:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} died during the run:\n{child.log_tail()}")
+    finally:
+        target.stop()
+        if target.db is not None:
+            await target.db.drop()
+    log(f"{kind}: done")
+    return out
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    data = asdict(plan)
+    data["phones"] = plan.phones
+    return data

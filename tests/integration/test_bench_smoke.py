@@ -1,0 +1,69 @@
+"""The benchmark harness still runs end to end, so it cannot rot between benchmark runs.
+
+`python -m bench --smoke` starts its own redis-server, a scratch PostgreSQL database, a real
+`tapprove serve` and `tapprove worker`, and a separate load generator, for a few seconds of
+each scenario. Nothing here asserts a timing: benchmark figures are not test results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+PHASES = {"rp-c2", "browser", "logins-only", "rp-c2-argon2"}
+FIGURES = {
+    "light.create_to_phone.p99",
+    "light.decision_to_phone_result.p99",
+    "light.decision_to_rp_result.p99",
+    "sat.rp_flows_per_s_per_process",
+    "sat.cpu_ms_per_flow.server",
+    "idle.sockets",
+    "idle.rss_per_socket_kib",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_smoke_runs_every_scenario_and_writes_the_json(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| figure |" in result.stdout
+
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert {"meta", "plan", "loadavg", "targets", "summary", "seconds"} <= set(data)
+    assert len(data["loadavg"]["start"]) == 3
+    assert data["meta"]["versions"]["uvicorn"]
+    assert set(data["targets"]) == {"tapprove"}  # --smoke skips the baseline
+
+    tapprove = data["targets"]["tapprove"]
+    phases = {p["name"]: p for p in tapprove["flows"]["phases"]}
+    assert set(phases) == PHASES
+    for phase in phases.values():
+        assert {"flows", "flows_per_s", "errors", "latency_ms", "cpu_s", "loadavg"} <= set(phase)
+        assert "server" in phase["cpu_s"]
+    rp = phases["rp-c2"]
+    assert rp["flows"] > 0, rp
+    assert not rp["errors"], rp["errors"]
+    assert {"create_to_phone", "decision_to_phone_result", "decision_to_rp_result"} <= set(
+        rp["latency_ms"]
+    )
+
+    idle = tapprove["idle"]
+    assert idle["connected"] == idle["requested"] == 20
+    assert idle["failed"] == 0
+    assert idle["flow_phase"]["flows"] > 0
+
+    assert set(data["summary"]["tapprove"]) >= FIGURES
