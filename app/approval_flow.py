@@ -20,6 +20,7 @@ from app.core.matching import MatchPolicy, number_matches
 from app.core.signatures import DecisionRejected, read_kid, verify_decision
 from app.db import audit
 from app.db.models import Device, User
+from app.logs import current_request_id
 from app.services import Services
 from app.store.approvals import Backoff
 from app.store.events import RECONNECTED
@@ -66,6 +67,7 @@ async def start_approval(
         browser_binding=browser_binding,
         remember_browser=remember_browser,
         api_key_id=api_key_id,
+        request_id=current_request_id(),
     )
     devices = await active_devices(svc, user.id)
     connected = await svc.presence.connected_devices(user.id)
@@ -99,6 +101,21 @@ async def start_approval(
             now=now,
         )
         await db.commit()
+    log.info(
+        "approval %s created (%s) for user %s via %s",
+        approval.id,
+        kind,
+        user.id,
+        ",".join(approval.channels) or "no channel",
+        extra={
+            "approval_id": approval.id,
+            "request_id": approval.request_id,
+            "user_id": user.id,
+            "kind": kind,
+            "channels": approval.channels,
+            "superseded": outcome.superseded,
+        },
+    )
     await dispatch.after_create(svc, approval, devices, connected)
     return approval
 
@@ -141,6 +158,21 @@ async def decide_with_jws(
         raise ApiError(404, "not_found", "no such approval")
     if result.kind == "final":
         _raise_if_final(result.status or Status.EXPIRED)
+    log.info(
+        "approval %s %s by device %s%s",
+        approval.id,
+        status.value,
+        device.id,
+        f" ({reason})" if reason else "",
+        extra={
+            "approval_id": approval.id,
+            "request_id": approval.request_id,
+            "user_id": device.user_id,
+            "device_id": device.id,
+            "status": status.value,
+            "reason": reason or None,
+        },
+    )
 
     async with svc.db() as db:
         await audit.record(

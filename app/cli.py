@@ -156,12 +156,14 @@ def enrollment_uri(settings: Settings, code: str) -> str:
 
 
 async def reset_push_fatigue(settings: Settings, user_id: str) -> None:
-    """Clear the user's push-fatigue backoff in Redis after an operator unlock.
+    """Clear the user's push-fatigue backoff in Redis after an operator unlock."""
+    from app.store.redis import KeySpace, connect
 
-    Call point for the Redis side of `tapprove user unlock` (ApprovalStore.clear_fatigue);
-    it does nothing until that is wired in.
-    """
-    return None
+    handle = await connect(settings)
+    try:
+        await handle.client.delete(KeySpace(settings.redis_prefix).user_fatigue(user_id))
+    finally:
+        await handle.close()
 
 
 # --- serve / worker / db ------------------------------------------------------------------

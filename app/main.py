@@ -16,6 +16,7 @@ from app.services import Services, build_services
 from app.settings import Settings
 from app.web import account, browser, devices, ops, pages, registration, relying_party
 from app.web.errors import EXCEPTION_HANDLERS, BodyLimit
+from app.web.requestlog import RequestLog
 from app.web.security import SecurityHeaders
 
 
@@ -65,7 +66,11 @@ def create_app(
 
     app = Starlette(
         routes=all_routes(),
-        middleware=[Middleware(BodyLimit), Middleware(SecurityHeaders, settings=settings)],
+        middleware=[
+            Middleware(RequestLog),  # outermost: it logs every answer, 413s included
+            Middleware(BodyLimit),
+            Middleware(SecurityHeaders, settings=settings),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

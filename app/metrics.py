@@ -1,4 +1,10 @@
-"""Prometheus metrics: one registry per process, exposed at /metrics."""
+"""Prometheus metrics: one registry per process.
+
+Every web process serves its own at `GET /metrics`; `tapprove worker` serves its own on
+`TAPPROVE_METRICS_PORT` when set. Prometheus scrapes each process as its own target and
+sums across them (`sum by (outcome) (rate(tapprove_approvals_total[5m]))`). An approval's end
+is counted once, by the process whose atomic step ended it (app.store.approvals).
+"""
 
 from __future__ import annotations
 
@@ -42,7 +48,10 @@ RATE_LIMITED = Counter(
     "tapprove_rate_limited_total", "Calls refused by a rate limit", ["what"], registry=REGISTRY
 )
 OUTBOX_DEPTH = Gauge(
-    "tapprove_outbox_messages", "Outbox messages by status", ["status"], registry=REGISTRY
+    "tapprove_outbox_messages",
+    "Outbox messages by status (queued, processing, dead), read from the database",
+    ["status"],
+    registry=REGISTRY,
 )
 OUTBOX_SENDS = Counter(
     "tapprove_outbox_attempts_total",
@@ -50,3 +59,17 @@ OUTBOX_SENDS = Counter(
     ["channel", "outcome"],
     registry=REGISTRY,
 )
+
+
+def approval_ended(outcome: str, seconds: float) -> None:
+    """Count one approval's end; approvals and denials also record how long the person took."""
+    APPROVALS.labels(outcome).inc()
+    if outcome != "expired":
+        DECISION_LATENCY.observe(max(0.0, seconds))
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Serve this process's metrics over HTTP from a daemon thread (for `tapprove worker`)."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=REGISTRY)

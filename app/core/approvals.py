@@ -66,7 +66,7 @@ class ApprovalContext:
         return cls(ip=ip, user_agent=user_agent, browser=browser, os=os)
 
 
-# kw_only: nineteen positional fields would be too easy to get in the wrong order.
+# kw_only: twenty positional fields would be too easy to get in the wrong order.
 @dataclass(kw_only=True)
 class PendingApproval:
     """One approval request and its outcome, as the store keeps it."""
@@ -90,6 +90,8 @@ class PendingApproval:
     api_key_id: str | None = None
     channels: list[str] = field(default_factory=list)
     completed: bool = False
+    # The id of the request that started it, so logs can follow it across processes.
+    request_id: str | None = None
 
     def device_json(self) -> dict[str, object]:
         """The protocol's Approval object for a phone (§3); it never holds the number itself."""
@@ -131,6 +133,7 @@ class PendingApproval:
             "reason": self.reason,
             "browser_binding": self.browser_binding,
             "api_key_id": self.api_key_id,
+            "request_id": self.request_id,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
@@ -168,6 +171,7 @@ class PendingApproval:
             api_key_id=fields.get("api_key_id"),
             channels=_string_list("channels", reader.parsed("channels", _identity)),
             completed=reader.flag("completed"),
+            request_id=fields.get("request_id"),
         )
 
 
@@ -182,6 +186,7 @@ def new_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
+    request_id: str | None = None,
     rng: random.Random | None = None,
 ) -> PendingApproval:
     """A fresh pending approval with a new id, a 32-byte challenge and a drawn number.
@@ -206,6 +211,7 @@ def new_approval(
         browser_binding=browser_binding,
         remember_browser=remember_browser,
         api_key_id=api_key_id,
+        request_id=request_id,
     )
 
 

@@ -36,7 +36,9 @@ def engine_from_url(
     lets Alembic's batch mode copy and drop referenced tables.
     """
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {}
+    # SQL parameters hold secrets (queued mail with its link, push tokens): never log them,
+    # not even with DEBUG logging, nor in the text of a database error.
+    kwargs: dict[str, Any] = {"hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         _ensure_sqlite_dir(parsed)
     elif pooled:

@@ -59,6 +59,8 @@ local prefix, now, id, uid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local expires_at, keep, base, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local pending_key = prefix .. 'user:' .. uid .. ':pending'
 local old = redis.call('GET', pending_key)
+-- A retried call (the reply was lost) must not supersede the approval it created.
+if old == id then return {'created', '', ''} end
 local old_status = nil
 local expired_old = ''
 if old then
@@ -97,7 +99,7 @@ _DECIDE = (
     _FINALIZE
     + """
 local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found', ''} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found', '', ''} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'pending' then return {'final', status, ''} end
 local created_at = redis.call('HGET', KEYS[1], 'created_at')

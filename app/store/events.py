@@ -84,7 +84,11 @@ class EventBus:
                     raise
         try:
             if waits:
-                await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
+                try:
+                    await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
+                except TimeoutError:
+                    # Redis is away (the reader is reconnecting): the caller answers 503.
+                    raise RedisTimeoutError("pub/sub subscription not confirmed") from None
             yield queue
         finally:
             async with self._lock:
@@ -114,7 +118,20 @@ class EventBus:
     async def _read_forever(self) -> None:
         failures = 0
         while True:
+            if failures:
+                # Keep trying until Redis is back: a failed resubscribe must not leave the
+                # listeners of this process deaf.
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                try:
+                    await self._resubscribe()
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    failures += 1
+                    log.warning("event bus cannot resubscribe yet (%s)", type(exc).__name__)
+                    continue
             if not self._pubsub.subscribed:
+                if failures:
+                    failures = 0
+                    self._broadcast(RECONNECTED)
                 # get_message on a connection with no subscriptions returns at once; idle politely.
                 await asyncio.sleep(0.05)
                 continue
@@ -126,20 +143,19 @@ class EventBus:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 failures += 1
                 log.warning("event bus lost Redis (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
-                await self._resubscribe()
                 continue
             if message is None:
                 continue
             self._dispatch(message)
 
     async def _resubscribe(self) -> None:
-        channels = list(self._listeners)
-        with contextlib.suppress(Exception):
-            await self._pubsub.reset()
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
-        if channels:
+        """A fresh pub/sub connection subscribed to every channel that has listeners."""
+        async with self._lock:
             with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+            channels = list(self._listeners)
+            if channels:
                 await self._pubsub.subscribe(*channels)
 
     def _dispatch(self, message: dict[str, Any]) -> None:

@@ -61,7 +61,11 @@ class Presence:
             await asyncio.sleep(HEARTBEAT)
 
     async def join(self, user_id: str, device_id: str) -> None:
-        await self._redis.hset(self._keys.presence(user_id), device_id, self.process_id)
+        """Record the device's socket as held here (again after Redis lost it, too)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._keys.presence(user_id), device_id, self.process_id)
+            pipe.set(self._keys.process(self.process_id), "1", ex=PROCESS_TTL)
+            await pipe.execute()
 
     async def leave(self, user_id: str, device_id: str) -> None:
         await self._leave(keys=[self._keys.presence(user_id)], args=[device_id, self.process_id])

@@ -24,6 +24,14 @@ return {1, count, redis.call('TTL', KEYS[1])}
 """
 
 
+# KEYS: counter. Gives one call back, never below zero and never reviving an expired window.
+_REFUND = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether a call may go ahead; if not, how long to wait."""
@@ -40,6 +48,7 @@ class RateLimiter:
         self._keys = keys
         self._clock = clock
         self._hit = redis.register_script(_HIT)
+        self._refund = redis.register_script(_REFUND)
 
     def key(self, *parts: str) -> str:
         return self._keys("rl", *parts)
@@ -48,6 +57,10 @@ class RateLimiter:
         """Count one call against `limit` per `window` seconds."""
         allowed, _count, ttl = await self._hit(keys=[key], args=[limit, window, cost])
         return Verdict(bool(allowed), 0 if allowed else max(1, int(ttl)))
+
+    async def refund(self, key: str) -> None:
+        """Give back one call spent by `hit()` (it turned out not to count)."""
+        await self._refund(keys=[key])
 
     async def peek(self, key: str, *, limit: int) -> Verdict:
         """Would one more call be over the limit?"""

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.settings import Settings
 
@@ -91,6 +95,10 @@ async def connect(settings: Settings) -> RedisHandle:
         "decode_responses": True,
         "health_check_interval": 15,
         "socket_keepalive": True,
+        # After Redis restarts, every pooled connection is dead; one retry on a fresh
+        # connection keeps that from turning into a burst of 503s once it is back.
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
     # A blocking pool waits for a free connection under bursts (mass reconnects, login
     # storms) instead of failing at once when the default pool's limit is reached.

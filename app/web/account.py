@@ -19,7 +19,7 @@ from app.core.tokens import hash_token, new_numeric_code, same_secret
 from app.db import audit
 from app.db.models import TrustedBrowser, User
 from app.services import Services
-from app.web.common import client_ip, current_session, json, services
+from app.web.common import TRUST_COOKIE, client_ip, current_session, json, plausible_id, services
 from app.web.devices import device_json
 from app.web.errors import StrictBody, read_body
 from app.web.security import check_csrf
@@ -41,7 +41,7 @@ PHONE_CODE_LIFE = 600
 PHONE_CODE_ATTEMPTS = 5
 
 
-def trusted_browser_json(browser: TrustedBrowser) -> dict[str, Any]:
+def trusted_browser_json(browser: TrustedBrowser, trust_cookie: str | None) -> dict[str, Any]:
     return {
         "id": browser.id,
         "browser": browser.browser,
@@ -50,10 +50,12 @@ def trusted_browser_json(browser: TrustedBrowser) -> dict[str, Any]:
         "created_at": rfc3339(browser.created_at),
         "last_used_at": rfc3339(browser.last_used_at) if browser.last_used_at else None,
         "expires_at": rfc3339(browser.expires_at),
+        # The browser asking: the account page labels it "This browser".
+        "current": trust_cookie is not None and browser.token_hash == hash_token(trust_cookie),
     }
 
 
-async def _account_json(svc: Services, user: User) -> dict[str, Any]:
+async def _account_json(svc: Services, user: User, request: Request) -> dict[str, Any]:
     now = to_datetime(svc.clock.now())
     async with svc.db() as db:
         result = await db.exec(
@@ -73,7 +75,9 @@ async def _account_json(svc: Services, user: User) -> dict[str, Any]:
         "sms_fallback": user.sms_fallback,
         "locked": user.locked,
         "devices": [device_json(d) for d in await active_devices(svc, user.id)],
-        "trusted_browsers": [trusted_browser_json(b) for b in browsers],
+        "trusted_browsers": [
+            trusted_browser_json(b, request.cookies.get(TRUST_COOKIE)) for b in browsers
+        ],
     }
 
 
@@ -89,7 +93,7 @@ async def get_account(request: Request) -> Response:
     """GET /api/account."""
     svc = services(request)
     session = await current_session(request)
-    body = await _account_json(svc, await _user(svc, session.user_id))
+    body = await _account_json(svc, await _user(svc, session.user_id), request)
     body["restricted"] = session.restricted
     return json(body)
 
@@ -116,7 +120,7 @@ async def patch_account(request: Request) -> Response:
             now=svc.clock.now(),
         )
         await db.commit()
-    return json(await _account_json(svc, user))
+    return json(await _account_json(svc, user, request))
 
 
 async def revoke_trusted_browser(request: Request) -> Response:
@@ -124,8 +128,9 @@ async def revoke_trusted_browser(request: Request) -> Response:
     svc = services(request)
     check_csrf(request, svc.settings)
     session = await current_session(request, allow_restricted=False)
+    browser_id = request.path_params["browser_id"]
     async with svc.db() as db:
-        browser = await db.get(TrustedBrowser, request.path_params["browser_id"])
+        browser = await db.get(TrustedBrowser, browser_id) if plausible_id(browser_id) else None
         if browser is None or browser.user_id != session.user_id or browser.revoked_at:
             raise ApiError(404, "not_found", "no such trusted browser")
         browser.revoked_at = to_datetime(svc.clock.now())

@@ -98,6 +98,12 @@ async def current_session(conn: HTTPConnection, *, allow_restricted: bool = True
     return session
 
 
+def plausible_id(value: str) -> bool:
+    """Whether a path parameter could be one of our ids (`new_id()`); others name no row,
+    and must not reach SQL (a NUL would make PostgreSQL refuse the query)."""
+    return 0 < len(value) <= 64 and value.isascii() and value.isalnum()
+
+
 def bearer(conn: HTTPConnection) -> str | None:
     """The token of an `Authorization: Bearer` header."""
     header = conn.headers.get("authorization", "")

@@ -35,6 +35,7 @@ from app.web.common import (
     current_session,
     device_by_token,
     json,
+    plausible_id,
     services,
 )
 from app.web.errors import StrictBody, read_body
@@ -275,8 +276,9 @@ async def revoke_device(request: Request) -> Response:
     svc = services(request)
     check_csrf(request, svc.settings)
     session = await current_session(request, allow_restricted=False)
+    device_id = request.path_params["device_id"]
     async with svc.db() as db:
-        device = await db.get(Device, request.path_params["device_id"])
+        device = await db.get(Device, device_id) if plausible_id(device_id) else None
     if device is None or device.user_id != session.user_id or device.revoked_at is not None:
         raise ApiError(404, "not_found", "no such device")
     await _revoke(svc, device, ip=client_ip(request), by="owner")
@@ -362,6 +364,8 @@ class DeviceConnection:
             event = await queue.get()
             kind = event.get("type")
             if event is RECONNECTED:
+                # Redis may have restarted empty: say again that this phone is here.
+                await self.svc.presence.join(self.device.user_id, self.device.id)
                 await self.offer_pending()
             elif kind in ("approval_request", "approval_resolved"):
                 await self.send(event)

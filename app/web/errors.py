@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import ClusterDownError, MasterDownError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -14,9 +17,32 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import metrics
 from app.core.errors import ApiError
 
+log = logging.getLogger(__name__)
+
 MAX_BODY = 64 * 1024
+
+# Redis is down, restarting, loading its data, or failing over (Sentinel / Cluster): the
+# caller should retry shortly, so these answer 503, not 500.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,  # includes BusyLoadingError and AuthenticationError
+    RedisTimeoutError,
+    ReadOnlyError,  # a replica promoted away from under us
+    MasterDownError,
+    ClusterDownError,
+    TryAgainError,
+)
+
+# The database is down: SQLAlchemy wraps errors of a live connection, but asyncpg's failure
+# to connect at all arrives as a plain socket error. (redis-py wraps its own.)
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OperationalError,
+    DBAPIError,
+    ConnectionError,  # the built-in one: refused, reset, aborted
+    socket.gaierror,
+)
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -33,9 +59,30 @@ def error_response(error: ApiError) -> Response:
     return FastJSON(error.body(), status_code=error.status, headers=error.headers)
 
 
+def _route_path(request: Request) -> str:
+    """The matched route's template (`/api/login/{approval_id}`): a bounded metric label."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
+
+
+def _observe(request: Request, error: ApiError) -> Response:
+    """Count refusals worth an alert (rate limits, failed sign-ins), then render the error."""
+    route = _route_path(request)
+    if error.status == 429:
+        metrics.RATE_LIMITED.labels(route).inc()
+    if route == "/api/login":
+        metrics.LOGINS.labels(error.code).inc()
+        log.info(
+            "sign-in refused: %s",
+            error.code,
+            extra={"result": error.code, "status": error.status},
+        )
+    return error_response(error)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    return _observe(request, exc)
 
 
 _HTTP_CODES = {
@@ -55,29 +102,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         404: f"no such route: {request.url.path}",
         405: f"{request.method} is not allowed here",
     }.get(exc.status_code, str(exc.detail))
-    return error_response(ApiError(exc.status_code, code, message, dict(exc.headers or {})))
+    return _observe(request, ApiError(exc.status_code, code, message, dict(exc.headers or {})))
 
 
 async def _dependency_down(request: Request, exc: Exception) -> Response:
-    name = "redis" if isinstance(exc, RedisConnectionError | RedisTimeoutError) else "database"
-    return error_response(
+    name = "redis" if isinstance(exc, REDIS_UNAVAILABLE) else "database"
+    log.warning("%s unavailable: %s", name, type(exc).__name__, extra={"dependency": name})
+    return _observe(
+        request,
         ApiError(
             503, "unavailable", f"{name} is unavailable; try again shortly", {"Retry-After": "2"}
-        )
+        ),
     )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    return error_response(ApiError(500, "internal_error", "unexpected server error"))
+    return _observe(request, ApiError(500, "internal_error", "unexpected server error"))
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
     HTTPException: _http_error,
-    RedisConnectionError: _dependency_down,
-    RedisTimeoutError: _dependency_down,
-    OperationalError: _dependency_down,
-    DBAPIError: _dependency_down,
+    **{kind: _dependency_down for kind in REDIS_UNAVAILABLE},
+    **{kind: _dependency_down for kind in DATABASE_UNAVAILABLE},
     Exception: _unexpected,
 }
 
@@ -148,13 +195,35 @@ async def read_body(request: Request, model: type[Body]) -> Body:
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_request", "body: expected a JSON object")
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = _field_name(tuple(first["loc"]))
         raise ApiError(422, "invalid_request", f"{field}: {first['msg']}") from None
     except UnicodeEncodeError:
         raise ApiError(422, "invalid_request", "body: invalid unicode") from None
+    holding_nul = _nul_field(data)
+    if holding_nul is not None:
+        # PostgreSQL text cannot hold NUL: let it in and the insert fails as a 503.
+        raise ApiError(422, "invalid_request", f"{holding_nul}: must not contain NUL characters")
+    return body
+
+
+def _nul_field(data: dict[str, Any]) -> str | None:
+    """The dotted name of the first member (key or string value) holding a NUL, if any."""
+    stack: list[tuple[tuple[int | str, ...], object]] = [((), data)]
+    while stack:  # not recursive: JSON nests deeper than Python's recursion limit
+        loc, value = stack.pop()
+        if isinstance(value, str) and "\x00" in value:
+            return _field_name(loc)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in str(key):
+                    return _field_name((*loc, "<key>"))
+                stack.append(((*loc, str(key)), item))
+        elif isinstance(value, list):
+            stack.extend(((*loc, index), item) for index, item in enumerate(value))
+    return None
 
 
 class StrictBody(BaseModel):

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy import func, text
+from sqlmodel import col, select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from app import metrics
+from app.db.models import OutboxMessage
+from app.services import Services
 from app.web.common import json, services
+
+log = logging.getLogger(__name__)
+
+# Outbox statuses worth a gauge: work waiting or in flight, and messages given up on.
+# (`sent` only grows; its rate is tapprove_outbox_attempts_total{outcome="sent"}.)
+OUTBOX_GAUGED = ("queued", "processing", "dead")
 
 
 async def healthz(request: Request) -> Response:
@@ -44,8 +54,30 @@ async def readyz(request: Request) -> Response:
     return json({"status": "ready"})
 
 
+async def _measure_outbox(svc: Services) -> None:
+    """Read the outbox depth now, so every scrape sees the database as it is."""
+    row = OutboxMessage
+    try:
+        async with svc.db() as db:
+            counts = await asyncio.wait_for(
+                db.exec(
+                    select(row.status, func.count())
+                    .where(col(row.status).in_(OUTBOX_GAUGED))
+                    .group_by(row.status)
+                ),
+                timeout=2,
+            )
+            found = dict(counts.all())
+    except Exception as exc:  # a scrape must not fail because the database is down
+        log.warning("outbox depth unavailable: %s", type(exc).__name__)
+        return
+    for status in OUTBOX_GAUGED:
+        metrics.OUTBOX_DEPTH.labels(status).set(found.get(status, 0))
+
+
 async def metrics_endpoint(request: Request) -> Response:
-    """GET /metrics: Prometheus text for this process."""
+    """GET /metrics: Prometheus text for this process (each process serves its own)."""
+    await _measure_outbox(services(request))
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
