@@ -1,0 +1,154 @@
+"""Online password guessing (PROTOCOL §2): 10 failed passwords per account or 100 per IP in
+15 minutes answer 429 with Retry-After, in every process alike; other spellings of the same
+address count against the same account; a correct password from a trusted browser still
+gets in, but a stolen trust cookie buys no unlimited guesses.
+
+Requests come from chosen IPs through `X-Forwarded-For`, which uvicorn honours from
+127.0.0.1 (its default `forwarded_allow_ips`), as it would behind a local reverse proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import httpx
+import pytest
+
+from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory
+from tests.security.harness import (
+    CHROME,
+    add_user,
+    assert_error,
+    person,
+    signed_in_browser,
+    unique_email,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+WRONG = "not the password"
+
+
+def an_ip() -> str:
+    return f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
+
+
+async def attempt(server: LiveServer, email: str, password: str, *, ip: str | None = None,
+                  browser: httpx.AsyncClient | None = None) -> httpx.Response:
+    headers = {"X-Forwarded-For": ip or an_ip(), "Origin": server.origin, "User-Agent": CHROME}
+    body = {"email": email, "password": password}
+    if browser is not None:
+        return await browser.post("/api/login", json=body, headers=headers)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        return await client.post("/api/login", json=body, headers=headers)
+
+
+def fullwidth(text: str) -> str:
+    """Full-width letters: IDNA maps them to ASCII, so it is still the same address."""
+    return "".join(chr(ord(c) + 0xFEE0) for c in text)
+
+
+def assert_limited(response: httpx.Response) -> None:
+    assert_error(response, 429, "rate_limited")
+    assert 1 <= int(response.headers["Retry-After"]) <= 15 * 60, response.headers
+
+
+async def test_ten_failures_lock_the_account_from_every_ip(server: LiveServer) -> None:
+    who = await person(server, "guessed")
+    for _ in range(10):
+        assert_error(await attempt(server, who.email, WRONG), 401, "invalid_credentials")
+    # The right password, from a new IP and an untrusted browser: still refused.
+    assert_limited(await attempt(server, who.email, PASSWORD))
+    assert_limited(await attempt(server, who.email, WRONG))
+    # Another account is not affected.
+    other = await person(server, "bystander")
+    assert (await attempt(server, other.email, PASSWORD)).status_code == 202
+
+
+async def test_unknown_addresses_are_limited_the_same_way(server: LiveServer) -> None:
+    ghost = unique_email("ghost")
+    failures = await asyncio.gather(*(attempt(server, ghost, WRONG) for _ in range(10)))
+    assert {r.status_code for r in failures} == {401}
+    limited = await attempt(server, ghost, WRONG)
+    assert_limited(limited)
+    who = await person(server, "real")
+    for _ in range(10):
+        await attempt(server, who.email, WRONG)
+    real = await attempt(server, who.email, WRONG)
+    assert real.json() == limited.json()
+
+
+async def test_other_spellings_of_an_address_share_its_limit(server: LiveServer) -> None:
+    local = f"spelled{secrets.token_hex(3)}"
+    email = f"{local}@example.com"
+    await add_user(server, email)
+    spellings = [email, email.upper(), f"  {email}  ", f"{local}@EXAMPLE.com",
+                 f"{local}@{fullwidth('example')}.com", f"{local}@example.{fullwidth('com')}"]
+    for index in range(10):
+        spelling = spellings[index % len(spellings)]
+        assert_error(await attempt(server, spelling, WRONG), 401, "invalid_credentials")
+    for spelling in spellings:
+        assert_limited(await attempt(server, spelling, PASSWORD))
+
+
+async def test_a_hundred_failures_lock_an_ip_even_in_one_burst(server: LiveServer) -> None:
+    ip = an_ip()
+    # Nine failures each on twelve accounts, all at once: no account reaches its own limit,
+    # and no more than 100 guesses from the IP get to the password check.
+    emails = [unique_email("spray") for _ in range(12)]
+    await asyncio.gather(*(add_user(server, email) for email in emails))
+    answers = await asyncio.gather(*(attempt(server, email, WRONG, ip=ip)
+                                     for email in emails for _ in range(9)))
+    codes = [a.status_code for a in answers]
+    assert codes.count(401) == 100 and codes.count(429) == 8, sorted(codes)
+    fresh = await person(server, "fresh")
+    assert_limited(await attempt(server, fresh.email, PASSWORD, ip=ip))
+    assert (await attempt(server, fresh.email, PASSWORD, ip=an_ip())).status_code == 202
+
+
+async def test_a_trusted_browser_with_the_right_password_still_gets_in(
+    server: LiveServer,
+) -> None:
+    who = await person(server, "owner")
+    browser = await signed_in_browser(server, who, remember_browser=True)
+    assert "tapprove_trust" in browser.cookies
+    for _ in range(10):
+        await attempt(server, who.email, WRONG)
+    assert_limited(await attempt(server, who.email, PASSWORD))
+    owner = await attempt(server, who.email, PASSWORD, browser=browser)
+    assert owner.status_code == 200 and owner.json() == {"status": "authenticated"}
+
+
+async def test_a_stolen_trust_cookie_buys_no_unlimited_guesses(server: LiveServer) -> None:
+    who = await person(server, "stolen")
+    browser = await signed_in_browser(server, who, remember_browser=True)
+    thief = server.browser()
+    thief.cookies.set("tapprove_trust", browser.cookies["tapprove_trust"])
+    for _ in range(10):
+        await attempt(server, who.email, WRONG)
+    answers = [await attempt(server, who.email, WRONG, browser=thief) for _ in range(12)]
+    codes = [a.status_code for a in answers]
+    assert codes.count(401) <= 10 and codes[-1] == 429, codes
+    # Past that, the right password from the stolen cookie is refused as well.
+    assert_limited(await attempt(server, who.email, PASSWORD, browser=thief))
+
+
+async def test_parallel_guesses_do_not_slip_past_the_limit(server: LiveServer) -> None:
+    who = await person(server, "burst")
+    answers = await asyncio.gather(*(attempt(server, who.email, WRONG) for _ in range(40)))
+    codes = [a.status_code for a in answers]
+    assert codes.count(401) == 10 and codes.count(429) == 30, sorted(codes)
+
+
+async def test_limits_are_shared_by_every_process(server_factory: ServerFactory) -> None:
+    first, second = await server_factory(), await server_factory()
+    email = unique_email("shared")
+    await add_user(first, email)
+    # Twenty guesses at once, half to each process: the budget is one, in Redis.
+    answers = await asyncio.gather(*(attempt(first if i % 2 else second, email, WRONG)
+                                     for i in range(20)))
+    codes = [a.status_code for a in answers]
+    assert codes.count(401) == 10 and codes.count(429) == 10, sorted(codes)
+    for server in (first, second):
+        assert_limited(await attempt(server, email, PASSWORD))

@@ -1,0 +1,280 @@
+"""Forged, replayed and misdirected decisions (PROTOCOL §3), over HTTP and the device socket
+alike: only an ES256 JWS signed by the answering device's enrolled key, for this approval's
+id and challenge, within 5 minutes, ever decides; everything else is `bad_signature` and the
+approval stays pending for the real answer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from app.core.signatures import device_public_jwk
+from tests.fixtures.app import LiveServer, Phone
+from tests.security.harness import (
+    Person,
+    api_key,
+    assert_error,
+    b64,
+    claims_for,
+    decide,
+    device_socket,
+    device_view,
+    hs256_with,
+    next_frame,
+    pending_login,
+    person,
+    segment,
+    signed,
+    unsigned,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _public_key_encodings(phone: Phone) -> list[bytes]:
+    """Every form of the device's public key an HS256 forger might try as the HMAC key."""
+    public = phone.key.public_key()
+    jwk = device_public_jwk(public)
+    return [
+        public.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo),
+        public.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo),
+        public.public_bytes(serialization.Encoding.X962,
+                            serialization.PublicFormat.UncompressedPoint),
+        json.dumps(jwk).encode(),
+        json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode(),
+        b"",
+    ]
+
+
+def _der_signed(phone: Phone, claims: dict[str, Any]) -> str:
+    """Signed with the right key, but the signature in DER rather than JOSE's r||s."""
+    signing_input = f"{segment({'alg': 'ES256', 'kid': phone.device_id})}.{segment(claims)}"
+    from cryptography.hazmat.primitives import hashes
+
+    der = phone.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    return f"{signing_input}.{b64(der)}"
+
+
+def _with_header(phone: Phone, header: dict[str, Any], claims: dict[str, Any],
+                 key: ec.EllipticCurvePrivateKey | None = None) -> str:
+    """An ES256 JWS with a header of our choosing (embedded keys, crit, ...)."""
+    from cryptography.hazmat.primitives import hashes
+
+    signing_input = f"{segment(header)}.{segment(claims)}"
+    der = (key or phone.key).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def forgeries(who: Person, sibling: Phone, approval: dict[str, Any], other: dict[str, Any],
+              number: str) -> dict[str, str]:
+    """Named decisions that must all be refused with `bad_signature`."""
+    phone = who.phone
+    good = claims_for(approval, number=number)
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    found = {
+        "alg none": unsigned(phone.device_id, good),
+        "alg None": f"{segment({'alg': 'None', 'kid': phone.device_id})}.{segment(good)}.",
+        "alg none with a signature": unsigned(phone.device_id, good) + signed(phone, good)
+        .rsplit(".", 1)[1],
+        "expired (iat 301 s old)": signed(phone, {**good, "iat": now - 301}),
+        "from the future (iat 301 s ahead)": signed(phone, {**good, "iat": now + 301}),
+        "iat as a string": signed(phone, {**good, "iat": str(now)}),
+        "iat as a float": signed(phone, {**good, "iat": now + 0.5}),
+        "iat huge": signed(phone, {**good, "iat": 10**40}),
+        "no iat": signed(phone, {k: v for k, v in good.items() if k != "iat"}),
+        "another approval's challenge": signed(phone, {**good, "chl": other["challenge"]}),
+        "another approval's id": signed(phone, {**good, "aid": other["id"]}),
+        "another approval entirely": signed(phone, claims_for(other, number=number)),
+        "challenge tampered": signed(phone, {**good, "chl": good["chl"][:-2] + "AA"}),
+        "no challenge": signed(phone, {k: v for k, v in good.items() if k != "chl"}),
+        "decision maybe": signed(phone, {**good, "decision": "maybe"}),
+        "approve for fraud": signed(phone, {**good, "reason": "fraud"}),
+        "reason other": signed(phone, {**good, "decision": "deny", "reason": "bored"}),
+        "approve without a number": signed(phone, {k: v for k, v in good.items()
+                                                     if k != "number"}),
+        "signed by a sibling device's key": signed(Phone(phone.device_id, phone.token,
+                                                         sibling.key), good),
+        "kid of a sibling device": signed(sibling, good),
+        "signed by an attacker's key": signed(Phone(phone.device_id, phone.token, attacker),
+                                              good),
+        "attacker key embedded in the header": _with_header(
+            phone, {"alg": "ES256", "kid": phone.device_id,
+                    "jwk": device_public_jwk(attacker.public_key())}, good, attacker),
+        "attacker key by URL": _with_header(
+            phone, {"alg": "ES256", "kid": phone.device_id,
+                    "jku": "https://evil.example/jwks.json"}, good, attacker),
+        "crit header": _with_header(phone, {"alg": "ES256", "kid": phone.device_id,
+                                            "crit": ["exp"], "exp": now + 60}, good),
+        "DER signature": _der_signed(phone, good),
+        "signature cut short": signed(phone, good)[:-10],
+        "payload swapped after signing": ".".join([
+            signed(phone, good).split(".")[0],
+            segment({**good, "decision": "approve", "number": "00"}),
+            signed(phone, good).split(".")[2]]),
+        "ES384 header": _with_header(phone, {"alg": "ES384", "kid": phone.device_id}, good),
+        "no kid": _with_header(phone, {"alg": "ES256"}, good),
+        "kid as a number": _with_header(phone, {"alg": "ES256", "kid": 7}, good),
+        "kid traversal": _with_header(phone, {"alg": "ES256", "kid": "../../etc/passwd"}, good),
+        "payload not an object": _with_header(phone, {"alg": "ES256", "kid": phone.device_id},
+                                              good) .split(".")[0] + "." + b64(b"[1,2]") + ".AA",
+        "four segments": signed(phone, good) + ".AAAA",
+        "JSON serialization": json.dumps({"payload": segment(good),
+                                          "signatures": [{"protected": "x"}]}),
+    }
+    for index, secret in enumerate(_public_key_encodings(phone)):
+        found[f"HS256 keyed with the public key #{index}"] = hs256_with(secret, phone.device_id,
+                                                                        good)
+    return found
+
+
+async def _ws_answer(ws: Any, jws: str, approval_id: str) -> dict[str, Any]:
+    await ws.send(json.dumps({"type": "decision", "id": approval_id, "jws": jws}))
+    while True:
+        frame: dict[str, Any] = json.loads(await ws.recv())
+        if frame["type"] in ("error", "decision_result"):
+            return frame
+
+
+async def test_forged_decisions_are_bad_signature_over_http_and_socket(
+    server: LiveServer,
+) -> None:
+    who = await person(server, "forge")
+    sibling = await server.enroll_phone(who.user_id, name="tablet")
+    stranger = await person(server, "stranger")
+    other_login = await pending_login(server, stranger)
+    other = await device_view(server, stranger.phone, other_login.approval_id)
+    login = await pending_login(server, who)
+    approval = await device_view(server, who.phone, login.approval_id)
+    ws = await device_socket(server, who.phone)
+    await next_frame(ws, "approval_request")
+
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for name, jws in forgeries(who, sibling, approval, other, login.number).items():
+            answer = await decide(server, who.phone, login.approval_id, jws, client)
+            if len(jws) > 8192:
+                assert_error(answer, 422, "invalid_request")
+                continue
+            body = assert_error(answer, 400, "bad_signature")
+            assert body["message"], name
+            frame = await _ws_answer(ws, jws, login.approval_id)
+            assert frame["type"] == "error" and frame["error"] == "bad_signature", (name, frame)
+        assert (await login.browser.get(f"/api/login/{login.approval_id}")).json()[
+            "status"] == "pending"
+        assert (await other_login.browser.get(f"/api/login/{other_login.approval_id}")).json()[
+            "status"] == "pending"
+
+        # The real answer still works, once; its replay is `already_decided`, both ways.
+        real = who.phone.sign(approval, number=login.number)
+        first = await decide(server, who.phone, login.approval_id, real, client)
+        assert first.status_code == 200 and first.json() == {"status": "approved"}
+        replay = await decide(server, who.phone, login.approval_id, real, client)
+        assert assert_error(replay, 409, "already_decided")["status"] == "approved"
+        frame = await _ws_answer(ws, real, login.approval_id)
+        assert frame["type"] == "error" and frame["error"] == "already_decided", frame
+        # A sibling device's own valid answer is too late as well.
+        late = await decide(server, sibling, login.approval_id,
+                            sibling.sign(approval, number=login.number), client)
+        assert_error(late, 409, "already_decided")
+        # Replaying the old answer against a new approval fails on its id and challenge.
+        newer = await pending_login(server, who)
+        moved = await decide(server, who.phone, newer.approval_id, real, client)
+        assert_error(moved, 400, "bad_signature")
+    await ws.close()
+
+
+async def test_the_iat_window_is_five_minutes_either_way(server: LiveServer) -> None:
+    who = await person(server, "window")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for skew, status in [(-301, 400), (301, 400), (-290, 200), (290, 200)]:
+            login = await pending_login(server, who)
+            approval = await device_view(server, who.phone, login.approval_id)
+            jws = who.phone.sign(approval, number=login.number, iat=time.time() + skew)
+            answer = await decide(server, who.phone, login.approval_id, jws, client)
+            assert answer.status_code == status, (skew, answer.text)
+
+
+async def test_a_wrong_number_denies_and_numbers_are_compared_exactly(
+    server: LiveServer,
+) -> None:
+    who = await person(server, "number")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for given in [None, True, -1, 100, "", " 1", "\uff11\uff12", "1.0", [1], {"n": 1}, 1.0]:
+            login = await pending_login(server, who)
+            approval = await device_view(server, who.phone, login.approval_id)
+            if given == login.number:
+                continue
+            answer = await decide(server, who.phone, login.approval_id,
+                                  who.phone.sign(approval, number=given), client)
+            assert assert_error(answer, 422, "wrong_number")["status"] == "denied", given
+            assert (await login.browser.get(f"/api/login/{login.approval_id}")).json()[
+                "status"] == "denied"
+        login = await pending_login(server, who)
+        approval = await device_view(server, who.phone, login.approval_id)
+        as_int = await decide(server, who.phone, login.approval_id,
+                              who.phone.sign(approval, number=int(login.number)), client)
+        assert as_int.status_code == 200, as_int.text
+
+
+async def test_an_expired_approval_answers_410(server: LiveServer) -> None:
+    who = await person(server, "expired")
+    login = await pending_login(server, who)
+    approval = await device_view(server, who.phone, login.approval_id)
+    # Move the deadline into the past instead of waiting two minutes.
+    key = f"{server.settings.redis_prefix}approval:{login.approval_id}"
+    await server.services.redis.hset(key, "expires_at", repr(time.time() - 1))
+    answer = await decide(server, who.phone, login.approval_id,
+                          who.phone.sign(approval, number=login.number))
+    assert assert_error(answer, 410, "expired")["status"] == "expired"
+    again = await decide(server, who.phone, login.approval_id,
+                         who.phone.sign(approval, "deny"))
+    assert_error(again, 410, "expired")
+    done = await login.browser.post(f"/api/login/{login.approval_id}/complete")
+    assert_error(done, 409, "not_approved")
+
+
+async def test_credentials_of_other_users_open_nothing(server: LiveServer) -> None:
+    alice = await person(server, "alice")
+    bob = await person(server, "bob")
+    login = await pending_login(server, alice)
+    alice_key, bob_key = await api_key(server, "alice-rp"), await api_key(server, "bob-rp")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        created = await client.post("/api/v1/approvals", json={"user": bob.email},
+                                    headers={"Authorization": f"Bearer {alice_key}"})
+        assert created.status_code == 201, created.text
+        rp_id = created.json()["approval_id"]
+        checks: list[tuple[str, str, dict[str, str], int]] = [
+            # Bob's session is no login cookie for Alice's sign-in.
+            ("GET", f"/api/login/{login.approval_id}", {}, 403),
+            ("POST", f"/api/login/{login.approval_id}/complete", {}, 403),
+            ("POST", f"/api/login/{login.approval_id}/resend", {}, 403),
+            ("POST", f"/api/login/{login.approval_id}/code", {}, 403),
+            # Bob's phone sees neither Alice's login nor anything of hers.
+            ("GET", f"/api/approvals/{login.approval_id}", bob.phone.auth, 404),
+            # Another relying party's key cannot read this one's approval.
+            ("GET", f"/api/v1/approvals/{rp_id}", {"Authorization": f"Bearer {bob_key}"}, 404),
+            # A device token is no API key, and an API key is no device token.
+            ("GET", f"/api/v1/approvals/{rp_id}", alice.phone.auth, 401),
+            ("GET", "/api/devices/me/approvals", {"Authorization": f"Bearer {alice_key}"}, 401),
+        ]
+        for method, path, headers, status in checks:
+            response = await bob.session.request(method, path, headers=headers,
+                                                 json={"code": "123456"})
+            assert_error(response, status)
+        # Bob's session revokes none of Alice's devices.
+        gone = await bob.session.delete(f"/api/devices/{alice.phone.device_id}")
+        assert_error(gone, 404, "not_found")
+        mine = await alice.session.get("/api/devices")
+        assert [d["id"] for d in mine.json()["devices"]] == [alice.phone.device_id]
+

@@ -1,0 +1,111 @@
+"""No account enumeration (PROTOCOL §1, §2): an unknown address and a wrong password get the
+same answer, byte for byte, in the same time; what is special about an account (unverified,
+locked) shows only after the right password.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import httpx
+import pytest
+
+from app.db.accounts import set_locked
+from tests.fixtures.app import PASSWORD, LiveServer
+from tests.security.harness import add_user, clear_limits, unique_email
+
+pytestmark = pytest.mark.timeout(240)
+
+# Headers that differ between any two responses.
+VARYING = {"date", "x-request-id"}
+
+
+def fingerprint(response: httpx.Response) -> tuple[int, bytes, tuple[tuple[str, str], ...]]:
+    headers = tuple(sorted((k.lower(), v) for k, v in response.headers.items()
+                     if k.lower() not in VARYING))
+    return response.status_code, response.content, headers
+
+
+async def test_unknown_addresses_and_wrong_passwords_get_identical_answers(
+    server: LiveServer,
+) -> None:
+    known = unique_email("known")
+    await add_user(server, known)
+    unverified = unique_email("unverified")
+    await add_user(server, unverified, verified=False)
+    locked = unique_email("locked")
+    await add_user(server, locked)
+    async with server.services.db() as db:
+        await set_locked(db, locked, True)
+        await db.commit()
+
+    async def sign_in(email: str, password: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.url,
+                                     headers={"Origin": server.origin}) as client:
+            return await client.post("/api/login", json={"email": email, "password": password})
+
+    wrong = [await sign_in(email, "wrong password")
+             for email in (unique_email("nobody"), known, unverified, locked, known.upper(),
+                           "not even an address")]
+    first = fingerprint(wrong[0])
+    assert first[0] == 401
+    for response in wrong[1:]:
+        assert fingerprint(response) == first
+    for response in wrong:
+        assert "set-cookie" not in response.headers
+    # Only the right password tells what is special about the account.
+    assert (await sign_in(unverified, PASSWORD)).json()["error"] == "email_not_verified"
+    assert (await sign_in(locked, PASSWORD)).json()["error"] == "locked"
+
+
+async def test_registering_a_taken_address_looks_like_a_new_one(server: LiveServer) -> None:
+    taken = unique_email("taken")
+    await add_user(server, taken)
+    answers = []
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for email in (unique_email("new"), taken, taken.upper()):
+            answers.append(await client.post("/api/register",
+                                              json={"email": email, "password": PASSWORD}))
+            await clear_limits(server)
+        for email in (unique_email("new"), taken):
+            answers.append(await client.post("/api/verify-email/resend", json={"email": email}))
+    assert len({fingerprint(a) for a in answers[:3]}) == 1
+    assert answers[0].status_code == 202
+    assert fingerprint(answers[3]) == fingerprint(answers[4])
+
+
+async def test_login_timing_does_not_tell_known_from_unknown_addresses(
+    server: LiveServer,
+) -> None:
+    # A real argon2 hash here (not the cheap test one): the server spends the same real work
+    # on its dummy hash for unknown addresses, and that is what is being compared.
+    known = unique_email("timed")
+    async with server.services.db() as db:
+        from app.db.accounts import create_user
+
+        await create_user(db, known, password=PASSWORD, verified=True, now=time.time())
+        await db.commit()
+    unknown = unique_email("untimed")
+    times: dict[str, list[float]] = {known: [], unknown: []}
+    async with httpx.AsyncClient(base_url=server.url, headers={"Origin": server.origin}) as client:
+
+        async def sample(email: str) -> None:
+            await clear_limits(server)
+            started = time.perf_counter()
+            response = await client.post("/api/login",
+                                         json={"email": email, "password": "wrong password"})
+            times[email].append(time.perf_counter() - started)
+            assert response.status_code == 401
+
+        await sample(known)  # warm-up, not counted
+        times[known].clear()
+        ratio = 0.0
+        for _ in range(2):  # a second round only if a busy machine blurred the first
+            for _ in range(15):
+                await sample(unknown)
+                await sample(known)
+            ratio = statistics.median(times[known]) / statistics.median(times[unknown])
+            if 0.75 <= ratio <= 1.33:
+                break
+    assert 0.75 <= ratio <= 1.33, (ratio, times)
