@@ -6,6 +6,9 @@ the handshake (403).
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 import websockets
@@ -111,3 +114,32 @@ async def test_the_login_stream_refuses_foreign_origins_and_missing_cookies(
                             origin=server.origin) as stream:
         frame = await stream.recv()
         assert '"pending"' in str(frame)
+
+
+async def test_the_login_stream_ignores_what_the_browser_sends(server: LiveServer) -> None:
+    """The stream is one-way: frames from the browser change nothing, oversized ones close it."""
+    who = await person(server, "chatty")
+    login = await pending_login(server, who)
+    cookie = login.browser.cookies["tapprove_login"]
+    async with login_stream(server, login.approval_id, cookie=cookie,
+                            origin=server.origin) as stream:
+        assert json.loads(await stream.recv())["type"] == "status"
+        for frame in ["not json", '{"type": "result", "status": "approved"}', b"\x00\xff", ""]:
+            await stream.send(frame)
+        await approve(server, who, login)
+        frames = [json.loads(await asyncio.wait_for(stream.recv(), 10))]
+        while frames[-1]["type"] != "result":
+            frames.append(json.loads(await asyncio.wait_for(stream.recv(), 10)))
+        assert frames[-1] == {"type": "result", "status": "approved"}
+    other = await pending_login(server, who)
+    async with login_stream(server, other.approval_id,
+                            cookie=other.browser.cookies["tapprove_login"],
+                            origin=server.origin) as stream:
+        await stream.recv()
+        await stream.send("x" * (70 * 1024))
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(stream.recv(), 10)
+        assert stream.close_code == 1009
+    assert (await other.browser.get(f"/api/login/{other.approval_id}")).json()[
+        "status"] == "pending"
