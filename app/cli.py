@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import quote
 
 import pydantic
 import typer
@@ -25,6 +24,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import SystemClock, rfc3339
+from app.core.enrollment import enrollment_uri
 from app.db import accounts, migrate
 from app.db.audit import event_json
 from app.db.engine import make_engine, make_sessionmaker
@@ -147,12 +147,6 @@ def _run_with_session(settings: Settings, work: Callable[[AsyncSession], Awaitab
 
 def _now() -> float:
     return SystemClock().now()
-
-
-def enrollment_uri(settings: Settings, code: str) -> str:
-    """The `tapprove://enroll` link a phone opens (or scans as a QR code) to enroll."""
-    url = quote(settings.public_url, safe="")
-    return f"tapprove://enroll?url={url}&code={quote(code, safe='')}"
 
 
 async def reset_push_fatigue(settings: Settings, user_id: str) -> None:
@@ -353,7 +347,7 @@ def device_enroll_code(
         return await accounts.create_enrollment_code(session, user.id, _now())
 
     code, expires_at = _run_with_session(settings, work)
-    uri = enrollment_uri(settings, code)
+    uri = enrollment_uri(settings.public_url, code)
     expires = rfc3339(expires_at)
     return Result(
         {"code": code, "uri": uri, "expires_at": expires},

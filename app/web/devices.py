@@ -7,7 +7,6 @@ import contextlib
 import io
 import logging
 from typing import Any, Literal
-from urllib.parse import quote
 
 import orjson
 import segno
@@ -20,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from app.approval_flow import active_devices, decide_with_jws
 from app.core.approvals import Status
 from app.core.clock import rfc3339, to_datetime
+from app.core.enrollment import enrollment_uri
 from app.core.errors import ApiError
 from app.core.signatures import parse_device_jwk, peek_aid
 from app.core.tokens import hash_token, new_id, new_token
@@ -69,11 +69,6 @@ class DeviceUpdate(StrictBody):
 
 class DecisionBody(StrictBody):
     jws: str = Field(min_length=1, max_length=8192)
-
-
-def enrollment_uri(public_url: str, code: str) -> str:
-    """`tapprove://enroll?url=<PUBLIC_URL>&code=<code>`."""
-    return f"tapprove://enroll?url={quote(public_url, safe='')}&code={quote(code, safe='')}"
 
 
 def device_json(device: Device) -> dict[str, Any]:
