@@ -146,7 +146,7 @@ async def decide_with_jws(
         )
     except DecisionRejected as exc:
         raise ApiError(400, "bad_signature", exc.message) from None
-    _raise_if_final(approval.status)
+    raise_if_final(approval.status)
 
     if claims.decision == "approve":
         right = number_matches(approval.match, approval.number, claims.number)
@@ -157,7 +157,7 @@ async def decide_with_jws(
     if result.kind == "not_found":
         raise ApiError(404, "not_found", "no such approval")
     if result.kind == "final":
-        _raise_if_final(result.status or Status.EXPIRED)
+        raise_if_final(result.status or Status.EXPIRED)
     log.info(
         "approval %s %s by device %s%s",
         approval.id,
@@ -198,7 +198,8 @@ async def decide_with_jws(
     return status
 
 
-def _raise_if_final(status: Status) -> None:
+def raise_if_final(status: Status) -> None:
+    """409 `already_decided` or 410 `expired` (with the final status) unless still pending."""
     if status is Status.EXPIRED:
         raise ApiError(410, "expired", "this request has expired", extra={"status": status.value})
     if status is not Status.PENDING:

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app import metrics
-from app.approval_flow import active_devices, start_approval
+from app.approval_flow import active_devices, raise_if_final, start_approval
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
@@ -236,6 +236,14 @@ async def _browser_approval(request: Request) -> PendingApproval:
     return approval
 
 
+async def _pending_browser_approval(request: Request) -> PendingApproval:
+    svc = services(request)
+    approval = await _browser_approval(request)
+    past_deadline = approval.expires_at <= svc.clock.now()
+    raise_if_final(Status.EXPIRED if past_deadline else approval.status)
+    return approval
+
+
 async def login_status(request: Request) -> Response:
     """GET /api/login/<id>: the stream's information as JSON, for clients without sockets."""
     svc = services(request)
@@ -421,16 +429,7 @@ async def resend(request: Request) -> Response:
 
     svc = services(request)
     check_csrf(request, svc.settings)
-    approval = await _browser_approval(request)
-    if approval.status is Status.EXPIRED or approval.expires_at <= svc.clock.now():
-        raise ApiError(410, "expired", "this request has expired", extra={"status": "expired"})
-    if approval.status is not Status.PENDING:
-        raise ApiError(
-            409,
-            "already_decided",
-            "this request was already answered",
-            extra={"status": approval.status.value},
-        )
+    approval = await _pending_browser_approval(request)
     count = await svc.redis.hincrby(svc.keys.approval(approval.id), "resends", 1)
     if count > MAX_RESENDS:
         raise ApiError(
@@ -445,21 +444,6 @@ async def resend(request: Request) -> Response:
 
 class CodeBody(StrictBody):
     code: str = Field(min_length=1, max_length=32)
-
-
-async def _pending_browser_approval(request: Request) -> PendingApproval:
-    svc = services(request)
-    approval = await _browser_approval(request)
-    if approval.status is Status.EXPIRED or approval.expires_at <= svc.clock.now():
-        raise ApiError(410, "expired", "this request has expired", extra={"status": "expired"})
-    if approval.status is not Status.PENDING:
-        raise ApiError(
-            409,
-            "already_decided",
-            "this request was already answered",
-            extra={"status": approval.status.value},
-        )
-    return approval
 
 
 async def send_sms(request: Request) -> Response:
@@ -506,15 +490,7 @@ async def enter_code(request: Request) -> Response:
         raise ApiError(400, "invalid_code", "that code is not right")
     result = await svc.approvals.decide(approval.id, Status.APPROVED, reason="sms_code")
     if result.kind != "decided":
-        status = result.status or Status.EXPIRED
-        if status is Status.EXPIRED:
-            raise ApiError(410, "expired", "this request has expired", extra={"status": "expired"})
-        raise ApiError(
-            409,
-            "already_decided",
-            "this request was already answered",
-            extra={"status": status.value},
-        )
+        raise_if_final(result.status or Status.EXPIRED)
     async with svc.db() as db:
         await audit.record(
             db,
