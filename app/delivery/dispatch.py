@@ -19,14 +19,13 @@ from collections.abc import Awaitable, Callable
 import orjson
 from sqlmodel import col, select
 
-from app import metrics
 from app.approval_flow import active_devices
 from app.core.approvals import PendingApproval, Status
 from app.core.tokens import new_id
 from app.db import audit
 from app.db.models import Device
 from app.delivery import sms_codes
-from app.delivery.push import PushMessage, PushResult
+from app.delivery.push import PushMessage, PushResult, observe_attempt
 from app.delivery.retry import PUSH_RETRY_BASE, PUSH_RETRY_CAP, next_attempt_at
 from app.services import Services
 from app.store.approvals import FINAL_STATE_KEEP
@@ -303,8 +302,7 @@ async def _record_attempt(
     attempt: int,
 ) -> None:
     """Metrics and audit for one push attempt; a dead token is forgotten in the same step."""
-    metrics.DELIVERY_ATTEMPTS.labels(channel, result.outcome).inc()
-    metrics.DELIVERY_LATENCY.labels(channel).observe(latency)
+    detail = observe_attempt(channel, result, attempt=attempt, latency=latency)
     log.info(
         "delivery of approval %s by %s: %s",
         approval.id,
@@ -327,13 +325,7 @@ async def _record_attempt(
             user_id=approval.user_id,
             device_id=device.id,
             approval_id=approval.id,
-            detail={
-                "channel": channel,
-                "outcome": result.outcome,
-                "attempt": attempt + 1,
-                "latency_ms": round(latency * 1000, 1),
-                "detail": result.detail[:200],
-            },
+            detail=detail,
             now=svc.clock.now(),
         )
         if result.outcome == "invalid_token":

@@ -46,6 +46,23 @@ class PushResult:
     latency: float = 0.0
 
 
+def observe_attempt(
+    channel: str, result: PushResult, *, attempt: int, latency: float
+) -> dict[str, object]:
+    """Count one delivery attempt (any channel) in the metrics and return its audit detail."""
+    from app import metrics
+
+    metrics.DELIVERY_ATTEMPTS.labels(channel, result.outcome).inc()
+    metrics.DELIVERY_LATENCY.labels(channel).observe(latency)
+    return {
+        "channel": channel,
+        "outcome": result.outcome,
+        "attempt": attempt + 1,
+        "latency_ms": round(latency * 1000, 1),
+        "detail": result.detail[:200],
+    }
+
+
 class PushSender(Protocol):
     """A push provider adapter (FCM or APNs)."""
 

@@ -12,12 +12,11 @@ import logging
 import time
 from typing import Literal
 
-from app import metrics
 from app.core.approvals import PendingApproval, Status
 from app.core.tokens import hash_token, new_numeric_code, same_secret
 from app.db import audit
 from app.db.models import User
-from app.delivery.push import PushResult
+from app.delivery.push import PushResult, observe_attempt
 from app.delivery.retry import PUSH_RETRY_BASE, PUSH_RETRY_CAP, next_attempt_at
 from app.services import Services
 from app.store.jobs import Job, JobQueue
@@ -100,22 +99,15 @@ async def send_code(svc: Services, job: Job) -> None:
         )
         result = PushResult("retry", detail=f"error: {type(exc).__name__}")
     latency = result.latency or (time.perf_counter() - started)
-    metrics.DELIVERY_ATTEMPTS.labels("sms", result.outcome).inc()
-    metrics.DELIVERY_LATENCY.labels("sms").observe(latency)
+    detail = observe_attempt("sms", result, attempt=job.attempt, latency=latency)
+    detail["automatic"] = bool(job.payload.get("automatic"))
     async with svc.db() as db:
         await audit.record(
             db,
             "delivery.attempt",
             user_id=approval.user_id,
             approval_id=approval.id,
-            detail={
-                "channel": "sms",
-                "outcome": result.outcome,
-                "attempt": job.attempt + 1,
-                "latency_ms": round(latency * 1000, 1),
-                "detail": result.detail[:200],
-                "automatic": bool(job.payload.get("automatic")),
-            },
+            detail=detail,
             now=svc.clock.now(),
         )
         if result.outcome == "invalid_token":
