@@ -12,7 +12,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import Clock, SystemClock
 from app.core.tokens import new_id
+from app.core.ttlcache import TtlCache
 from app.db.engine import make_engine, make_sessionmaker
+from app.db.models import ApiKey
 from app.delivery.push import Providers, build_providers
 from app.settings import Settings
 from app.store.approvals import ApprovalStore
@@ -21,6 +23,9 @@ from app.store.presence import Presence
 from app.store.ratelimit import RateLimiter
 from app.store.redis import KeySpace, RedisHandle, connect
 from app.store.sessions import SessionStore
+
+# How long a revoked API key may still be accepted by a process that saw it live.
+API_KEY_CACHE_SECONDS = 10.0
 
 
 @dataclass
@@ -39,6 +44,8 @@ class Services:
     sessions: SessionStore
     limits: RateLimiter
     providers: Providers
+    # Live API keys by token hash: every relying-party call needs one, and they rarely change.
+    api_keys: TtlCache[str, ApiKey]
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -92,5 +99,6 @@ async def build_services(
         limits=RateLimiter(handle.client, keys, clock),
         providers=providers if providers is not None else await build_providers(settings),
         process_id=process_id,
+        api_keys=TtlCache(clock, ttl=API_KEY_CACHE_SECONDS, max_entries=1024),
     )
     return services

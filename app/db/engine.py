@@ -42,9 +42,11 @@ def engine_from_url(
     if parsed.get_backend_name() == "sqlite":
         _ensure_sqlite_dir(parsed)
     elif pooled:
-        # pre_ping survives a restarted database server; recycle stays under typical
-        # proxy/firewall idle cut-offs.
-        kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+        # No pre-ping: it costs a round trip on every checkout (12 per approval flow). After a
+        # database restart the first statement on a dead connection fails once and SQLAlchemy
+        # then discards every connection older than that failure. Recycling stays under
+        # typical proxy/firewall idle cut-offs.
+        kwargs.update(pool_size=10, max_overflow=20, pool_recycle=1800)
     if not pooled:
         kwargs["poolclass"] = NullPool
     engine = create_async_engine(parsed, **kwargs)

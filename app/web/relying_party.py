@@ -13,6 +13,7 @@ from app.approval_flow import start_approval, wait_for_end
 from app.core.approvals import PendingApproval
 from app.core.clock import rfc3339
 from app.core.errors import ApiError
+from app.core.tokens import hash_token
 from app.db.accounts import get_api_key_by_plaintext, get_user_by_email
 from app.db.models import ApiKey
 from app.web.common import bearer, json, request_context, services
@@ -38,10 +39,16 @@ async def _api_key(request: Request) -> ApiKey:
     token = bearer(request)
     if token is None or len(token) > 256:
         raise ApiError(401, "unauthorized", "missing or invalid API key")
-    async with services(request).db() as db:
+    svc = services(request)
+    cache_key = hash_token(token)
+    key = svc.api_keys.get(cache_key)
+    if key is not None:
+        return key
+    async with svc.db() as db:
         key = await get_api_key_by_plaintext(db, token)
     if key is None:
         raise ApiError(401, "unauthorized", "missing or invalid API key")
+    svc.api_keys.put(cache_key, key)
     return key
 
 
