@@ -236,9 +236,11 @@ class OutboxWorker:
             try:
                 if time.monotonic() - last_reclaim > self.policy.lease / 2:
                     last_reclaim = time.monotonic()
-                    await self._handle_all(await self.group.reclaim(
-                        min_idle_ms=int(self.policy.lease * 1000), count=self.policy.batch
-                    ))
+                    await self._handle_all(
+                        await self.group.reclaim(
+                            min_idle_ms=int(self.policy.lease * 1000), count=self.policy.batch
+                        )
+                    )
                     await self.group.forget_idle_consumers()
                 await self._handle_all(
                     await self.group.read(count=self.policy.batch, block_ms=1000)
@@ -373,12 +375,18 @@ class OutboxWorker:
             if message.attempts >= self.policy.max_attempts or retry_at is None:
                 why = "no attempts left" if retry_at is not None else "would expire before a retry"
                 outcome, where = "dead", mine
-                values = {"status": "dead", "last_error": f"{why}: {error.reason}"[:1000],
-                          "payload": "{}"}
+                values = {
+                    "status": "dead",
+                    "last_error": f"{why}: {error.reason}"[:1000],
+                    "payload": "{}",
+                }
             else:
                 outcome, where = "retry", mine
-                values = {"status": "queued", "next_attempt_at": to_datetime(retry_at),
-                          "last_error": error.reason[:1000]}
+                values = {
+                    "status": "queued",
+                    "next_attempt_at": to_datetime(retry_at),
+                    "last_error": error.reason[:1000],
+                }
         async with self.svc.db() as db:
             await db.exec(update(row).where(*where).values(**values))
             await db.commit()

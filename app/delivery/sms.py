@@ -34,9 +34,7 @@ class LogSms:
 
     async def send(self, to: str, body: str) -> PushResult:
         """Log the message and report it accepted."""
-        log.info(
-            "sms (no TAPPROVE_TWILIO_* set) to %s: %s", to, body, extra={"sms_to": to}
-        )
+        log.info("sms (no TAPPROVE_TWILIO_* set) to %s: %s", to, body, extra={"sms_to": to})
         return PushResult("accepted", detail="logged")
 
 

@@ -68,8 +68,12 @@ class StreamGroup:
         try:
             while True:
                 reply = await self.redis.xautoclaim(
-                    self.stream, self.group, self.consumer, min_idle_ms,
-                    start_id=start, count=count,
+                    self.stream,
+                    self.group,
+                    self.consumer,
+                    min_idle_ms,
+                    start_id=start,
+                    count=count,
                 )
                 start = reply[0]
                 # Entries trimmed away meanwhile come back without fields: nothing to redo.

@@ -104,7 +104,11 @@ async def _notify_existing(svc: Services, email: str, *, ip: str, now: float, se
         if send:
             message = notify_existing_account(session, user, now=now)
         await audit.record(
-            session, "user.register_existing", user_id=user.id, ip=ip, now=now,
+            session,
+            "user.register_existing",
+            user_id=user.id,
+            ip=ip,
+            now=now,
             detail={"notified": send},
         )
     if message is not None:
