@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app.approval_flow import start_approval, wait_for_end
+from app.approval_flow import devices_of, start_approval, wait_for_end
 from app.core.approvals import PendingApproval
 from app.core.clock import rfc3339
 from app.core.errors import ApiError
@@ -71,6 +71,7 @@ async def create(request: Request) -> Response:
     body = await read_body(request, CreateApproval)
     async with svc.db() as db:
         user = await get_user_by_email(db, body.user.strip().lower())
+        devices = await devices_of(db, user.id) if user is not None else []
     if user is None:
         raise ApiError(404, "unknown_user", "no user with that email")
     given = body.context.model_dump(exclude_none=True) if body.context else {}
@@ -81,6 +82,7 @@ async def create(request: Request) -> Response:
         context=request_context(request, given),
         ttl=body.ttl,
         api_key_id=key.id,
+        devices=devices,
     )
     return json(
         {
