@@ -141,10 +141,13 @@ local function add_to_list(key, field, value)
 end
 """
 
-# KEYS: approval key, acks set. ARGV: device id, approval channel, delivered event.
+# KEYS: approval key, acks set. ARGV: device id, approval channel, delivered event, user id.
+# Returns -1 when the approval is unknown or not the user's, 1 the first time, else 0.
 _ACK = (
     _ADD_TO_LIST
     + """
+local owner = redis.call('HGET', KEYS[1], 'user_id')
+if not owner or owner ~= ARGV[4] then return -1 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
 local added = redis.call('SADD', KEYS[2], ARGV[1])
 if added == 1 then
@@ -324,13 +327,18 @@ class ApprovalStore:
             return None
         return approval
 
-    async def ack(self, approval_id: str, device_id: str, delivered_event: bytes) -> bool:
-        """Record that a device received the request; True the first time."""
+    async def ack(
+        self, approval_id: str, user_id: str, device_id: str, delivered_event: bytes
+    ) -> bool | None:
+        """Record that a device of `user_id` received the request: True the first time,
+        False after that or once it ended, None when the user has no such approval."""
+        if not _plausible_id(approval_id):
+            return None
         added = await self._ack(
             keys=[self._keys.approval(approval_id), self._keys.approval_acks(approval_id)],
-            args=[device_id, self._keys.approval_channel(approval_id), delivered_event],
+            args=[device_id, self._keys.approval_channel(approval_id), delivered_event, user_id],
         )
-        return bool(added)
+        return None if added == -1 else bool(added)
 
     async def acked_devices(self, approval_id: str) -> set[str]:
         members: set[str] = await self._redis.smembers(self._keys.approval_acks(approval_id))  # type: ignore[assignment]

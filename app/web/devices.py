@@ -409,8 +409,11 @@ class DeviceConnection:
         if not isinstance(approval_id, str) or len(approval_id) > 64:
             await self.send({"type": "error", "error": "bad_message", "message": "ack needs an id"})
             return
-        approval = await self.svc.approvals.get(approval_id)
-        if approval is None or approval.user_id != self.device.user_id:
+        event = orjson.dumps({"type": "delivered", "channel": "websocket"})
+        acked = await self.svc.approvals.ack(
+            approval_id, self.device.user_id, self.device.id, event
+        )
+        if acked is None:
             await self.send(
                 {
                     "type": "error",
@@ -419,9 +422,6 @@ class DeviceConnection:
                     "message": "no such approval",
                 }
             )
-            return
-        event = orjson.dumps({"type": "delivered", "channel": "websocket"})
-        await self.svc.approvals.ack(approval_id, self.device.id, event)
 
     async def on_decision(self, frame: dict[str, Any]) -> None:
         jws = frame.get("jws")
