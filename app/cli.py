@@ -378,6 +378,26 @@ def apikey_create(
     )
 
 
+@apikey_app.command("revoke")
+def apikey_revoke(
+    name: Annotated[str, typer.Argument(help="The name the key was created with.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Revoke a relying-party API key; running servers refuse it within 10 seconds.
+
+    Migrates the database schema to the latest version first.
+    """
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> str:
+        key = await accounts.revoke_api_key(session, name, _now())
+        return key.name
+
+    key_name = _run_with_session(settings, work)
+    return Result({"name": key_name, "revoked": True}, f"API key {key_name!r} revoked.")
+
+
 @app.command()
 def outbox(
     status: Annotated[

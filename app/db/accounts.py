@@ -89,6 +89,16 @@ class DuplicateApiKey(AccountError):
         self.name = name
 
 
+class UnknownApiKey(AccountError, LookupError):
+    """No live API key has this name."""
+
+    code = "unknown_api_key"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no live API key named {name!r}")
+        self.name = name
+
+
 class UserImportError(InvalidAccountData):
     """One line of a user import file is wrong; nothing was imported."""
 
@@ -389,6 +399,22 @@ async def create_api_key(session: AsyncSession, name: str, now: float) -> tuple[
     except IntegrityError as exc:
         raise DuplicateApiKey(clean) from exc
     return key, plaintext
+
+
+async def revoke_api_key(session: AsyncSession, name: str, now: float) -> ApiKey:
+    """Revoke the live key named `name`; serving processes stop accepting it within
+    `app.services.API_KEY_CACHE_SECONDS`."""
+    clean = name.strip() if isinstance(name, str) else ""
+    result = await session.exec(
+        select(ApiKey).where(ApiKey.name == clean, col(ApiKey.revoked_at).is_(None))
+    )
+    key = result.first()
+    if key is None:
+        raise UnknownApiKey(clean)
+    key.revoked_at = to_datetime(now)
+    session.add(key)
+    await session.flush()
+    return key
 
 
 async def get_api_key_by_plaintext(session: AsyncSession, plaintext: str) -> ApiKey | None:

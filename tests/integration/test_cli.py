@@ -148,6 +148,14 @@ async def test_a_fresh_install_runs_every_data_command_with_one_json_object_each
     key = created.only_object()
     assert set(key) == {"name", "api_key"}
     assert key["name"] == "shop" and key["api_key"].startswith("tap_")
+    spare = await cli("apikey", "--json", "create", "spare")
+    assert spare.code == 0, spare.stderr
+    spare_key = spare.only_object()["api_key"]
+    revoked = await cli("apikey", "--json", "revoke", "spare")
+    assert revoked.code == 0, revoked.stderr
+    assert revoked.only_object() == {"name": "spare", "revoked": True}
+    again = await cli("apikey", "--json", "revoke", "spare")
+    assert again.code != 0 and again.only_object()["error"] == "unknown_api_key"
 
     unlocked = await cli("--json", "user", "unlock", "ALICE@example.com")
     assert unlocked.code == 0, unlocked.stderr
@@ -171,6 +179,7 @@ async def test_a_fresh_install_runs_every_data_command_with_one_json_object_each
             assert accounts.verify_password(stored.password_hash, PASSWORD)
             found = await accounts.get_api_key_by_plaintext(session, key["api_key"])
             assert found is not None and found.name == "shop"
+            assert await accounts.get_api_key_by_plaintext(session, spare_key) is None
             claimed = await accounts.consume_enrollment_code(session, enroll["code"], time.time())
             assert claimed == user["user_id"]
 
