@@ -239,9 +239,7 @@ async def test_a_remembered_browser_skips_approval_until_it_is_revoked(
     await sign_out(web, server)
     await sign_in(web, email)
     await web.wait_for_url(f"{server.url}/account")
-    await expect(web.get_by_test_id("activity")).to_contain_text(
-        "Signed in from a trusted browser"
-    )
+    await expect(web.get_by_test_id("activity")).to_contain_text("Signed in from a trusted browser")
     await expect(phone.get_by_test_id("approval-request")).to_have_count(1)  # the first one only
     await browsers.shot(web, "02-signed-in-without-phone")
 

@@ -71,7 +71,9 @@ class Procfile:
             env["PORT"] = str(port)
         log = open(self.deployment.workdir / f"{name}.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {self.commands[kind]}"], env=env, stdout=log,
+            ["/bin/sh", "-c", f"exec {self.commands[kind]}"],
+            env=env,
+            stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.deployment.processes.append(process)
@@ -138,8 +140,7 @@ async def test_a_phone_on_a_stopping_process_reconnects_elsewhere_and_approves(
         deployment.cli, "user", "add", "deploy@example.com", "--password", PASSWORD, "--verified"
     )
     code = await asyncio.to_thread(deployment.cli, "device", "enroll-code", "deploy@example.com")
-    state = await enroll(EnrollTarget(web_b, code["code"]), name="deploy phone",
-                         platform="android")
+    state = await enroll(EnrollTarget(web_b, code["code"]), name="deploy phone", platform="android")
 
     # The phone app's server list: after a close it tries the next address.
     addresses = [device_ws_url(web_b), device_ws_url(web_a)]
@@ -159,8 +160,12 @@ async def test_a_phone_on_a_stopping_process_reconnects_elsewhere_and_approves(
         await phone.wait_for("ready", timeout=WAIT)
 
         # No idle keep-alive connections: uvicorn may close one just as it is reused.
-        async with httpx.AsyncClient(base_url=web_a, headers={"Origin": ORIGIN}, timeout=30,
-                                     limits=httpx.Limits(max_keepalive_connections=0)) as browser:
+        async with httpx.AsyncClient(
+            base_url=web_a,
+            headers={"Origin": ORIGIN},
+            timeout=30,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        ) as browser:
             started = await browser.post(
                 "/api/login",
                 json={"email": "deploy@example.com", "password": PASSWORD},
@@ -205,8 +210,9 @@ async def test_a_phone_on_a_stopping_process_reconnects_elsewhere_and_approves(
     assert await asyncio.to_thread(process_b.wait, WAIT) in (0, -signal.SIGTERM)
     b_log = procs.json_log("web-b")
     assert any(line["msg"] == "Application shutdown complete." for line in b_log), b_log
-    assert any(line.get("path") == "/ws/device" and line.get("close_code") == 1012
-               for line in b_log), b_log
+    assert any(
+        line.get("path") == "/ws/device" and line.get("close_code") == 1012 for line in b_log
+    ), b_log
 
     # One request id follows the sign-in through A's JSON log: created, then decided.
     traced = {

@@ -59,21 +59,34 @@ async def test_a_phone_that_drops_and_returns_still_gets_the_request(
     # A sign-in started while the phone is away waits for it too (it supersedes the first).
     await asyncio.sleep(0.2)
     later = await pending_login(server, who)
-    async with login_stream(server, later.approval_id,
-                            cookie=later.browser.cookies["tapprove_login"],
-                            origin=server.origin) as stream:
+    async with login_stream(
+        server,
+        later.approval_id,
+        cookie=later.browser.cookies["tapprove_login"],
+        origin=server.origin,
+    ) as stream:
         assert json.loads(await stream.recv())["type"] == "status"
         back = await device_socket(server, who.phone)
         offered = await next_frame(back, "approval_request")
         assert offered["approval"]["id"] == later.approval_id
         await back.send(json.dumps({"type": "ack", "id": later.approval_id}))
         assert json.loads(await asyncio.wait_for(stream.recv(), 10)) == {
-            "type": "delivered", "channel": "websocket"}
-        await back.send(json.dumps({"type": "decision", "jws": who.phone.sign(
-            offered["approval"], number=later.number)}))
+            "type": "delivered",
+            "channel": "websocket",
+        }
+        await back.send(
+            json.dumps(
+                {
+                    "type": "decision",
+                    "jws": who.phone.sign(offered["approval"], number=later.number),
+                }
+            )
+        )
         assert (await next_frame(back, "decision_result"))["status"] == "approved"
-        assert (await frames_until(stream, "result"))[-1] == {"type": "result",
-                                                              "status": "approved"}
+        assert (await frames_until(stream, "result"))[-1] == {
+            "type": "result",
+            "status": "approved",
+        }
     done = await later.browser.post(f"/api/login/{later.approval_id}/complete")
     assert done.status_code == 200, done.text
     # The first request, superseded while the phone was away, is not offered again.
@@ -90,8 +103,11 @@ async def test_a_phone_that_drops_right_after_answering(server_factory: ServerFa
     ws = await device_socket(server, who.phone)
     login = await pending_login(server, who)
     request = await next_frame(ws, "approval_request")
-    await ws.send(json.dumps({"type": "decision",
-                              "jws": who.phone.sign(request["approval"], number=login.number)}))
+    await ws.send(
+        json.dumps(
+            {"type": "decision", "jws": who.phone.sign(request["approval"], number=login.number)}
+        )
+    )
     drop(ws)
     for _ in range(100):
         status = (await login.browser.get(f"/api/login/{login.approval_id}")).json()["status"]
@@ -104,8 +120,9 @@ async def test_a_phone_that_drops_right_after_answering(server_factory: ServerFa
 
 
 @contextlib.asynccontextmanager
-async def serve_process(server: LiveServer, tmp_path: Path
-                        ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+async def serve_process(
+    server: LiveServer, tmp_path: Path
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """`tapprove serve` as a real process on the same Redis prefix and database."""
     port = free_port()
     env = {
@@ -119,8 +136,15 @@ async def serve_process(server: LiveServer, tmp_path: Path
     }
     log = (tmp_path / "serve.log").open("wb")
     process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("tapprove")), "serve", "--port", str(port),
-        "--no-worker", env=env, stdout=log, stderr=log)
+        str(Path(sys.executable).with_name("tapprove")),
+        "serve",
+        "--port",
+        str(port),
+        "--no-worker",
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url) as client:
@@ -141,8 +165,9 @@ async def serve_process(server: LiveServer, tmp_path: Path
         log.close()
 
 
-async def test_a_killed_server_process_loses_nothing(server_factory: ServerFactory,
-                                                     tmp_path: Path) -> None:
+async def test_a_killed_server_process_loses_nothing(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
     server = await server_factory()
     who = await person(server, "killed")
     async with serve_process(server, tmp_path) as (doomed_url, doomed_process):
@@ -159,10 +184,12 @@ async def test_a_killed_server_process_loses_nothing(server_factory: ServerFacto
     back = await device_socket(server, who.phone)
     offered = await next_frame(back, "approval_request")
     assert offered["approval"]["id"] == login.approval_id
-    await back.send(json.dumps({"type": "decision",
-                                "jws": who.phone.sign(offered["approval"], number=login.number)}))
+    await back.send(
+        json.dumps(
+            {"type": "decision", "jws": who.phone.sign(offered["approval"], number=login.number)}
+        )
+    )
     assert (await next_frame(back, "decision_result"))["status"] == "approved"
     done = await login.browser.post(f"/api/login/{login.approval_id}/complete")
     assert done.status_code == 200, done.text
     await back.close()
-

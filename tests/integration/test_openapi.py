@@ -88,9 +88,9 @@ async def test_every_documented_call_is_answered_by_its_route_with_a_documented_
             where = f"{method.upper()} {path} -> {response.status_code} {response.text[:200]}"
 
             assert response.status_code != 405, where
-            if response.status_code == 404 and response.headers.get(
-                "content-type", ""
-            ).startswith("application/json"):
+            if response.status_code == 404 and response.headers.get("content-type", "").startswith(
+                "application/json"
+            ):
                 assert not response.json()["message"].startswith("no such route"), where
             assert str(response.status_code) in operation["responses"], where
 

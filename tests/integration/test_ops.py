@@ -158,9 +158,7 @@ async def test_an_expired_approval_is_counted_once_whoever_notices(
     assert started.status_code == 202, started.text
     approval_id = started.json()["approval_id"]
     clock.advance(server.settings.approval_ttl + 1)
-    polls = await asyncio.gather(
-        *(browser.get(f"/api/login/{approval_id}") for _ in range(5))
-    )
+    polls = await asyncio.gather(*(browser.get(f"/api/login/{approval_id}") for _ in range(5)))
     # Whoever else looks now finds it already over.
     assert await server.services.approvals.expire_if_due(approval_id) is not None
     after = await scrape(server)
@@ -307,8 +305,10 @@ async def test_a_request_id_follows_an_approval_from_login_to_push_to_decision(
         for r in access
     )
     assert any(getattr(r, "request_id", None) == "phone-req-1" for r in access)
-    assert grew(before, after, "tapprove_delivery_attempts_total", channel="fcm",
-                outcome="accepted") == 1
+    assert (
+        grew(before, after, "tapprove_delivery_attempts_total", channel="fcm", outcome="accepted")
+        == 1
+    )
     assert grew(before, after, "tapprove_delivery_seconds_count", channel="fcm") == 1
 
 
@@ -325,7 +325,8 @@ async def test_access_lines_carry_the_path_without_its_query_string(
     assert len(generated) == 32 and generated.isalnum()
 
     [line] = [
-        r for r in caplog.records
+        r
+        for r in caplog.records
         if r.name == "tapprove.access" and getattr(r, "path", None) == "/verify-email"
     ]
     formatted = JsonFormatter().format(line) + ConsoleFormatter().format(line)
@@ -375,7 +376,10 @@ def run_cli(server: LiveServer, *args: str) -> subprocess.CompletedProcess[bytes
         }
     )
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, timeout=120,
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        timeout=120,
         check=False,
     )
 

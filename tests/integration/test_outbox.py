@@ -174,9 +174,16 @@ class SlowThenBusyServer:
 
 async def new_message(app: MailApp, ttl: float) -> OutboxMessage:
     async with app.services.db() as db:
-        message = enqueue(db, channel="email", recipient="bob@example.com",
-                          template="account_exists", payload={}, user_id=None,
-                          now=app.services.clock.now(), ttl=ttl)
+        message = enqueue(
+            db,
+            channel="email",
+            recipient="bob@example.com",
+            template="account_exists",
+            payload={},
+            user_id=None,
+            now=app.services.clock.now(),
+            ttl=ttl,
+        )
         await db.commit()
     return message
 
@@ -357,16 +364,38 @@ async def test_device_added_and_fraud_notices_render_safely(
     app = await mail_app_factory()
     svc = app.services
     notices = [
-        ("device_added", {"device_name": "<b>Pixel</b>\nFrom: admin", "platform": "android",
-                          "at": "2026-11-22T10:00:00Z", "ip": "203.0.113.5"}),
-        ("fraud_reported", {"at": "2026-11-22T10:00:00Z", "ip": "198.51.100.1",
-                            "browser": "Firefox 133", "os": "Linux"}),
+        (
+            "device_added",
+            {
+                "device_name": "<b>Pixel</b>\nFrom: admin",
+                "platform": "android",
+                "at": "2026-11-22T10:00:00Z",
+                "ip": "203.0.113.5",
+            },
+        ),
+        (
+            "fraud_reported",
+            {
+                "at": "2026-11-22T10:00:00Z",
+                "ip": "198.51.100.1",
+                "browser": "Firefox 133",
+                "os": "Linux",
+            },
+        ),
         ("device_added", {"platform": "ios"}),  # a caller's bug: a field is missing
     ]
     async with svc.db() as db:
         messages = [
-            enqueue(db, channel="email", recipient="ada@example.com", template=template,
-                    payload=payload, user_id=None, now=svc.clock.now(), ttl=86_400)
+            enqueue(
+                db,
+                channel="email",
+                recipient="ada@example.com",
+                template=template,
+                payload=payload,
+                user_id=None,
+                now=svc.clock.now(),
+                ttl=86_400,
+            )
             for template, payload in notices
         ]
         await db.commit()

@@ -160,7 +160,12 @@ async def add_user_with_phone(
     """A verified user whose phone number is already verified."""
     async with server.services.db() as db:
         user = await create_user(
-            db, email, password=PASSWORD, verified=True, phone=phone, phone_verified=True,
+            db,
+            email,
+            password=PASSWORD,
+            verified=True,
+            phone=phone,
+            phone_verified=True,
             now=time.time(),
         )
         user.sms_fallback = sms_fallback
@@ -235,8 +240,9 @@ async def test_an_offline_android_phone_is_reached_by_fcm_and_approves_over_http
         claims = fake_fcm.token_requests[0].claims(fcm_service_account.public_key_pem)
         assert claims["iss"] == fcm_service_account.client_email
 
-        answer = await decide_over_http(server, phone, sent["data"]["approval_id"],
-                                        started["number"])
+        answer = await decide_over_http(
+            server, phone, sent["data"]["approval_id"], started["number"]
+        )
         assert answer.status_code == 200 and answer.json() == {"status": "approved"}
         assert (await stream.wait_for(type="result"))["status"] == "approved"
 
@@ -456,8 +462,14 @@ async def test_a_connected_phone_that_never_acks_gets_a_push_after_the_ack_timeo
         assert fake_fcm.requests[0].message["data"]["approval_id"] == started["approval_id"]
         status = (await browser.get(f"/api/login/{started['approval_id']}")).json()
         assert status["channels"] == ["websocket", "fcm"] and status["delivered"] == ["fcm"]
-        await ws.send(json.dumps({"type": "decision", "jws": phone.sign(
-            request["approval"], number=started["number"])}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "decision",
+                    "jws": phone.sign(request["approval"], number=started["number"]),
+                }
+            )
+        )
         assert (await stream.wait_for(type="result"))["status"] == "approved"
     await ws.close()
 

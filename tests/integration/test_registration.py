@@ -31,7 +31,9 @@ INVALID_TOKEN = {
 
 async def register(app: MailApp, email: str, password: str = PASSWORD, **kwargs: object) -> None:
     response = await app.client.post(
-        "/api/register", json={"email": email, "password": password}, **kwargs  # type: ignore[arg-type]
+        "/api/register",
+        json={"email": email, "password": password},
+        **kwargs,  # type: ignore[arg-type]
     )
     assert response.status_code == 202, response.text
     assert response.json() == {"status": "verification_sent"}

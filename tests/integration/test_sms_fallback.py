@@ -84,7 +84,9 @@ async def test_a_phone_number_is_verified_by_an_sms_code(
     browser = await signed_in(server, "verify@example.com")
     account = (await browser.get("/api/account")).json()
     assert (account["phone"], account["phone_verified"], account["sms_fallback"]) == (
-        None, False, True,
+        None,
+        False,
+        True,
     )
 
     bad = await browser.post("/api/account/phone", json={"phone": "12"})
@@ -203,8 +205,9 @@ async def test_five_wrong_codes_deny_the_sign_in_even_across_new_codes(
 
     async with watch(server, browser, approval_id) as stream:
         for _ in range(2):
-            wrong = await browser.post(f"/api/login/{approval_id}/code",
-                                       json={"code": not_the(first)})
+            wrong = await browser.post(
+                f"/api/login/{approval_id}/code", json={"code": not_the(first)}
+            )
             assert wrong.status_code == 400 and "status" not in wrong.json()
         # A new code does not buy new guesses.
         asked = await browser.post(f"/api/login/{approval_id}/sms")
@@ -212,11 +215,13 @@ async def test_five_wrong_codes_deny_the_sign_in_even_across_new_codes(
         second = code_in((await texts(fake_twilio, 2))[1]["Body"])
         await stream.wait_for(type="delivered", channel="sms")
         for _ in range(2):
-            wrong = await browser.post(f"/api/login/{approval_id}/code",
-                                       json={"code": not_the(first, second)})
+            wrong = await browser.post(
+                f"/api/login/{approval_id}/code", json={"code": not_the(first, second)}
+            )
             assert wrong.status_code == 400 and "status" not in wrong.json()
-        fifth = await browser.post(f"/api/login/{approval_id}/code",
-                                   json={"code": not_the(first, second)})
+        fifth = await browser.post(
+            f"/api/login/{approval_id}/code", json={"code": not_the(first, second)}
+        )
         assert fifth.status_code == 400
         assert fifth.json()["error"] == "invalid_code" and fifth.json()["status"] == "denied"
         assert (await stream.wait_for(type="result"))["status"] == "denied"
@@ -300,11 +305,11 @@ async def test_twilio_busy_is_retried_with_a_fresh_code(
         assert (await stream.wait_for(type="delivered"))["channel"] == "sms"
     first, second = (code_in(form["Body"]) for form in await texts(fake_twilio, 2))
     if first != second:
-        stale = await browser.post(f"/api/login/{started['approval_id']}/code",
-                                   json={"code": first})
+        stale = await browser.post(
+            f"/api/login/{started['approval_id']}/code", json={"code": first}
+        )
         assert stale.status_code == 400
-    answer = await browser.post(f"/api/login/{started['approval_id']}/code",
-                                json={"code": second})
+    answer = await browser.post(f"/api/login/{started['approval_id']}/code", json={"code": second})
     assert answer.json() == {"status": "approved"}
     attempts = await audit_events(server, started["approval_id"], "delivery.attempt")
     assert [a["outcome"] for a in attempts] == ["retry", "accepted"]
@@ -329,8 +334,9 @@ async def test_a_retry_after_beyond_the_expiry_gives_up_on_push_and_texts_at_onc
     # A busy FCM is not a dead token.
     assert await push_token(server, phone.device_id) == "fcm-later"
     text = (await texts(fake_twilio, 1))[0]
-    answer = await browser.post(f"/api/login/{started['approval_id']}/code",
-                                json={"code": code_in(text["Body"])})
+    answer = await browser.post(
+        f"/api/login/{started['approval_id']}/code", json={"code": code_in(text["Body"])}
+    )
     assert answer.json() == {"status": "approved"}
 
 
@@ -378,8 +384,9 @@ async def test_without_twilio_the_code_is_written_to_the_log(
     )
     assert answer.json() == {"status": "approved"}
     # The phone app still works as usual alongside.
-    assert (await decide_over_http(server, phone, started["approval_id"], started["number"])
-            ).status_code == 409
+    assert (
+        await decide_over_http(server, phone, started["approval_id"], started["number"])
+    ).status_code == 409
 
 
 async def test_a_number_twilio_refuses_for_good_is_no_longer_counted_verified(

@@ -16,14 +16,17 @@ from tests.security.harness import clear_limits, running_server
 
 
 @pytest.fixture(scope="module")
-async def shared(tmp_path_factory: pytest.TempPathFactory, redis_url: str
-                 ) -> AsyncIterator[LiveServer]:
+async def shared(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> AsyncIterator[LiveServer]:
     """One running server (real Redis prefix, fresh PostgreSQL) for the whole module."""
     prefix = f"tapprove-test-{secrets.token_hex(6)}:"
     name, url = await _create_database()
     try:
-        async with running_server(tmp_path_factory.mktemp("shared"), redis_url, prefix,
-                                  url) as (live, _):
+        async with running_server(tmp_path_factory.mktemp("shared"), redis_url, prefix, url) as (
+            live,
+            _,
+        ):
             yield live
     finally:
         await _drop_database(name)

@@ -49,20 +49,26 @@ def unique_email(name: str = "user") -> str:
 # --- the shape every error has ----------------------------------------------------------------
 
 
-def assert_error(response: httpx.Response, status: int | set[int],
-                 code: str | set[str] | None = None) -> dict[str, Any]:
+def assert_error(
+    response: httpx.Response, status: int | set[int], code: str | set[str] | None = None
+) -> dict[str, Any]:
     """The response is a protocol error: the status, JSON `{"error","message"}`, the code."""
     allowed = {status} if isinstance(status, int) else status
     assert response.status_code in allowed, (
         f"{response.request.method} {response.request.url.path}: "
-        f"{response.status_code} {response.text[:300]}")
+        f"{response.status_code} {response.text[:300]}"
+    )
     return assert_error_shape(response, code)
 
 
-def assert_error_shape(response: httpx.Response,
-                       code: str | set[str] | None = None) -> dict[str, Any]:
+def assert_error_shape(
+    response: httpx.Response, code: str | set[str] | None = None
+) -> dict[str, Any]:
     assert response.headers.get("content-type", "").startswith("application/json"), (
-        response.status_code, response.headers.get("content-type"), response.text[:200])
+        response.status_code,
+        response.headers.get("content-type"),
+        response.text[:200],
+    )
     body = response.json()
     assert isinstance(body, dict), body
     assert isinstance(body.get("error"), str) and body["error"], body
@@ -77,10 +83,12 @@ def assert_sane(response: httpx.Response, allowed: set[int]) -> None:
     """Never a 5xx; a status from `allowed`; every error in the protocol's shape."""
     assert response.status_code < 500, (
         f"{response.request.method} {response.request.url.path}: "
-        f"{response.status_code} {response.text[:300]}")
+        f"{response.status_code} {response.text[:300]}"
+    )
     assert response.status_code in allowed, (
         f"{response.request.method} {response.request.url.path}: "
-        f"{response.status_code} not in {sorted(allowed)}: {response.text[:300]}")
+        f"{response.status_code} not in {sorted(allowed)}: {response.text[:300]}"
+    )
     if response.status_code >= 400:
         assert_error_shape(response)
 
@@ -89,22 +97,41 @@ def assert_sane(response: httpx.Response, allowed: set[int]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_server(tmp_path: Path, redis_url: str, prefix: str, database_url: str, *,
-                         clock: Clock | None = None, migrate: bool = True,
-                         **overrides: Any) -> AsyncIterator[tuple[LiveServer, uvicorn.Server]]:
+async def running_server(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    database_url: str,
+    *,
+    clock: Clock | None = None,
+    migrate: bool = True,
+    **overrides: Any,
+) -> AsyncIterator[tuple[LiveServer, uvicorn.Server]]:
     """A real uvicorn server in this process, like `server_factory`, yielding the uvicorn
     server too so a test can stop it abruptly."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    settings = make_settings(tmp_path, redis_url, prefix, database_url,
-                             public_url=overrides.pop("public_url", url), **overrides)
+    settings = make_settings(
+        tmp_path,
+        redis_url,
+        prefix,
+        database_url,
+        public_url=overrides.pop("public_url", url),
+        **overrides,
+    )
     if migrate:
         await upgrade_async(settings)
-    app = create_app(settings, clock=clock or SystemClock(), providers=Providers(),
-                     run_worker=True)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio",
-                            ws_max_size=64 * 1024, ws_per_message_deflate=False,
-                            log_level="warning", lifespan="on")
+    app = create_app(settings, clock=clock or SystemClock(), providers=Providers(), run_worker=True)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=64 * 1024,
+        ws_per_message_deflate=False,
+        log_level="warning",
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(1000):
@@ -157,12 +184,14 @@ def quick_hash(password: str) -> str:
     return _QUICK.hash(password)
 
 
-async def add_user(server: LiveServer, email: str, password: str = PASSWORD, *,
-                   verified: bool = True) -> str:
+async def add_user(
+    server: LiveServer, email: str, password: str = PASSWORD, *, verified: bool = True
+) -> str:
     """A user whose password hash is cheap to verify."""
     async with server.services.db() as db:
-        user = await create_user(db, email, password_hash=quick_hash(password),
-                                 verified=verified, now=time.time())
+        user = await create_user(
+            db, email, password_hash=quick_hash(password), verified=verified, now=time.time()
+        )
         await db.commit()
         return user.id
 
@@ -185,8 +214,7 @@ async def api_key(server: LiveServer, name: str = "rp") -> str:
 
 
 async def forget_fatigue(server: LiveServer, user_id: str) -> None:
-    await server.services.redis.delete(KeySpace(server.settings.redis_prefix)
-                                       .user_fatigue(user_id))
+    await server.services.redis.delete(KeySpace(server.settings.redis_prefix).user_fatigue(user_id))
 
 
 @dataclass
@@ -199,8 +227,9 @@ class PendingLogin:
     body: dict[str, Any]
 
 
-async def pending_login(server: LiveServer, who: Person, *, fresh: bool = True,
-                        **extra: Any) -> PendingLogin:
+async def pending_login(
+    server: LiveServer, who: Person, *, fresh: bool = True, **extra: Any
+) -> PendingLogin:
     """Sign in from a new browser and stop at `approval_required`."""
     if fresh:
         await forget_fatigue(server, who.user_id)
@@ -220,20 +249,28 @@ async def device_view(server: LiveServer, phone: Phone, approval_id: str) -> dic
     return found
 
 
-async def decide(server: LiveServer, phone: Phone, approval_id: str, jws: str,
-                 client: httpx.AsyncClient | None = None) -> httpx.Response:
+async def decide(
+    server: LiveServer,
+    phone: Phone,
+    approval_id: str,
+    jws: str,
+    client: httpx.AsyncClient | None = None,
+) -> httpx.Response:
     if client is None:
         async with httpx.AsyncClient(base_url=server.url) as own:
-            return await own.post(f"/api/approvals/{approval_id}/decision", json={"jws": jws},
-                                  headers=phone.auth)
-    return await client.post(f"/api/approvals/{approval_id}/decision", json={"jws": jws},
-                             headers=phone.auth)
+            return await own.post(
+                f"/api/approvals/{approval_id}/decision", json={"jws": jws}, headers=phone.auth
+            )
+    return await client.post(
+        f"/api/approvals/{approval_id}/decision", json={"jws": jws}, headers=phone.auth
+    )
 
 
 async def approve(server: LiveServer, who: Person, login: PendingLogin) -> None:
     approval = await device_view(server, who.phone, login.approval_id)
-    answer = await decide(server, who.phone, login.approval_id,
-                          who.phone.sign(approval, number=login.number))
+    answer = await decide(
+        server, who.phone, login.approval_id, who.phone.sign(approval, number=login.number)
+    )
     assert answer.status_code == 200, answer.text
 
 
@@ -257,10 +294,16 @@ def segment(obj: Any) -> str:
     return b64(json.dumps(obj, separators=(",", ":")).encode())
 
 
-def claims_for(approval: dict[str, Any], *, decision: str = "approve", number: Any = None,
-               **extra: Any) -> dict[str, Any]:
-    claims = {"aid": approval["id"], "chl": approval["challenge"], "decision": decision,
-              "number": number, "iat": int(time.time())}
+def claims_for(
+    approval: dict[str, Any], *, decision: str = "approve", number: Any = None, **extra: Any
+) -> dict[str, Any]:
+    claims = {
+        "aid": approval["id"],
+        "chl": approval["challenge"],
+        "decision": decision,
+        "number": number,
+        "iat": int(time.time()),
+    }
     claims.update(extra)
     return claims
 
@@ -309,9 +352,12 @@ async def close_code(ws: Any, timeout: float = 10) -> int | None:
     return ws.close_code  # type: ignore[no-any-return]
 
 
-def login_stream(server: LiveServer, approval_id: str, *, cookie: str | None,
-                 origin: str | None = None) -> Any:
+def login_stream(
+    server: LiveServer, approval_id: str, *, cookie: str | None, origin: str | None = None
+) -> Any:
     headers = {"Cookie": f"tapprove_login={cookie}"} if cookie else {}
-    return websockets.connect(f"{server.ws_url}/ws/login/{approval_id}",
-                              origin=origin,  # type: ignore[arg-type]
-                              additional_headers=headers)
+    return websockets.connect(
+        f"{server.ws_url}/ws/login/{approval_id}",
+        origin=origin,  # type: ignore[arg-type]
+        additional_headers=headers,
+    )

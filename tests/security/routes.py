@@ -72,16 +72,23 @@ class Target:
         assert self.spec.body is not None
         return copy.deepcopy(await self.spec.body(self))
 
-    async def send(self, *, content: bytes | None = None, json_body: Any = None,
-                   headers: dict[str, str] | None = None) -> httpx.Response:
+    async def send(
+        self,
+        *,
+        content: bytes | None = None,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         merged = {**self.headers, **(headers or {})}
         if json_body is not None:
-            return await self.client.request(self.spec.method, self.url, json=json_body,
-                                             headers=merged)
+            return await self.client.request(
+                self.spec.method, self.url, json=json_body, headers=merged
+            )
         if content is not None:
             merged.setdefault("Content-Type", "application/json")
-        return await self.client.request(self.spec.method, self.url, content=content,
-                                         headers=merged)
+        return await self.client.request(
+            self.spec.method, self.url, content=content, headers=merged
+        )
 
 
 # --- well-formed bodies -----------------------------------------------------------------------
@@ -121,9 +128,13 @@ async def _enroll(t: Target) -> dict[str, Any]:
         code, _ = await create_enrollment_code(db, t.who.user_id, now=time.time())
         await db.commit()
     key = ec.generate_private_key(ec.SECP256R1())
-    return {"code": code, "name": "Pixel 9", "platform": "android",
-            "public_key": device_public_jwk(key.public_key()),
-            "push": {"provider": "fcm", "token": "fcm-registration-token"}}
+    return {
+        "code": code,
+        "name": "Pixel 9",
+        "platform": "android",
+        "public_key": device_public_jwk(key.public_key()),
+        "push": {"provider": "fcm", "token": "fcm-registration-token"},
+    }
 
 
 async def _device_update(t: Target) -> dict[str, Any]:
@@ -137,9 +148,11 @@ async def _decision(t: Target) -> dict[str, Any]:
 
 async def _rp_create(t: Target) -> dict[str, Any]:
     await forget_fatigue(t.server, t.who.user_id)
-    return {"user": t.who.email, "ttl": 60,
-            "context": {"ip": "10.0.0.1", "user_agent": "OpenSSH_9.6", "browser": "ssh",
-                        "os": "Linux"}}
+    return {
+        "user": t.who.email,
+        "ttl": 60,
+        "context": {"ip": "10.0.0.1", "user_agent": "OpenSSH_9.6", "browser": "ssh", "os": "Linux"},
+    }
 
 
 _ANY_ERROR = frozenset({400, 401, 403, 404, 409, 410, 422, 429})
@@ -151,52 +164,111 @@ ROUTES: list[RouteSpec] = [
     RouteSpec("GET", "/metrics", "none"),
     RouteSpec("GET", "/openapi.json", "none"),
     # §1 accounts
-    RouteSpec("POST", "/api/register", "none", _register, ok=202,
-              outcomes=frozenset({202})),
+    RouteSpec("POST", "/api/register", "none", _register, ok=202, outcomes=frozenset({202})),
     RouteSpec("GET", "/verify-email", "none"),
     RouteSpec("POST", "/api/verify-email", "none", _token, ok=400, outcomes=frozenset({400})),
-    RouteSpec("POST", "/api/verify-email/resend", "none", _email, ok=202,
-              outcomes=frozenset({202})),
+    RouteSpec(
+        "POST", "/api/verify-email/resend", "none", _email, ok=202, outcomes=frozenset({202})
+    ),
     # §2 browser
-    RouteSpec("POST", "/api/login", "none", _login, optional=frozenset({"remember_browser"}),
-              ok=202, outcomes=frozenset({202, 401, 429}), csrf=True),
+    RouteSpec(
+        "POST",
+        "/api/login",
+        "none",
+        _login,
+        optional=frozenset({"remember_browser"}),
+        ok=202,
+        outcomes=frozenset({202, 401, 429}),
+        csrf=True,
+    ),
     RouteSpec("GET", "/api/login/{approval_id}", "login"),
     RouteSpec("POST", "/api/login/{approval_id}/complete", "login", ok=409, csrf=True),
     RouteSpec("POST", "/api/login/{approval_id}/resend", "login", ok=202, csrf=True),
     RouteSpec("POST", "/api/login/{approval_id}/sms", "login", ok=409, csrf=True),
-    RouteSpec("POST", "/api/login/{approval_id}/code", "login", _code, ok=400,
-              outcomes=frozenset({400, 409, 410}), csrf=True),
+    RouteSpec(
+        "POST",
+        "/api/login/{approval_id}/code",
+        "login",
+        _code,
+        ok=400,
+        outcomes=frozenset({400, 409, 410}),
+        csrf=True,
+    ),
     RouteSpec("POST", "/api/logout", "session", csrf=True),
     RouteSpec("WS", "/ws/login/{approval_id}", "login"),
     RouteSpec("GET", "/api/account", "session"),
-    RouteSpec("PATCH", "/api/account", "session", _sms_fallback,
-              optional=frozenset({"sms_fallback"}), csrf=True),
-    RouteSpec("DELETE", "/api/account/trusted-browsers/{browser_id}", "session", ok=404,
-              csrf=True),
+    RouteSpec(
+        "PATCH",
+        "/api/account",
+        "session",
+        _sms_fallback,
+        optional=frozenset({"sms_fallback"}),
+        csrf=True,
+    ),
+    RouteSpec("DELETE", "/api/account/trusted-browsers/{browser_id}", "session", ok=404, csrf=True),
     RouteSpec("GET", "/api/account/activity", "session"),
-    RouteSpec("POST", "/api/account/phone", "session", _phone, ok=409,
-              outcomes=frozenset({409}), csrf=True),
-    RouteSpec("POST", "/api/account/phone/verify", "session", _code, ok=400,
-              outcomes=frozenset({400}), csrf=True),
+    RouteSpec(
+        "POST",
+        "/api/account/phone",
+        "session",
+        _phone,
+        ok=409,
+        outcomes=frozenset({409}),
+        csrf=True,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/account/phone/verify",
+        "session",
+        _code,
+        ok=400,
+        outcomes=frozenset({400}),
+        csrf=True,
+    ),
     # §3 devices
     RouteSpec("POST", "/api/devices/enrollments", "session", ok=201, csrf=True),
-    RouteSpec("POST", "/api/devices", "none", _enroll, optional=frozenset({"push"}), ok=201,
-              outcomes=frozenset({201, 400})),
+    RouteSpec(
+        "POST",
+        "/api/devices",
+        "none",
+        _enroll,
+        optional=frozenset({"push"}),
+        ok=201,
+        outcomes=frozenset({201, 400}),
+    ),
     RouteSpec("GET", "/api/devices", "session"),
-    RouteSpec("PATCH", "/api/devices/me", "device", _device_update,
-              optional=frozenset({"name", "push"}), outcomes=frozenset({200})),
+    RouteSpec(
+        "PATCH",
+        "/api/devices/me",
+        "device",
+        _device_update,
+        optional=frozenset({"name", "push"}),
+        outcomes=frozenset({200}),
+    ),
     RouteSpec("DELETE", "/api/devices/me", "device"),
     RouteSpec("GET", "/api/devices/me/approvals", "device"),
     RouteSpec("DELETE", "/api/devices/{device_id}", "session", csrf=True),
     RouteSpec("GET", "/api/approvals/{approval_id}", "device"),
-    RouteSpec("POST", "/api/approvals/{approval_id}/decision", "device", _decision,
-              outcomes=frozenset({400, 404, 409})),
+    RouteSpec(
+        "POST",
+        "/api/approvals/{approval_id}/decision",
+        "device",
+        _decision,
+        outcomes=frozenset({400, 404, 409}),
+    ),
     RouteSpec("WS", "/ws/device", "device"),
     # §5 relying parties
-    RouteSpec("POST", "/api/v1/approvals", "api_key", _rp_create,
-              optional=frozenset({"context", "ttl", "context.ip", "context.user_agent",
-                                  "context.browser", "context.os"}), ok=201,
-              outcomes=frozenset({201, 404})),
+    RouteSpec(
+        "POST",
+        "/api/v1/approvals",
+        "api_key",
+        _rp_create,
+        optional=frozenset(
+            {"context", "ttl", "context.ip", "context.user_agent", "context.browser", "context.os"}
+        ),
+        ok=201,
+        outcomes=frozenset({201, 404}),
+    ),
     RouteSpec("GET", "/api/v1/approvals/{approval_id}", "api_key"),
     # pages and their static files
     RouteSpec("GET", "/", "none"),
@@ -235,8 +307,9 @@ async def target(server: LiveServer, spec: RouteSpec, who: Person | None = None)
         headers = {"Authorization": f"Bearer {key}"}
         if "{approval_id}" in spec.path:
             await forget_fatigue(server, who.user_id)
-            created = await client.post("/api/v1/approvals", json={"user": who.email},
-                                        headers=headers)
+            created = await client.post(
+                "/api/v1/approvals", json={"user": who.email}, headers=headers
+            )
             assert created.status_code == 201, created.text
             params["approval_id"] = created.json()["approval_id"]
     if "{device_id}" in spec.path:

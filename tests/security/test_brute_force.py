@@ -34,8 +34,14 @@ def an_ip() -> str:
     return f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
 
 
-async def attempt(server: LiveServer, email: str, password: str, *, ip: str | None = None,
-                  browser: httpx.AsyncClient | None = None) -> httpx.Response:
+async def attempt(
+    server: LiveServer,
+    email: str,
+    password: str,
+    *,
+    ip: str | None = None,
+    browser: httpx.AsyncClient | None = None,
+) -> httpx.Response:
     headers = {"X-Forwarded-For": ip or an_ip(), "Origin": server.origin, "User-Agent": CHROME}
     body = {"email": email, "password": password}
     if browser is not None:
@@ -83,8 +89,14 @@ async def test_other_spellings_of_an_address_share_its_limit(server: LiveServer)
     local = f"spelled{secrets.token_hex(3)}"
     email = f"{local}@example.com"
     await add_user(server, email)
-    spellings = [email, email.upper(), f"  {email}  ", f"{local}@EXAMPLE.com",
-                 f"{local}@{fullwidth('example')}.com", f"{local}@example.{fullwidth('com')}"]
+    spellings = [
+        email,
+        email.upper(),
+        f"  {email}  ",
+        f"{local}@EXAMPLE.com",
+        f"{local}@{fullwidth('example')}.com",
+        f"{local}@example.{fullwidth('com')}",
+    ]
     for index in range(10):
         spelling = spellings[index % len(spellings)]
         assert_error(await attempt(server, spelling, WRONG), 401, "invalid_credentials")
@@ -98,8 +110,9 @@ async def test_a_hundred_failures_lock_an_ip_even_in_one_burst(server: LiveServe
     # and no more than 100 guesses from the IP get to the password check.
     emails = [unique_email("spray") for _ in range(12)]
     await asyncio.gather(*(add_user(server, email) for email in emails))
-    answers = await asyncio.gather(*(attempt(server, email, WRONG, ip=ip)
-                                     for email in emails for _ in range(9)))
+    answers = await asyncio.gather(
+        *(attempt(server, email, WRONG, ip=ip) for email in emails for _ in range(9))
+    )
     codes = [a.status_code for a in answers]
     assert codes.count(401) == 100 and codes.count(429) == 8, sorted(codes)
     fresh = await person(server, "fresh")
@@ -146,8 +159,9 @@ async def test_limits_are_shared_by_every_process(server_factory: ServerFactory)
     email = unique_email("shared")
     await add_user(first, email)
     # Twenty guesses at once, half to each process: the budget is one, in Redis.
-    answers = await asyncio.gather(*(attempt(first if i % 2 else second, email, WRONG)
-                                     for i in range(20)))
+    answers = await asyncio.gather(
+        *(attempt(first if i % 2 else second, email, WRONG) for i in range(20))
+    )
     codes = [a.status_code for a in answers]
     assert codes.count(401) == 10 and codes.count(429) == 10, sorted(codes)
     for server in (first, second):

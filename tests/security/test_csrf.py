@@ -31,14 +31,18 @@ CSRF_ROUTES = [s for s in ROUTES if s.csrf]
 
 
 def test_every_cookie_authenticated_write_is_checked_for_csrf() -> None:
-    unchecked = [s.key for s in ROUTES
-                 if s.method in UNSAFE and s.auth in ("session", "login") and not s.csrf]
+    unchecked = [
+        s.key
+        for s in ROUTES
+        if s.method in UNSAFE and s.auth in ("session", "login") and not s.csrf
+    ]
     assert not unchecked, f"cookie-authenticated writes without a CSRF test: {unchecked}"
 
 
 @pytest.mark.parametrize("spec", CSRF_ROUTES, ids=[s.key for s in CSRF_ROUTES])
-async def test_a_foreign_origin_is_refused_even_with_valid_cookies(server: LiveServer,
-                                                                   spec: RouteSpec) -> None:
+async def test_a_foreign_origin_is_refused_even_with_valid_cookies(
+    server: LiveServer, spec: RouteSpec
+) -> None:
     t = await target(server, spec)
     body = await t.body() if spec.body else None
     # A browser that sends no Origin still says where the request came from.
@@ -48,10 +52,12 @@ async def test_a_foreign_origin_is_refused_even_with_valid_cookies(server: LiveS
             await t.send(json_body=body, headers={"Origin": EVIL}),
             await t.send(json_body=body, headers={"Origin": "null"}),
             await t.send(json_body=body, headers={"Origin": f"{server.origin}.evil.example"}),
-            await bare.request(spec.method, t.url, json=body,
-                               headers={"Sec-Fetch-Site": "cross-site"}),
-            await bare.request(spec.method, t.url, json=body,
-                               headers={"Sec-Fetch-Site": "same-site"}),
+            await bare.request(
+                spec.method, t.url, json=body, headers={"Sec-Fetch-Site": "cross-site"}
+            ),
+            await bare.request(
+                spec.method, t.url, json=body, headers={"Sec-Fetch-Site": "same-site"}
+            ),
         ]
     for response in attempts:
         assert_error(response, 403, "csrf")
@@ -74,8 +80,9 @@ async def test_a_forged_complete_gives_no_session(server: LiveServer) -> None:
     who = await person(server, "complete")
     login = await pending_login(server, who, remember_browser=True)
     await approve(server, who, login)
-    forged = await login.browser.post(f"/api/login/{login.approval_id}/complete",
-                                      headers={"Origin": EVIL})
+    forged = await login.browser.post(
+        f"/api/login/{login.approval_id}/complete", headers={"Origin": EVIL}
+    )
     assert_error(forged, 403, "csrf")
     assert "tapprove_session" not in forged.cookies and "tapprove_trust" not in forged.cookies
     done = await login.browser.post(f"/api/login/{login.approval_id}/complete")
@@ -96,8 +103,11 @@ async def test_the_login_stream_refuses_foreign_origins_and_missing_cookies(
         dict(approval_id=first.approval_id, cookie=cookie, origin=EVIL),
         dict(approval_id=first.approval_id, cookie=cookie, origin=None),
         dict(approval_id=first.approval_id, cookie=cookie, origin="null"),
-        dict(approval_id=first.approval_id, cookie=cookie,
-             origin=server.origin.replace("http://", "https://")),
+        dict(
+            approval_id=first.approval_id,
+            cookie=cookie,
+            origin=server.origin.replace("http://", "https://"),
+        ),
         dict(approval_id=first.approval_id, cookie="x" * 43, origin=server.origin),
         dict(approval_id=first.approval_id, cookie=other_cookie, origin=server.origin),
         dict(approval_id=other.approval_id, cookie=cookie, origin=server.origin),
@@ -106,12 +116,17 @@ async def test_the_login_stream_refuses_foreign_origins_and_missing_cookies(
     ]
     for attempt in refused:
         with pytest.raises(websockets.InvalidStatus) as caught:
-            async with login_stream(server, str(attempt["approval_id"]),
-                                    cookie=attempt["cookie"], origin=attempt["origin"]):
+            async with login_stream(
+                server,
+                str(attempt["approval_id"]),
+                cookie=attempt["cookie"],
+                origin=attempt["origin"],
+            ):
                 pass
         assert caught.value.response.status_code == 403, attempt
-    async with login_stream(server, first.approval_id, cookie=cookie,
-                            origin=server.origin) as stream:
+    async with login_stream(
+        server, first.approval_id, cookie=cookie, origin=server.origin
+    ) as stream:
         frame = await stream.recv()
         assert '"pending"' in str(frame)
 
@@ -121,8 +136,9 @@ async def test_the_login_stream_ignores_what_the_browser_sends(server: LiveServe
     who = await person(server, "chatty")
     login = await pending_login(server, who)
     cookie = login.browser.cookies["tapprove_login"]
-    async with login_stream(server, login.approval_id, cookie=cookie,
-                            origin=server.origin) as stream:
+    async with login_stream(
+        server, login.approval_id, cookie=cookie, origin=server.origin
+    ) as stream:
         assert json.loads(await stream.recv())["type"] == "status"
         for frame in ["not json", '{"type": "result", "status": "approved"}', b"\x00\xff", ""]:
             await stream.send(frame)
@@ -132,9 +148,12 @@ async def test_the_login_stream_ignores_what_the_browser_sends(server: LiveServe
             frames.append(json.loads(await asyncio.wait_for(stream.recv(), 10)))
         assert frames[-1] == {"type": "result", "status": "approved"}
     other = await pending_login(server, who)
-    async with login_stream(server, other.approval_id,
-                            cookie=other.browser.cookies["tapprove_login"],
-                            origin=server.origin) as stream:
+    async with login_stream(
+        server,
+        other.approval_id,
+        cookie=other.browser.cookies["tapprove_login"],
+        origin=server.origin,
+    ) as stream:
         await stream.recv()
         await stream.send("x" * (70 * 1024))
         with pytest.raises(websockets.ConnectionClosed):
@@ -142,4 +161,5 @@ async def test_the_login_stream_ignores_what_the_browser_sends(server: LiveServe
                 await asyncio.wait_for(stream.recv(), 10)
         assert stream.close_code == 1009
     assert (await other.browser.get(f"/api/login/{other.approval_id}")).json()[
-        "status"] == "pending"
+        "status"
+    ] == "pending"

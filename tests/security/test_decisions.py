@@ -44,12 +44,15 @@ def _public_key_encodings(phone: Phone) -> list[bytes]:
     public = phone.key.public_key()
     jwk = device_public_jwk(public)
     return [
-        public.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo),
-        public.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo),
-        public.public_bytes(serialization.Encoding.X962,
-                            serialization.PublicFormat.UncompressedPoint),
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        ),
         json.dumps(jwk).encode(),
         json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode(),
         b"",
@@ -65,8 +68,12 @@ def _der_signed(phone: Phone, claims: dict[str, Any]) -> str:
     return f"{signing_input}.{b64(der)}"
 
 
-def _with_header(phone: Phone, header: dict[str, Any], claims: dict[str, Any],
-                 key: ec.EllipticCurvePrivateKey | None = None) -> str:
+def _with_header(
+    phone: Phone,
+    header: dict[str, Any],
+    claims: dict[str, Any],
+    key: ec.EllipticCurvePrivateKey | None = None,
+) -> str:
     """An ES256 JWS with a header of our choosing (embedded keys, crit, ...)."""
     from cryptography.hazmat.primitives import hashes
 
@@ -76,8 +83,9 @@ def _with_header(phone: Phone, header: dict[str, Any], claims: dict[str, Any],
     return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
-def forgeries(who: Person, sibling: Phone, approval: dict[str, Any], other: dict[str, Any],
-              number: str) -> dict[str, str]:
+def forgeries(
+    who: Person, sibling: Phone, approval: dict[str, Any], other: dict[str, Any], number: str
+) -> dict[str, str]:
     """Named decisions that must all be refused with `bad_signature`."""
     phone = who.phone
     good = claims_for(approval, number=number)
@@ -86,8 +94,8 @@ def forgeries(who: Person, sibling: Phone, approval: dict[str, Any], other: dict
     found = {
         "alg none": unsigned(phone.device_id, good),
         "alg None": f"{segment({'alg': 'None', 'kid': phone.device_id})}.{segment(good)}.",
-        "alg none with a signature": unsigned(phone.device_id, good) + signed(phone, good)
-        .rsplit(".", 1)[1],
+        "alg none with a signature": unsigned(phone.device_id, good)
+        + signed(phone, good).rsplit(".", 1)[1],
         "expired (iat 301 s old)": signed(phone, {**good, "iat": now - 301}),
         "from the future (iat 301 s ahead)": signed(phone, {**good, "iat": now + 301}),
         "iat as a string": signed(phone, {**good, "iat": str(now)}),
@@ -102,40 +110,59 @@ def forgeries(who: Person, sibling: Phone, approval: dict[str, Any], other: dict
         "decision maybe": signed(phone, {**good, "decision": "maybe"}),
         "approve for fraud": signed(phone, {**good, "reason": "fraud"}),
         "reason other": signed(phone, {**good, "decision": "deny", "reason": "bored"}),
-        "approve without a number": signed(phone, {k: v for k, v in good.items()
-                                                     if k != "number"}),
-        "signed by a sibling device's key": signed(Phone(phone.device_id, phone.token,
-                                                         sibling.key), good),
+        "approve without a number": signed(phone, {k: v for k, v in good.items() if k != "number"}),
+        "signed by a sibling device's key": signed(
+            Phone(phone.device_id, phone.token, sibling.key), good
+        ),
         "kid of a sibling device": signed(sibling, good),
-        "signed by an attacker's key": signed(Phone(phone.device_id, phone.token, attacker),
-                                              good),
+        "signed by an attacker's key": signed(Phone(phone.device_id, phone.token, attacker), good),
         "attacker key embedded in the header": _with_header(
-            phone, {"alg": "ES256", "kid": phone.device_id,
-                    "jwk": device_public_jwk(attacker.public_key())}, good, attacker),
+            phone,
+            {
+                "alg": "ES256",
+                "kid": phone.device_id,
+                "jwk": device_public_jwk(attacker.public_key()),
+            },
+            good,
+            attacker,
+        ),
         "attacker key by URL": _with_header(
-            phone, {"alg": "ES256", "kid": phone.device_id,
-                    "jku": "https://evil.example/jwks.json"}, good, attacker),
-        "crit header": _with_header(phone, {"alg": "ES256", "kid": phone.device_id,
-                                            "crit": ["exp"], "exp": now + 60}, good),
+            phone,
+            {"alg": "ES256", "kid": phone.device_id, "jku": "https://evil.example/jwks.json"},
+            good,
+            attacker,
+        ),
+        "crit header": _with_header(
+            phone, {"alg": "ES256", "kid": phone.device_id, "crit": ["exp"], "exp": now + 60}, good
+        ),
         "DER signature": _der_signed(phone, good),
         "signature cut short": signed(phone, good)[:-10],
-        "payload swapped after signing": ".".join([
-            signed(phone, good).split(".")[0],
-            segment({**good, "decision": "approve", "number": "00"}),
-            signed(phone, good).split(".")[2]]),
+        "payload swapped after signing": ".".join(
+            [
+                signed(phone, good).split(".")[0],
+                segment({**good, "decision": "approve", "number": "00"}),
+                signed(phone, good).split(".")[2],
+            ]
+        ),
         "ES384 header": _with_header(phone, {"alg": "ES384", "kid": phone.device_id}, good),
         "no kid": _with_header(phone, {"alg": "ES256"}, good),
         "kid as a number": _with_header(phone, {"alg": "ES256", "kid": 7}, good),
         "kid traversal": _with_header(phone, {"alg": "ES256", "kid": "../../etc/passwd"}, good),
-        "payload not an object": _with_header(phone, {"alg": "ES256", "kid": phone.device_id},
-                                              good) .split(".")[0] + "." + b64(b"[1,2]") + ".AA",
+        "payload not an object": _with_header(
+            phone, {"alg": "ES256", "kid": phone.device_id}, good
+        ).split(".")[0]
+        + "."
+        + b64(b"[1,2]")
+        + ".AA",
         "four segments": signed(phone, good) + ".AAAA",
-        "JSON serialization": json.dumps({"payload": segment(good),
-                                          "signatures": [{"protected": "x"}]}),
+        "JSON serialization": json.dumps(
+            {"payload": segment(good), "signatures": [{"protected": "x"}]}
+        ),
     }
     for index, secret in enumerate(_public_key_encodings(phone)):
-        found[f"HS256 keyed with the public key #{index}"] = hs256_with(secret, phone.device_id,
-                                                                        good)
+        found[f"HS256 keyed with the public key #{index}"] = hs256_with(
+            secret, phone.device_id, good
+        )
     return found
 
 
@@ -171,9 +198,11 @@ async def test_forged_decisions_are_bad_signature_over_http_and_socket(
             frame = await _ws_answer(ws, jws, login.approval_id)
             assert frame["type"] == "error" and frame["error"] == "bad_signature", (name, frame)
         assert (await login.browser.get(f"/api/login/{login.approval_id}")).json()[
-            "status"] == "pending"
+            "status"
+        ] == "pending"
         assert (await other_login.browser.get(f"/api/login/{other_login.approval_id}")).json()[
-            "status"] == "pending"
+            "status"
+        ] == "pending"
 
         # The real answer still works, once; its replay is `already_decided`, both ways.
         real = who.phone.sign(approval, number=login.number)
@@ -184,8 +213,9 @@ async def test_forged_decisions_are_bad_signature_over_http_and_socket(
         frame = await _ws_answer(ws, real, login.approval_id)
         assert frame["type"] == "error" and frame["error"] == "already_decided", frame
         # A sibling device's own valid answer is too late as well.
-        late = await decide(server, sibling, login.approval_id,
-                            sibling.sign(approval, number=login.number), client)
+        late = await decide(
+            server, sibling, login.approval_id, sibling.sign(approval, number=login.number), client
+        )
         assert_error(late, 409, "already_decided")
         # Replaying the old answer against a new approval fails on its id and challenge.
         newer = await pending_login(server, who)
@@ -215,15 +245,22 @@ async def test_a_wrong_number_denies_and_numbers_are_compared_exactly(
             approval = await device_view(server, who.phone, login.approval_id)
             if given == login.number:
                 continue
-            answer = await decide(server, who.phone, login.approval_id,
-                                  who.phone.sign(approval, number=given), client)
+            answer = await decide(
+                server, who.phone, login.approval_id, who.phone.sign(approval, number=given), client
+            )
             assert assert_error(answer, 422, "wrong_number")["status"] == "denied", given
             assert (await login.browser.get(f"/api/login/{login.approval_id}")).json()[
-                "status"] == "denied"
+                "status"
+            ] == "denied"
         login = await pending_login(server, who)
         approval = await device_view(server, who.phone, login.approval_id)
-        as_int = await decide(server, who.phone, login.approval_id,
-                              who.phone.sign(approval, number=int(login.number)), client)
+        as_int = await decide(
+            server,
+            who.phone,
+            login.approval_id,
+            who.phone.sign(approval, number=int(login.number)),
+            client,
+        )
         assert as_int.status_code == 200, as_int.text
 
 
@@ -234,11 +271,11 @@ async def test_an_expired_approval_answers_410(server: LiveServer) -> None:
     # Move the deadline into the past instead of waiting two minutes.
     key = f"{server.settings.redis_prefix}approval:{login.approval_id}"
     await server.services.redis.hset(key, "expires_at", repr(time.time() - 1))
-    answer = await decide(server, who.phone, login.approval_id,
-                          who.phone.sign(approval, number=login.number))
+    answer = await decide(
+        server, who.phone, login.approval_id, who.phone.sign(approval, number=login.number)
+    )
     assert assert_error(answer, 410, "expired")["status"] == "expired"
-    again = await decide(server, who.phone, login.approval_id,
-                         who.phone.sign(approval, "deny"))
+    again = await decide(server, who.phone, login.approval_id, who.phone.sign(approval, "deny"))
     assert_error(again, 410, "expired")
     done = await login.browser.post(f"/api/login/{login.approval_id}/complete")
     assert_error(done, 409, "not_approved")
@@ -250,8 +287,11 @@ async def test_credentials_of_other_users_open_nothing(server: LiveServer) -> No
     login = await pending_login(server, alice)
     alice_key, bob_key = await api_key(server, "alice-rp"), await api_key(server, "bob-rp")
     async with httpx.AsyncClient(base_url=server.url) as client:
-        created = await client.post("/api/v1/approvals", json={"user": bob.email},
-                                    headers={"Authorization": f"Bearer {alice_key}"})
+        created = await client.post(
+            "/api/v1/approvals",
+            json={"user": bob.email},
+            headers={"Authorization": f"Bearer {alice_key}"},
+        )
         assert created.status_code == 201, created.text
         rp_id = created.json()["approval_id"]
         checks: list[tuple[str, str, dict[str, str], int]] = [
@@ -269,12 +309,12 @@ async def test_credentials_of_other_users_open_nothing(server: LiveServer) -> No
             ("GET", "/api/devices/me/approvals", {"Authorization": f"Bearer {alice_key}"}, 401),
         ]
         for method, path, headers, status in checks:
-            response = await bob.session.request(method, path, headers=headers,
-                                                 json={"code": "123456"})
+            response = await bob.session.request(
+                method, path, headers=headers, json={"code": "123456"}
+            )
             assert_error(response, status)
         # Bob's session revokes none of Alice's devices.
         gone = await bob.session.delete(f"/api/devices/{alice.phone.device_id}")
         assert_error(gone, 404, "not_found")
         mine = await alice.session.get("/api/devices")
         assert [d["id"] for d in mine.json()["devices"]] == [alice.phone.device_id]
-

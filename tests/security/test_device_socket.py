@@ -105,16 +105,31 @@ async def test_bad_frames_get_bad_message_and_the_socket_stays_open(server: Live
         assert answers[0]["error"] == "bad_message", answers
         assert isinstance(answers[0]["message"], str)
 
-    for frame in ["not json", "", "[]", "null", "42", '"text"', json.dumps({"type": 5}),
-                  json.dumps({"type": None}), json.dumps({"kind": "ack"}),
-                  json.dumps({"type": "approve"}), json.dumps({"type": "x" * 60_000}),
-                  json.dumps({"type": "\u202e\u0000💩"}), '{"type": "\\udfff"}',
-                  "[" * 3000 + "]" * 3000, b"\x00\x01binary", b"",
-                  json.dumps({"type": "ack"}), json.dumps({"type": "ack", "id": 7}),
-                  json.dumps({"type": "ack", "id": ["x"]}),
-                  json.dumps({"type": "ack", "id": "a" * 65}),
-                  json.dumps({"type": "decision"}), json.dumps({"type": "decision", "jws": 1}),
-                  json.dumps({"type": "decision", "jws": "x" * 9000})]:
+    for frame in [
+        "not json",
+        "",
+        "[]",
+        "null",
+        "42",
+        '"text"',
+        json.dumps({"type": 5}),
+        json.dumps({"type": None}),
+        json.dumps({"kind": "ack"}),
+        json.dumps({"type": "approve"}),
+        json.dumps({"type": "x" * 60_000}),
+        json.dumps({"type": "\u202e\u0000💩"}),
+        '{"type": "\\udfff"}',
+        "[" * 3000 + "]" * 3000,
+        b"\x00\x01binary",
+        b"",
+        json.dumps({"type": "ack"}),
+        json.dumps({"type": "ack", "id": 7}),
+        json.dumps({"type": "ack", "id": ["x"]}),
+        json.dumps({"type": "ack", "id": "a" * 65}),
+        json.dumps({"type": "decision"}),
+        json.dumps({"type": "decision", "jws": 1}),
+        json.dumps({"type": "decision", "jws": "x" * 9000}),
+    ]:
         bad_message(await talk.answer(frame))
 
     # Frames that parse but name nothing of this user's: a protocol error, still open.
@@ -128,7 +143,9 @@ async def test_bad_frames_get_bad_message_and_the_socket_stays_open(server: Live
     ]:
         answers = await talk.answer(frame)
         assert [a["type"] for a in answers] == ["error"] and answers[0]["error"] == error, (
-            frame, answers)
+            frame,
+            answers,
+        )
 
     # A repeated auth frame changes nothing, not even to another device's token.
     other = await person(server, "intruder")
@@ -138,8 +155,9 @@ async def test_bad_frames_get_bad_message_and_the_socket_stays_open(server: Live
     login = await pending_login(server, who)
     request = await next_frame(ws, "approval_request")
     assert request["approval"]["id"] == login.approval_id
-    await ws.send(json.dumps({"type": "decision",
-                              "jws": who.phone.sign(request["approval"], "deny")}))
+    await ws.send(
+        json.dumps({"type": "decision", "jws": who.phone.sign(request["approval"], "deny")})
+    )
     result = await next_frame(ws, "decision_result")
     assert result == {"type": "decision_result", "id": login.approval_id, "status": "denied"}
     await ws.close()
@@ -154,8 +172,10 @@ async def test_one_users_device_cannot_touch_another_users_approval(server: Live
     talk = Conversation(ws)
     ack = await talk.answer(json.dumps({"type": "ack", "id": login.approval_id}))
     assert [a.get("error") for a in ack] == ["not_found"], ack
-    for jws in (mallory.phone.sign(approval, number=login.number),
-                alice.phone.sign(approval, number=login.number)):
+    for jws in (
+        mallory.phone.sign(approval, number=login.number),
+        alice.phone.sign(approval, number=login.number),
+    ):
         answers = await talk.answer(json.dumps({"type": "decision", "jws": jws}))
         assert [a.get("error") for a in answers] in (["not_found"], ["bad_signature"]), answers
     # Mallory's socket never heard of Alice's approval, and it is still pending.
@@ -177,14 +197,18 @@ async def test_a_revoked_device_is_cut_off_everywhere(server: LiveServer) -> Non
     revoked = await who.session.delete(f"/api/devices/{who.phone.device_id}")
     assert revoked.status_code == 200
     assert await close_code(ws) == 4401
-    assert await _closed_with(server, json.dumps({"type": "auth",
-                                                  "token": who.phone.token})) == 4401
+    assert (
+        await _closed_with(server, json.dumps({"type": "auth", "token": who.phone.token})) == 4401
+    )
     async with httpx.AsyncClient(base_url=server.url, headers=who.phone.auth) as client:
         for method, path, body in [
             ("GET", "/api/devices/me/approvals", None),
             ("GET", f"/api/approvals/{login.approval_id}", None),
-            ("POST", f"/api/approvals/{login.approval_id}/decision",
-             {"jws": who.phone.sign(approval, number=login.number)}),
+            (
+                "POST",
+                f"/api/approvals/{login.approval_id}/decision",
+                {"jws": who.phone.sign(approval, number=login.number)},
+            ),
             ("PATCH", "/api/devices/me", {"name": "still here?"}),
             ("DELETE", "/api/devices/me", None),
         ]:
@@ -192,4 +216,5 @@ async def test_a_revoked_device_is_cut_off_everywhere(server: LiveServer) -> Non
             assert response.status_code == 401, (path, response.text)
             assert response.json()["error"] == "unauthorized"
     assert (await login.browser.get(f"/api/login/{login.approval_id}")).json()["status"] == (
-        "pending")
+        "pending"
+    )

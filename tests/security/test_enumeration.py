@@ -22,8 +22,9 @@ VARYING = {"date", "x-request-id"}
 
 
 def fingerprint(response: httpx.Response) -> tuple[int, bytes, tuple[tuple[str, str], ...]]:
-    headers = tuple(sorted((k.lower(), v) for k, v in response.headers.items()
-                     if k.lower() not in VARYING))
+    headers = tuple(
+        sorted((k.lower(), v) for k, v in response.headers.items() if k.lower() not in VARYING)
+    )
     return response.status_code, response.content, headers
 
 
@@ -41,13 +42,22 @@ async def test_unknown_addresses_and_wrong_passwords_get_identical_answers(
         await db.commit()
 
     async def sign_in(email: str, password: str) -> httpx.Response:
-        async with httpx.AsyncClient(base_url=server.url,
-                                     headers={"Origin": server.origin}) as client:
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Origin": server.origin}
+        ) as client:
             return await client.post("/api/login", json={"email": email, "password": password})
 
-    wrong = [await sign_in(email, "wrong password")
-             for email in (unique_email("nobody"), known, unverified, locked, known.upper(),
-                           "not even an address")]
+    wrong = [
+        await sign_in(email, "wrong password")
+        for email in (
+            unique_email("nobody"),
+            known,
+            unverified,
+            locked,
+            known.upper(),
+            "not even an address",
+        )
+    ]
     first = fingerprint(wrong[0])
     assert first[0] == 401
     for response in wrong[1:]:
@@ -65,8 +75,9 @@ async def test_registering_a_taken_address_looks_like_a_new_one(server: LiveServ
     answers = []
     async with httpx.AsyncClient(base_url=server.url) as client:
         for email in (unique_email("new"), taken, taken.upper()):
-            answers.append(await client.post("/api/register",
-                                              json={"email": email, "password": PASSWORD}))
+            answers.append(
+                await client.post("/api/register", json={"email": email, "password": PASSWORD})
+            )
             await clear_limits(server)
         for email in (unique_email("new"), taken):
             answers.append(await client.post("/api/verify-email/resend", json={"email": email}))
@@ -93,8 +104,9 @@ async def test_login_timing_does_not_tell_known_from_unknown_addresses(
         async def sample(email: str) -> None:
             await clear_limits(server)
             started = time.perf_counter()
-            response = await client.post("/api/login",
-                                         json={"email": email, "password": "wrong password"})
+            response = await client.post(
+                "/api/login", json={"email": email, "password": "wrong password"}
+            )
             times[email].append(time.perf_counter() - started)
             assert response.status_code == 401
 

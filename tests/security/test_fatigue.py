@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(120)
 
 async def fatigue(server: LiveServer, user_id: str) -> dict[str, str]:
     found: dict[str, str] = await server.services.redis.hgetall(
-        KeySpace(server.settings.redis_prefix).user_fatigue(user_id))
+        KeySpace(server.settings.redis_prefix).user_fatigue(user_id)
+    )
     return found
 
 
@@ -45,12 +46,19 @@ async def login(server: LiveServer, who: Person) -> httpx.Response:
     return await server.login(server.browser(), who.email)
 
 
-async def answer(server: LiveServer, clock: ManualClock, who: Person, started: httpx.Response,
-                 decision: str, number: str | None = None) -> httpx.Response:
+async def answer(
+    server: LiveServer,
+    clock: ManualClock,
+    who: Person,
+    started: httpx.Response,
+    decision: str,
+    number: str | None = None,
+) -> httpx.Response:
     approval_id = started.json()["approval_id"]
     approval = await device_view(server, who.phone, approval_id)
-    jws = who.phone.sign(approval, decision, number=number or started.json()["number"],
-                         iat=clock.now())
+    jws = who.phone.sign(
+        approval, decision, number=number or started.json()["number"], iat=clock.now()
+    )
     return await decide(server, who.phone, approval_id, jws)
 
 
@@ -98,8 +106,9 @@ async def test_backoff_doubles_from_10_s_to_an_hour_and_a_success_resets_it(
     backed_off(await login(server, who), 80)
 
     # Many failures later the wait is capped at one hour.
-    await server.services.redis.hset(KeySpace(server.settings.redis_prefix)
-                                     .user_fatigue(who.user_id), "failures", 30)
+    await server.services.redis.hset(
+        KeySpace(server.settings.redis_prefix).user_fatigue(who.user_id), "failures", 30
+    )
     assert (await answer(server, clock, who, newest, "deny")).status_code == 200
     backed_off(await login(server, who), 3600)
     clock.advance(3599)
@@ -148,8 +157,9 @@ async def test_one_pending_approval_per_user_across_processes(
     first, second = await server_factory(), await server_factory()
     who = await person(first, "single")
     browsers = [first.browser(), second.browser(), first.browser(), second.browser()]
-    answers = await asyncio.gather(*(
-        (first if i % 2 == 0 else second).login(b, who.email) for i, b in enumerate(browsers)))
+    answers = await asyncio.gather(
+        *((first if i % 2 == 0 else second).login(b, who.email) for i, b in enumerate(browsers))
+    )
     codes = sorted(a.status_code for a in answers)
     # The first creates, the second supersedes it, and the backoff that starts refuses the
     # rest; whatever the interleaving, one approval is left pending.
@@ -164,7 +174,8 @@ async def test_one_pending_approval_per_user_across_processes(
         if response.status_code == 202:
             approval_id = response.json()["approval_id"]
             statuses[approval_id] = (await browser.get(f"/api/login/{approval_id}")).json()[
-                "status"]
+                "status"
+            ]
     assert sorted(statuses.values()) == ["expired", "pending"]
 
 
@@ -178,8 +189,13 @@ async def _cli(server: LiveServer, tmp_path: Path, *args: str) -> tuple[int, dic
     }
     tapprove = Path(sys.executable).with_name("tapprove")
     process = await asyncio.create_subprocess_exec(
-        str(tapprove), *args, "--json", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        str(tapprove),
+        *args,
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     lines = out.decode().splitlines()
@@ -188,22 +204,25 @@ async def _cli(server: LiveServer, tmp_path: Path, *args: str) -> tuple[int, dic
 
 
 async def test_a_fraud_report_locks_until_an_operator_unlocks(
-    server: LiveServer, tmp_path: Path,
+    server: LiveServer,
+    tmp_path: Path,
 ) -> None:
     who = await person(server, "fraud")
     key = await api_key(server)
     started = await login(server, who)
     approval = await device_view(server, who.phone, started.json()["approval_id"])
-    reported = await decide(server, who.phone, approval["id"],
-                            who.phone.sign(approval, "deny", reason="fraud"))
+    reported = await decide(
+        server, who.phone, approval["id"], who.phone.sign(approval, "deny", reason="fraud")
+    )
     assert reported.status_code == 200 and reported.json() == {"status": "denied"}
 
     # Locked: 423 (it takes precedence over the backoff the denial started), for every path
     # to a new approval, and the user's sessions are gone.
     assert (await fatigue(server, who.user_id))["failures"] == "1"
     assert_error(await login(server, who), 423, "locked")
-    rp = await server.browser().post("/api/v1/approvals", json={"user": who.email},
-                                     headers={"Authorization": f"Bearer {key}"})
+    rp = await server.browser().post(
+        "/api/v1/approvals", json={"user": who.email}, headers={"Authorization": f"Bearer {key}"}
+    )
     assert_error(rp, 423, "locked")
     assert_error(await who.session.get("/api/account"), 401, "unauthorized")
     async with server.services.db() as db:
@@ -211,8 +230,11 @@ async def test_a_fraud_report_locks_until_an_operator_unlocks(
 
         user = await get_user_by_email(db, who.email)
         assert user is not None and user.locked
-    assert_error(await server.login(server.browser(), who.email, "wrong password"), 401,
-                 "invalid_credentials")
+    assert_error(
+        await server.login(server.browser(), who.email, "wrong password"),
+        401,
+        "invalid_credentials",
+    )
 
     code, body = await _cli(server, tmp_path, "user", "unlock", who.email.upper())
     assert code == 0 and body == {"email": who.email, "locked": False}, body
@@ -232,7 +254,8 @@ async def test_fraud_reports_and_denials_do_not_lock_out_other_users(
     bystander = await person(server, "bystander")
     started = await login(server, victim)
     approval = await device_view(server, victim.phone, started.json()["approval_id"])
-    await decide(server, victim.phone, approval["id"],
-                 victim.phone.sign(approval, "deny", reason="fraud"))
+    await decide(
+        server, victim.phone, approval["id"], victim.phone.sign(approval, "deny", reason="fraud")
+    )
     response = await server.login(server.browser(), bystander.email, PASSWORD)
     assert response.status_code == 202, response.text

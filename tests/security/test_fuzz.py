@@ -42,26 +42,56 @@ from tests.security.test_device_socket import Conversation
 
 pytestmark = pytest.mark.timeout(240)
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 STRINGS = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["", "\x00", "\ud800", "x\udfffy", "\u202e", "💩", "Ω" * 400, "null",
-                     "true", "0", "-1", "' OR 1=1--", "A" * 43, "tap_" + "A" * 43]),
+    st.sampled_from(
+        [
+            "",
+            "\x00",
+            "\ud800",
+            "x\udfffy",
+            "\u202e",
+            "💩",
+            "Ω" * 400,
+            "null",
+            "true",
+            "0",
+            "-1",
+            "' OR 1=1--",
+            "A" * 43,
+            "tap_" + "A" * 43,
+        ]
+    ),
 )
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), STRINGS)
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(STRINGS, inner, max_size=4), max_leaves=12)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    STRINGS,
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(STRINGS, inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def bodies(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
     """Bodies near the route's schema (its fields, each right or wrong), or anything at all."""
-    near = st.fixed_dictionaries({}, optional={name: value | JSON
-                                               for name, value in fields.items()})
+    near = st.fixed_dictionaries(
+        {}, optional={name: value | JSON for name, value in fields.items()}
+    )
     with_extra = st.tuples(near, st.dictionaries(STRINGS, JSON, max_size=2)).map(
-        lambda pair: {**pair[1], **pair[0]})
+        lambda pair: {**pair[1], **pair[0]}
+    )
     return st.one_of(near, with_extra, JSON)
 
 
@@ -81,29 +111,52 @@ async def cast(shared: LiveServer) -> AsyncIterator[dict[str, Any]]:
     who = await person(shared, "fuzz")
     key = await api_key(shared)
     client = httpx.AsyncClient(base_url=shared.url, headers={"Origin": shared.origin})
-    created = await client.post("/api/v1/approvals", json={"user": who.email, "ttl": 600},
-                                headers={"Authorization": f"Bearer {key}"})
+    created = await client.post(
+        "/api/v1/approvals",
+        json={"user": who.email, "ttl": 600},
+        headers={"Authorization": f"Bearer {key}"},
+    )
     assert created.status_code == 201, created.text
     approval = await device_view(shared, who.phone, created.json()["approval_id"])
     ws = await device_socket(shared, who.phone)
-    yield {"who": who, "key": key, "approval": approval, "number": created.json()["number"],
-           "client": client, "ws": ws, "signs_in": await person(shared, "signs-in")}
+    yield {
+        "who": who,
+        "key": key,
+        "approval": approval,
+        "number": created.json()["number"],
+        "client": client,
+        "ws": ws,
+        "signs_in": await person(shared, "signs-in"),
+    }
     await client.aclose()
     await ws.close()
 
 
-async def _post(cast: dict[str, Any], path: str, body: Any, raw: bytes | None,
-                headers: dict[str, str] | None = None, method: str = "POST") -> httpx.Response:
+async def _post(
+    cast: dict[str, Any],
+    path: str,
+    body: Any,
+    raw: bytes | None,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> httpx.Response:
     client: httpx.AsyncClient = cast["client"]
-    return await client.request(method, path, content=raw if raw is not None else encode(body),
-                                headers={"Content-Type": "application/json", **(headers or {})})
+    return await client.request(
+        method,
+        path,
+        content=raw if raw is not None else encode(body),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 @FUZZ
-@given(body=bodies({"email": STRINGS, "password": STRINGS, "remember_browser": st.booleans()}),
-       raw=st.none() | RAW)
-async def test_fuzzed_logins(shared: LiveServer, cast: dict[str, Any], body: Any,
-                             raw: bytes | None) -> None:
+@given(
+    body=bodies({"email": STRINGS, "password": STRINGS, "remember_browser": st.booleans()}),
+    raw=st.none() | RAW,
+)
+async def test_fuzzed_logins(
+    shared: LiveServer, cast: dict[str, Any], body: Any, raw: bytes | None
+) -> None:
     who: Person = cast["signs_in"]
     # Half the well-formed ones name the real account (cheap to check), the rest nobody.
     if isinstance(body, dict) and isinstance(body.get("email"), str) and len(body["email"]) % 2:
@@ -116,21 +169,33 @@ async def test_fuzzed_logins(shared: LiveServer, cast: dict[str, Any], body: Any
 
 
 @FUZZ
-@given(body=bodies({"jws": STRINGS | st.builds(lambda h, p, s: f"{b64(h)}.{b64(p)}.{s}",
-                                               st.binary(max_size=40), st.binary(max_size=40),
-                                               st.text("AZaz09_-", max_size=90))}),
-       raw=st.none() | RAW)
+@given(
+    body=bodies(
+        {
+            "jws": STRINGS
+            | st.builds(
+                lambda h, p, s: f"{b64(h)}.{b64(p)}.{s}",
+                st.binary(max_size=40),
+                st.binary(max_size=40),
+                st.text("AZaz09_-", max_size=90),
+            )
+        }
+    ),
+    raw=st.none() | RAW,
+)
 async def test_fuzzed_decisions(cast: dict[str, Any], body: Any, raw: bytes | None) -> None:
     who: Person = cast["who"]
-    response = await _post(cast, f"/api/approvals/{cast['approval']['id']}/decision", body,
-                           raw, who.phone.auth)
+    response = await _post(
+        cast, f"/api/approvals/{cast['approval']['id']}/decision", body, raw, who.phone.auth
+    )
     assert_sane(response, {400, 422})
 
 
 @FUZZ
 @given(header=JSON, payload=JSON)
-async def test_fuzzed_jws_headers_and_claims(cast: dict[str, Any], header: Any,
-                                             payload: Any) -> None:
+async def test_fuzzed_jws_headers_and_claims(
+    cast: dict[str, Any], header: Any, payload: Any
+) -> None:
     """Well-signed by the device, but with any header and any claims."""
     who: Person = cast["who"]
     try:
@@ -140,45 +205,86 @@ async def test_fuzzed_jws_headers_and_claims(cast: dict[str, Any], header: Any,
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-    r, s = decode_dss_signature(who.phone.key.sign(signing_input.encode(),
-                                                   ec.ECDSA(hashes.SHA256())))
+    r, s = decode_dss_signature(
+        who.phone.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    )
     jws = f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
-    response = await _post(cast, f"/api/approvals/{cast['approval']['id']}/decision",
-                           {"jws": jws}, None, who.phone.auth)
+    response = await _post(
+        cast,
+        f"/api/approvals/{cast['approval']['id']}/decision",
+        {"jws": jws},
+        None,
+        who.phone.auth,
+    )
     assert_sane(response, {400, 422})
 
 
 @FUZZ
-@given(body=bodies({"code": STRINGS, "name": STRINGS,
-                    "platform": st.sampled_from(["android", "ios", "web", "Android"]),
-                    "public_key": st.fixed_dictionaries({}, optional={
-                        "kty": st.just("EC") | STRINGS, "crv": st.just("P-256") | STRINGS,
-                        "x": STRINGS, "y": STRINGS, "d": STRINGS, "alg": STRINGS}),
-                    "push": st.fixed_dictionaries({}, optional={
-                        "provider": st.sampled_from(["fcm", "apns", "sms"]), "token": STRINGS})}),
-       raw=st.none() | RAW)
+@given(
+    body=bodies(
+        {
+            "code": STRINGS,
+            "name": STRINGS,
+            "platform": st.sampled_from(["android", "ios", "web", "Android"]),
+            "public_key": st.fixed_dictionaries(
+                {},
+                optional={
+                    "kty": st.just("EC") | STRINGS,
+                    "crv": st.just("P-256") | STRINGS,
+                    "x": STRINGS,
+                    "y": STRINGS,
+                    "d": STRINGS,
+                    "alg": STRINGS,
+                },
+            ),
+            "push": st.fixed_dictionaries(
+                {}, optional={"provider": st.sampled_from(["fcm", "apns", "sms"]), "token": STRINGS}
+            ),
+        }
+    ),
+    raw=st.none() | RAW,
+)
 async def test_fuzzed_enrollments(cast: dict[str, Any], body: Any, raw: bytes | None) -> None:
     response = await _post(cast, "/api/devices", body, raw)
     assert_sane(response, {400, 422})
 
 
 @FUZZ
-@given(body=bodies({"user": STRINGS, "ttl": st.integers(-10, 1000),
-                    "context": st.fixed_dictionaries({}, optional={
-                        "ip": STRINGS, "user_agent": STRINGS, "browser": STRINGS,
-                        "os": STRINGS})}),
-       raw=st.none() | RAW)
-async def test_fuzzed_relying_party_requests(cast: dict[str, Any], body: Any,
-                                             raw: bytes | None) -> None:
-    response = await _post(cast, "/api/v1/approvals", body, raw,
-                           {"Authorization": f"Bearer {cast['key']}"})
+@given(
+    body=bodies(
+        {
+            "user": STRINGS,
+            "ttl": st.integers(-10, 1000),
+            "context": st.fixed_dictionaries(
+                {},
+                optional={"ip": STRINGS, "user_agent": STRINGS, "browser": STRINGS, "os": STRINGS},
+            ),
+        }
+    ),
+    raw=st.none() | RAW,
+)
+async def test_fuzzed_relying_party_requests(
+    cast: dict[str, Any], body: Any, raw: bytes | None
+) -> None:
+    response = await _post(
+        cast, "/api/v1/approvals", body, raw, {"Authorization": f"Bearer {cast['key']}"}
+    )
     assert_sane(response, {404, 422})
 
 
 @FUZZ
-@given(body=bodies({"name": STRINGS, "push": st.fixed_dictionaries({}, optional={
-           "provider": st.sampled_from(["fcm", "apns"]) | STRINGS, "token": STRINGS})}),
-       raw=st.none() | RAW)
+@given(
+    body=bodies(
+        {
+            "name": STRINGS,
+            "push": st.fixed_dictionaries(
+                {},
+                optional={"provider": st.sampled_from(["fcm", "apns"]) | STRINGS, "token": STRINGS},
+            ),
+        }
+    ),
+    raw=st.none() | RAW,
+)
 async def test_fuzzed_device_updates(cast: dict[str, Any], body: Any, raw: bytes | None) -> None:
     who: Person = cast["who"]
     response = await _post(cast, "/api/devices/me", body, raw, who.phone.auth, method="PATCH")
@@ -186,27 +292,43 @@ async def test_fuzzed_device_updates(cast: dict[str, Any], body: Any, raw: bytes
 
 
 @FUZZ
-@given(body=bodies({"token": STRINGS, "email": STRINGS, "code": STRINGS}), raw=st.none() | RAW,
-       path=st.sampled_from(["/api/verify-email", "/api/verify-email/resend",
-                             "/api/account/phone/verify"]))
-async def test_fuzzed_email_and_code_bodies(cast: dict[str, Any], body: Any, raw: bytes | None,
-                                            path: str) -> None:
+@given(
+    body=bodies({"token": STRINGS, "email": STRINGS, "code": STRINGS}),
+    raw=st.none() | RAW,
+    path=st.sampled_from(
+        ["/api/verify-email", "/api/verify-email/resend", "/api/account/phone/verify"]
+    ),
+)
+async def test_fuzzed_email_and_code_bodies(
+    cast: dict[str, Any], body: Any, raw: bytes | None, path: str
+) -> None:
     who: Person = cast["who"]
-    response = await who.session.post(path, content=raw if raw is not None else encode(body),
-                                      headers={"Content-Type": "application/json"})
+    response = await who.session.post(
+        path,
+        content=raw if raw is not None else encode(body),
+        headers={"Content-Type": "application/json"},
+    )
     assert_sane(response, {202, 400, 422} if "verify-email" in path else {400, 422})
 
 
 FRAMES = st.one_of(
     JSON.map(json.dumps),
-    st.fixed_dictionaries({"type": st.sampled_from(["auth", "ack", "decision", "ping", "error"])
-                           | STRINGS}, optional={"id": JSON, "jws": JSON, "token": JSON})
-    .map(json.dumps),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["auth", "ack", "decision", "ping", "error"]) | STRINGS},
+        optional={"id": JSON, "jws": JSON, "token": JSON},
+    ).map(json.dumps),
     st.text(max_size=200),
     st.binary(max_size=200),
 )
-SOCKET_ERRORS = {"bad_message", "bad_signature", "not_found", "invalid_request",
-                 "already_decided", "expired", "wrong_number"}
+SOCKET_ERRORS = {
+    "bad_message",
+    "bad_signature",
+    "not_found",
+    "invalid_request",
+    "already_decided",
+    "expired",
+    "wrong_number",
+}
 
 
 @FUZZ
@@ -214,8 +336,12 @@ SOCKET_ERRORS = {"bad_message", "bad_signature", "not_found", "invalid_request",
 async def test_fuzzed_device_frames(cast: dict[str, Any], frame: str | bytes) -> None:
     answers = await Conversation(cast["ws"]).answer(frame)
     for answer in answers:
-        assert answer["type"] in ("error", "approval_request", "approval_resolved",
-                                  "decision_result"), answer
+        assert answer["type"] in (
+            "error",
+            "approval_request",
+            "approval_resolved",
+            "decision_result",
+        ), answer
         if answer["type"] == "error":
             assert answer["error"] in SOCKET_ERRORS and isinstance(answer["message"], str)
 
@@ -227,10 +353,18 @@ JWK = device_public_jwk(KEY.public_key())
 
 
 @settings(max_examples=300, deadline=None)
-@given(obj=JSON | st.fixed_dictionaries({"kty": st.just("EC"), "crv": st.just("P-256")},
-                                        optional={"x": STRINGS | st.just(JWK["x"]),
-                                                  "y": STRINGS | st.just(JWK["y"]),
-                                                  "d": JSON, "alg": JSON}))
+@given(
+    obj=JSON
+    | st.fixed_dictionaries(
+        {"kty": st.just("EC"), "crv": st.just("P-256")},
+        optional={
+            "x": STRINGS | st.just(JWK["x"]),
+            "y": STRINGS | st.just(JWK["y"]),
+            "d": JSON,
+            "alg": JSON,
+        },
+    )
+)
 def test_parse_device_jwk_raises_only_value_error(obj: Any) -> None:
     try:
         parsed = parse_device_jwk(obj)
@@ -243,8 +377,12 @@ JWS_TEXT = st.one_of(
     STRINGS,
     st.builds(lambda h, p, s: f"{h}.{p}.{s}", STRINGS, STRINGS, STRINGS),
     st.builds(lambda h, p: f"{segment(h)}.{segment(p)}.", JSON, JSON),
-    st.builds(lambda h, p, s: f"{b64(h)}.{b64(p)}.{b64(s)}", st.binary(max_size=60),
-              st.binary(max_size=60), st.binary(max_size=64)),
+    st.builds(
+        lambda h, p, s: f"{b64(h)}.{b64(p)}.{b64(s)}",
+        st.binary(max_size=60),
+        st.binary(max_size=60),
+        st.binary(max_size=64),
+    ),
 )
 
 
@@ -267,18 +405,25 @@ def test_jws_readers_raise_only_decision_rejected(jws: str) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(claims=st.dictionaries(st.sampled_from(["aid", "chl", "decision", "number", "reason",
-                                               "iat", "other"]), JSON, max_size=7),
-       header=st.dictionaries(STRINGS, JSON, max_size=3))
-def test_verify_decision_accepts_only_complete_matching_claims(claims: dict[str, Any],
-                                                               header: dict[str, Any]) -> None:
+@given(
+    claims=st.dictionaries(
+        st.sampled_from(["aid", "chl", "decision", "number", "reason", "iat", "other"]),
+        JSON,
+        max_size=7,
+    ),
+    header=st.dictionaries(STRINGS, JSON, max_size=3),
+)
+def test_verify_decision_accepts_only_complete_matching_claims(
+    claims: dict[str, Any], header: dict[str, Any]
+) -> None:
     try:
         jws = sign_decision(KEY, "d" * 32, claims)
     except (TypeError, ValueError, OverflowError):
         return
     try:
-        verified = verify_decision(jws, JWK, approval_id="a" * 32, challenge="c" * 43,
-                                   now=1_800_000_000)
+        verified = verify_decision(
+            jws, JWK, approval_id="a" * 32, challenge="c" * 43, now=1_800_000_000
+        )
     except DecisionRejected:
         return
     assert verified.aid == "a" * 32 and verified.chl == "c" * 43
@@ -292,8 +437,11 @@ def test_number_matching_never_raises(given_number: Any, mode: str) -> None:
     policy = MatchPolicy.for_mode(mode)
     expected = "0" * policy.digits
     matched = number_matches(policy, expected, given_number)
-    assert matched == (given_number in (expected, 0) and not isinstance(given_number, bool)
-                       and not isinstance(given_number, float))
+    assert matched == (
+        given_number in (expected, 0)
+        and not isinstance(given_number, bool)
+        and not isinstance(given_number, float)
+    )
 
 
 async def test_after_the_fuzzing_the_approval_is_still_answerable(cast: dict[str, Any]) -> None:
@@ -302,5 +450,4 @@ async def test_after_the_fuzzing_the_approval_is_still_answerable(cast: dict[str
     jws = who.phone.sign(cast["approval"], number=cast["number"])
     await ws.send(json.dumps({"type": "decision", "jws": jws}))
     result = await next_frame(ws, "decision_result")
-    assert result == {"type": "decision_result", "id": cast["approval"]["id"],
-                      "status": "approved"}
+    assert result == {"type": "decision_result", "id": cast["approval"]["id"], "status": "approved"}

@@ -65,24 +65,45 @@ async def test_many_decisions_from_two_processes_have_one_winner(
     tablet = await first.enroll_phone(who.user_id, name="tablet")
     login = await pending_login(first, who)
     approval = await device_view(first, who.phone, login.approval_id)
-    sockets = [await device_socket(first, who.phone), await device_socket(second, tablet),
-               await device_socket(second, who.phone), await device_socket(first, tablet)]
+    sockets = [
+        await device_socket(first, who.phone),
+        await device_socket(second, tablet),
+        await device_socket(second, who.phone),
+        await device_socket(first, tablet),
+    ]
     for ws in sockets:
         await next_frame(ws, "approval_request")
     phones = [who.phone, tablet]
-    async with login_stream(first, login.approval_id,
-                            cookie=login.browser.cookies["tapprove_login"],
-                            origin=first.origin) as stream:
+    async with login_stream(
+        first,
+        login.approval_id,
+        cookie=login.browser.cookies["tapprove_login"],
+        origin=first.origin,
+    ) as stream:
         assert json.loads(await stream.recv())["type"] == "status"
         clients = [httpx.AsyncClient(base_url=s.url) for s in (first, second)]
         try:
-            http = [decide(first, phones[i % 2], login.approval_id,
-                           phones[i % 2].sign(approval, "approve" if i % 3 else "deny",
-                                              number=login.number), clients[i % 2])
-                    for i in range(24)]
-            over_ws = [_ws_decide(ws, phones[i % 2].sign(approval, "approve" if i % 2 else "deny",
-                                                          number=login.number))
-                       for i, ws in enumerate(sockets)]
+            http = [
+                decide(
+                    first,
+                    phones[i % 2],
+                    login.approval_id,
+                    phones[i % 2].sign(
+                        approval, "approve" if i % 3 else "deny", number=login.number
+                    ),
+                    clients[i % 2],
+                )
+                for i in range(24)
+            ]
+            over_ws = [
+                _ws_decide(
+                    ws,
+                    phones[i % 2].sign(
+                        approval, "approve" if i % 2 else "deny", number=login.number
+                    ),
+                )
+                for i, ws in enumerate(sockets)
+            ]
             results = await asyncio.gather(*http, *over_ws)
         finally:
             for client in clients:
@@ -94,8 +115,12 @@ async def test_many_decisions_from_two_processes_have_one_winner(
         winners += [r.split(":")[1] for r in ws_answers if r.startswith("won:")]
         assert len(winners) == 1, (winners, [r.status_code for r in http_answers], ws_answers)
         losers = [r for r in http_answers if r.status_code != 200]
-        assert all(r.status_code == 409 and r.json()["error"] == "already_decided"
-                   and r.json()["status"] == winners[0] for r in losers)
+        assert all(
+            r.status_code == 409
+            and r.json()["error"] == "already_decided"
+            and r.json()["status"] == winners[0]
+            for r in losers
+        )
         assert all(r == "already_decided" for r in ws_answers if not r.startswith("won:"))
         final = json.loads(await asyncio.wait_for(stream.recv(), 10))
         assert final == {"type": "result", "status": winners[0]}
@@ -103,8 +128,9 @@ async def test_many_decisions_from_two_processes_have_one_winner(
         resolved = [f for f in seen if f["type"] == "approval_resolved"]
         if not resolved:
             resolved = [await next_frame(ws, "approval_resolved")]
-        assert resolved == [{"type": "approval_resolved", "id": login.approval_id,
-                             "status": winners[0]}]
+        assert resolved == [
+            {"type": "approval_resolved", "id": login.approval_id, "status": winners[0]}
+        ]
         await ws.close()
     assert (await audit_kinds(first, login.approval_id)).count("approval.decided") == 1
 
@@ -118,8 +144,12 @@ async def test_a_decision_at_the_deadline(server_factory: ServerFactory) -> None
         login = await pending_login(server, who)
         approval = await device_view(server, who.phone, login.approval_id)
         clock.advance(server.settings.approval_ttl + offset)
-        answer = await decide(server, who.phone, login.approval_id,
-                              who.phone.sign(approval, number=login.number, iat=clock.now()))
+        answer = await decide(
+            server,
+            who.phone,
+            login.approval_id,
+            who.phone.sign(approval, number=login.number, iat=clock.now()),
+        )
         assert answer.status_code == status, (offset, answer.text)
         clock.advance(1)
 
@@ -140,9 +170,15 @@ async def test_approve_racing_the_expiry_sweeper(server_factory: ServerFactory) 
 
     async def keep_answering(index: int) -> None:
         while time.time() < expires_at + 0.25:
-            answers.append(await decide(first, who.phone, login.approval_id,
-                                        who.phone.sign(approval, number=login.number),
-                                        clients[index % 2]))
+            answers.append(
+                await decide(
+                    first,
+                    who.phone,
+                    login.approval_id,
+                    who.phone.sign(approval, number=login.number),
+                    clients[index % 2],
+                )
+            )
             await asyncio.sleep(0.01)
 
     try:
@@ -177,12 +213,15 @@ async def test_two_logins_supersede_each_other_cleanly(server_factory: ServerFac
     who = await person(first, "supersede")
     ws = await device_socket(first, who.phone)
     browsers = [first.browser(), second.browser()]
-    started = await asyncio.gather(first.login(browsers[0], who.email),
-                                   second.login(browsers[1], who.email))
+    started = await asyncio.gather(
+        first.login(browsers[0], who.email), second.login(browsers[1], who.email)
+    )
     assert [s.status_code for s in started] == [202, 202]
     ids = [s.json()["approval_id"] for s in started]
-    statuses = [(await b.get(f"/api/login/{i}")).json()["status"]
-                for b, i in zip(browsers, ids, strict=True)]
+    statuses = [
+        (await b.get(f"/api/login/{i}")).json()["status"]
+        for b, i in zip(browsers, ids, strict=True)
+    ]
     assert sorted(statuses) == ["expired", "pending"]
     old = ids[statuses.index("expired")]
     new = ids[statuses.index("pending")]
@@ -195,16 +234,19 @@ async def test_two_logins_supersede_each_other_cleanly(server_factory: ServerFac
             seen["request"] = frame
     assert seen["resolved"] == {"type": "approval_resolved", "id": old, "status": "expired"}
     old_approval = await device_view(first, who.phone, old)
-    late = await decide(second, who.phone, old, who.phone.sign(old_approval, "approve",
-                                                              number="00"))
+    late = await decide(
+        second, who.phone, old, who.phone.sign(old_approval, "approve", number="00")
+    )
     assert late.status_code == 410 and late.json()["error"] == "expired"
     old_browser = browsers[ids.index(old)]
-    async with login_stream(first, old, cookie=old_browser.cookies["tapprove_login"],
-                            origin=first.origin) as stream:
+    async with login_stream(
+        first, old, cookie=old_browser.cookies["tapprove_login"], origin=first.origin
+    ) as stream:
         assert json.loads(await stream.recv()) == {"type": "result", "status": "expired"}
     number = started[ids.index(new)].json()["number"]
-    right = await decide(first, who.phone, new, who.phone.sign(seen["request"]["approval"],
-                                                               number=number))
+    right = await decide(
+        first, who.phone, new, who.phone.sign(seen["request"]["approval"], number=number)
+    )
     assert right.status_code == 200, right.text
     await ws.close()
 
@@ -221,15 +263,17 @@ async def test_one_enrollment_code_enrolls_one_device(server_factory: ServerFact
         bodies.append({**fresh, "code": body["code"]})
     clients = [httpx.AsyncClient(base_url=s.url) for s in (first, second)]
     try:
-        results = await asyncio.gather(*(clients[i % 2].post("/api/devices", json=b)
-                                         for i, b in enumerate(bodies)))
+        results = await asyncio.gather(
+            *(clients[i % 2].post("/api/devices", json=b) for i, b in enumerate(bodies))
+        )
     finally:
         for client in clients:
             await client.aclose()
     codes = sorted(r.status_code for r in results)
     assert codes == [201] + [400] * 11, codes
-    assert all(r.json()["error"] == "invalid_or_expired_code" for r in results
-               if r.status_code == 400)
+    assert all(
+        r.json()["error"] == "invalid_or_expired_code" for r in results if r.status_code == 400
+    )
     async with first.services.db() as db:
         devices = (await db.exec(select(Device).where(Device.user_id == who.user_id))).all()
     assert len(devices) == 1
@@ -244,15 +288,17 @@ async def test_a_sign_in_completes_once(server_factory: ServerFactory) -> None:
     browsers = [first.browser(), second.browser()]
     for browser in browsers:
         browser.cookies.set("tapprove_login", cookie)
-    results = await asyncio.gather(*(
-        browsers[i % 2].post(f"/api/login/{login.approval_id}/complete") for i in range(12)))
+    results = await asyncio.gather(
+        *(browsers[i % 2].post(f"/api/login/{login.approval_id}/complete") for i in range(12))
+    )
     codes = sorted(r.status_code for r in results)
     assert codes == [200] + [409] * 11, codes
     assert all(r.json()["error"] == "already_completed" for r in results if r.status_code == 409)
     assert sum("tapprove_session" in r.headers.get("set-cookie", "") for r in results) == 1
     async with first.services.db() as db:
-        trusted = (await db.exec(select(TrustedBrowser).where(
-            TrustedBrowser.user_id == who.user_id))).all()
+        trusted = (
+            await db.exec(select(TrustedBrowser).where(TrustedBrowser.user_id == who.user_id))
+        ).all()
     assert len(trusted) == 1
 
 

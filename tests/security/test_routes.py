@@ -101,10 +101,20 @@ def test_every_route_has_a_hostile_input_spec() -> None:
 
 
 async def test_unknown_routes_answer_404_not_found(server: LiveServer) -> None:
-    paths = ["/api/nope", "/api/login/a/b/c", "/.env", "/api/v2/approvals", "/admin",
-             "/api/devices/me/approvals/extra", "/" + "a" * 4000, "/%00", "/api/%F0%9F%92%A9",
-             "/api/login/..%2F..%2Fadmin",
-             "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/nope.js"]
+    paths = [
+        "/api/nope",
+        "/api/login/a/b/c",
+        "/.env",
+        "/api/v2/approvals",
+        "/admin",
+        "/api/devices/me/approvals/extra",
+        "/" + "a" * 4000,
+        "/%00",
+        "/api/%F0%9F%92%A9",
+        "/api/login/..%2F..%2Fadmin",
+        "/static/%2e%2e/%2e%2e/pyproject.toml",
+        "/static/nope.js",
+    ]
     async with httpx.AsyncClient(base_url=server.url) as client:
         for path in paths:
             for method in ("GET", "POST", "DELETE"):
@@ -130,8 +140,9 @@ async def test_wrong_methods_answer_405_json(server: LiveServer, spec: RouteSpec
 
 
 @by_key([s for s in ROUTES if s.method == "WS"])
-async def test_websocket_routes_over_plain_http_are_404_json(server: LiveServer,
-                                                             spec: RouteSpec) -> None:
+async def test_websocket_routes_over_plain_http_are_404_json(
+    server: LiveServer, spec: RouteSpec
+) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.get(spec.path.replace("{approval_id}", "0" * 32))
     assert_error(response, 404, "not_found")
@@ -148,21 +159,32 @@ async def _all(checks: list[Awaitable[None]], at_once: int = 4) -> None:
 
 
 @by_key(BODY_ROUTES)
-async def test_bodies_that_do_not_parse_are_422_naming_the_field(server: LiveServer,
-                                                                 spec: RouteSpec) -> None:
+async def test_bodies_that_do_not_parse_are_422_naming_the_field(
+    server: LiveServer, spec: RouteSpec
+) -> None:
     """Malformed JSON, non-objects, missing fields, wrong types and lone surrogates."""
     t = await target(server, spec)
     body = await t.body()
 
-    async def refused(field: str, *, raw: bytes | None = None, obj: Any = None,
-                      headers: dict[str, str] | None = None) -> None:
+    async def refused(
+        field: str,
+        *,
+        raw: bytes | None = None,
+        obj: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         response = await t.send(content=raw, json_body=obj, headers=headers)
         error = assert_error(response, 422, "invalid_request")
         assert error["message"].startswith(field), (field, raw and raw[:40], obj, error)
 
     checks = [refused("body", raw=raw) for raw in MALFORMED + NOT_OBJECTS]
-    checks.append(refused("body", raw=b"email=a%40b.c&password=x",
-                          headers={"Content-Type": "application/x-www-form-urlencoded"}))
+    checks.append(
+        refused(
+            "body",
+            raw=b"email=a%40b.c&password=x",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    )
     required = [name for name in body if name not in spec.optional]
     checks += [refused(name, obj=drop_path(body, (name,))) for name in required]
     if required:
@@ -183,11 +205,17 @@ async def test_bodies_that_do_not_parse_are_422_naming_the_field(server: LiveSer
 async def test_extra_fields_are_ignored(server: LiveServer, spec: RouteSpec) -> None:
     t = await target(server, spec)
     body = await t.body()
-    body.update({"is_admin": True, "user_id": "0" * 32, "__proto__": {"admin": True},
-                 "constructor": {"prototype": {}}, "status": "approved"})
+    body.update(
+        {
+            "is_admin": True,
+            "user_id": "0" * 32,
+            "__proto__": {"admin": True},
+            "constructor": {"prototype": {}},
+            "status": "approved",
+        }
+    )
     for path in leaves(body):
-        if isinstance(get_path(body, path), dict) and path[0] not in ("__proto__",
-                                                                      "constructor"):
+        if isinstance(get_path(body, path), dict) and path[0] not in ("__proto__", "constructor"):
             body = set_path(body, (*path, "injected"), "x")
     response = await t.send(json_body=body)
     assert_sane(response, {spec.ok})
@@ -207,8 +235,10 @@ async def test_hostile_strings_in_every_field(server: LiveServer, spec: RouteSpe
 
     # Only the argon2-bound routes go in parallel; the others change state call by call.
     at_once = 4 if spec.path in ("/api/login", "/api/register") else 1
-    await _all([attempt(path, text) for path in string_leaves(await t.body())
-                for text in HOSTILE_STRINGS], at_once)
+    await _all(
+        [attempt(path, text) for path in string_leaves(await t.body()) for text in HOSTILE_STRINGS],
+        at_once,
+    )
 
 
 async def _chunks(total: int, size: int = 8192) -> AsyncIterator[bytes]:
@@ -228,8 +258,12 @@ async def test_huge_bodies_are_413(server: LiveServer, spec: RouteSpec) -> None:
     assert_error(declared, 413, "too_large")
     if spec.body is None:
         return
-    chunked = await t.client.request(spec.method, t.url, content=_chunks(BIG),
-                                     headers={**t.headers, "Content-Type": "application/json"})
+    chunked = await t.client.request(
+        spec.method,
+        t.url,
+        content=_chunks(BIG),
+        headers={**t.headers, "Content-Type": "application/json"},
+    )
     assert "content-length" not in chunked.request.headers
     assert_error(chunked, 413, "too_large")
 
@@ -245,20 +279,31 @@ async def test_the_body_limit_is_64_kib_exactly(server: LiveServer) -> None:
 
             async def stream(data: bytes = body) -> AsyncIterator[bytes]:
                 for start in range(0, len(data), 10_000):
-                    yield data[start:start + 10_000]
+                    yield data[start : start + 10_000]
 
             chunked = await client.post("/api/verify-email", content=stream())
             assert chunked.status_code == status, chunked.text
 
 
-PATH_VALUES = ["%00", "a%00b", "x" * 3000, "%F0%9F%92%A9", "%ED%A0%80", "%C0%AF",
-               "'%20OR%201=1--", "%2e%2e", "-1", "0" * 32, "%0D%0ASet-Cookie:%20a=b"]
+PATH_VALUES = [
+    "%00",
+    "a%00b",
+    "x" * 3000,
+    "%F0%9F%92%A9",
+    "%ED%A0%80",
+    "%C0%AF",
+    "'%20OR%201=1--",
+    "%2e%2e",
+    "-1",
+    "0" * 32,
+    "%0D%0ASet-Cookie:%20a=b",
+]
 
 
 @by_key([s for s in HTTP_ROUTES if "{" in s.path])
 async def test_hostile_path_parameters(server: LiveServer, spec: RouteSpec) -> None:
     t = await target(server, spec)
-    name = spec.path[spec.path.index("{"):spec.path.index("}") + 1]
+    name = spec.path[spec.path.index("{") : spec.path.index("}") + 1]
     for value in PATH_VALUES:
         url = spec.path.replace(name, value).replace("{", "").replace("}", "")
         response = await t.client.request(spec.method, url, headers=t.headers)
@@ -268,8 +313,12 @@ async def test_hostile_path_parameters(server: LiveServer, spec: RouteSpec) -> N
 
 async def test_the_verify_email_page_escapes_its_token(server: LiveServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
-        for token in ['"><script>alert(1)</script>', "'onmouseover='alert(1)", "\x00",
-                      "</textarea><img src=x onerror=alert(1)>"]:
+        for token in [
+            '"><script>alert(1)</script>',
+            "'onmouseover='alert(1)",
+            "\x00",
+            "</textarea><img src=x onerror=alert(1)>",
+        ]:
             page = await client.get("/verify-email", params={"token": token})
             assert page.status_code == 200
             assert page.headers["referrer-policy"] == "no-referrer"
@@ -290,25 +339,41 @@ async def test_hostile_wait_values_for_relying_parties(server: LiveServer) -> No
 async def test_hostile_headers(server: LiveServer) -> None:
     who = await person(server, "headers")
     async with httpx.AsyncClient(base_url=server.url) as client:
-        for auth in ["Bearer " + "A" * 10_000, "Bearer", "Basic YTpi",
-                     "Bearer tap_" + "A" * 300, "bearer\tx", who.phone.token]:
+        for auth in [
+            "Bearer " + "A" * 10_000,
+            "Bearer",
+            "Basic YTpi",
+            "Bearer tap_" + "A" * 300,
+            "bearer\tx",
+            who.phone.token,
+        ]:
             for path in ("/api/devices/me/approvals", "/api/v1/approvals/" + "0" * 32):
                 response = await client.get(path, headers={"Authorization": auth})
                 assert_error(response, 401, "unauthorized")
-        for cookie in ["x" * 5000, "", "\"quoted\"", "a;b=c"]:
+        for cookie in ["x" * 5000, "", '"quoted"', "a;b=c"]:
             client.cookies.set("tapprove_session", cookie)
             assert_error(await client.get("/api/account"), 401, "unauthorized")
         client.cookies.clear()
         for agent in [b"A" * 8000, b"", "💩 Ω".encode(), b"\xff\xfe"]:
             response = await client.post(
-                "/api/login", json={"email": who.email, "password": "wrong password"},
-                headers={"User-Agent": agent})
+                "/api/login",
+                json={"email": who.email, "password": "wrong password"},
+                headers={"User-Agent": agent},
+            )
             assert_error(response, {401, 429})
-        for origin in ["null", EVIL, "http://127.0.0.1", server.origin + ".evil.example",
-                       server.origin.replace("http", "https"), "x" * 3000]:
+        for origin in [
+            "null",
+            EVIL,
+            "http://127.0.0.1",
+            server.origin + ".evil.example",
+            server.origin.replace("http", "https"),
+            "x" * 3000,
+        ]:
             response = await client.post(
-                "/api/login", json={"email": who.email, "password": "wrong password"},
-                headers={"Origin": origin})
+                "/api/login",
+                json={"email": who.email, "password": "wrong password"},
+                headers={"Origin": origin},
+            )
             assert_error(response, 403, "csrf")
 
 
@@ -320,14 +385,14 @@ async def test_enrollment_refuses_keys_that_are_not_p256_public_points(
     body = await t.body()
     jwk = body["public_key"]
     for bad in [
-        {**jwk, "d": jwk["x"]},                      # a private key must never be sent
-        {**jwk, "y": jwk["x"]},                      # not on the curve
+        {**jwk, "d": jwk["x"]},  # a private key must never be sent
+        {**jwk, "y": jwk["x"]},  # not on the curve
         {**jwk, "crv": "P-384"},
         {**jwk, "kty": "RSA"},
         {**jwk, "alg": "HS256"},
-        {**jwk, "x": jwk["x"] + "="},                # padded
-        {**jwk, "x": "A" * 43, "y": "A" * 43},       # the point at infinity's stand-in
-        {**jwk, "x": "_" * 43},                      # larger than the field prime
+        {**jwk, "x": jwk["x"] + "="},  # padded
+        {**jwk, "x": "A" * 43, "y": "A" * 43},  # the point at infinity's stand-in
+        {**jwk, "x": "_" * 43},  # larger than the field prime
         {"kty": "oct", "k": "c2VjcmV0"},
     ]:
         response = await t.send(json_body={**await t.body(), "public_key": bad})

@@ -50,8 +50,13 @@ class Capture(logging.Handler):
 def captured() -> Iterator[Capture]:
     capture = Capture()
     root = logging.getLogger()
-    saved = root.level, {n: logging.getLogger(n).level for n in ("uvicorn", "uvicorn.error",
-                                                                  "sqlalchemy", "websockets")}
+    saved = (
+        root.level,
+        {
+            n: logging.getLogger(n).level
+            for n in ("uvicorn", "uvicorn.error", "sqlalchemy", "websockets")
+        },
+    )
     root.addHandler(capture)
     root.setLevel(logging.DEBUG)
     yield capture
@@ -74,7 +79,9 @@ def _debug_everything() -> None:
 
 
 async def test_a_whole_flow_at_debug_logs_no_secret(
-    server_factory: ServerFactory, smtp_server: SmtpServer, captured: Capture,
+    server_factory: ServerFactory,
+    smtp_server: SmtpServer,
+    captured: Capture,
 ) -> None:
     server = await server_factory(smtp_url=smtp_server.url)
     _debug_everything()
@@ -103,10 +110,16 @@ async def test_a_whole_flow_at_debug_logs_no_secret(
     code = enrollment.json()["code"]
     secrets["enrollment code"] = code
     key = ec.generate_private_key(ec.SECP256R1())
-    enrolled = await browser.post("/api/devices", json={
-        "code": code, "name": "Pixel", "platform": "android",
-        "public_key": device_public_jwk(key.public_key()),
-        "push": {"provider": "fcm", "token": "fcm-registration-token-abcdef0123456789"}})
+    enrolled = await browser.post(
+        "/api/devices",
+        json={
+            "code": code,
+            "name": "Pixel",
+            "platform": "android",
+            "public_key": device_public_jwk(key.public_key()),
+            "push": {"provider": "fcm", "token": "fcm-registration-token-abcdef0123456789"},
+        },
+    )
     assert enrolled.status_code == 201, enrolled.text
     device_id, device_token = enrolled.json()["device_id"], enrolled.json()["device_token"]
     secrets["device token"] = device_token
@@ -117,17 +130,26 @@ async def test_a_whole_flow_at_debug_logs_no_secret(
     phone = Phone(device_id, device_token, key)
     ws = await device_socket(server, phone)
     other = server.browser()
-    started = await other.post("/api/login", json={"email": email, "password": password,
-                                                   "remember_browser": True})
+    started = await other.post(
+        "/api/login", json={"email": email, "password": password, "remember_browser": True}
+    )
     assert started.status_code == 202, started.text
     secrets["login cookie"] = other.cookies["tapprove_login"]
     request = await next_frame(ws, "approval_request")
     approval = request["approval"]
     secrets["challenge"] = approval["challenge"]
     await ws.send(json.dumps({"type": "ack", "id": approval["id"]}))
-    bad = sign_decision(key, device_id, {"aid": approval["id"], "chl": approval["challenge"],
-                                         "decision": "approve", "number": "xx",
-                                         "iat": int(time.time()) - 1000})
+    bad = sign_decision(
+        key,
+        device_id,
+        {
+            "aid": approval["id"],
+            "chl": approval["challenge"],
+            "decision": "approve",
+            "number": "xx",
+            "iat": int(time.time()) - 1000,
+        },
+    )
     secrets["rejected JWS"] = bad
     await ws.send(json.dumps({"type": "decision", "jws": bad}))
     assert (await next_frame(ws, "error"))["error"] == "bad_signature"
@@ -146,8 +168,9 @@ async def test_a_whole_flow_at_debug_logs_no_secret(
 
     rp_key = await api_key(server)
     secrets["API key"] = rp_key
-    async with httpx.AsyncClient(base_url=server.url,
-                                 headers={"Authorization": f"Bearer {rp_key}"}) as rp:
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {rp_key}"}
+    ) as rp:
         created = await rp.post("/api/v1/approvals", json={"user": email})
         assert created.status_code == 201, created.text
         await next_frame(ws, "approval_request")
@@ -157,8 +180,11 @@ async def test_a_whole_flow_at_debug_logs_no_secret(
 
     logged = "\n".join(captured.lines)
     assert len(captured.lines) > 20, "nothing was captured: is logging wired?"
-    leaks = {name: _context(logged, value) for name, value in secrets.items()
-             if value in logged or json.dumps(value)[1:-1] in logged}
+    leaks = {
+        name: _context(logged, value)
+        for name, value in secrets.items()
+        if value in logged or json.dumps(value)[1:-1] in logged
+    }
     assert not leaks, leaks
 
 
@@ -167,4 +193,4 @@ def _context(text: str, secret: str) -> Any:
     if at < 0:
         secret = json.dumps(secret)[1:-1]
         at = text.find(secret)
-    return text[max(0, at - 200):at + len(secret) + 50]
+    return text[max(0, at - 200) : at + len(secret) + 50]
