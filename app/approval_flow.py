@@ -10,41 +10,35 @@ import contextlib
 import logging
 
 import orjson
-from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from app.account_cache import Recipient
 from app.core.approvals import ApprovalContext, ApprovalKind, PendingApproval, Status, new_approval
 from app.core.clock import to_datetime
 from app.core.errors import ApiError
 from app.core.matching import MatchPolicy, number_matches
 from app.core.signatures import DecisionRejected, read_kid, verify_decision
 from app.db import audit
+from app.db.accounts import list_active_devices
 from app.db.models import Device, User
 from app.logs import current_request_id
 from app.services import Services
 from app.store.approvals import Backoff
 from app.store.events import RECONNECTED
+from app.store.presence import account_changed
 
 log = logging.getLogger(__name__)
 
 
 async def active_devices(svc: Services, user_id: str) -> list[Device]:
-    """The user's enrolled, unrevoked devices."""
+    """The user's enrolled, unrevoked devices, read from the database."""
     async with svc.db() as db:
-        return await devices_of(db, user_id)
-
-
-async def devices_of(db: AsyncSession, user_id: str) -> list[Device]:
-    """The user's enrolled, unrevoked devices, read in the caller's session."""
-    result = await db.exec(
-        select(Device).where(Device.user_id == user_id, Device.revoked_at == None)  # noqa: E711
-    )
-    return list(result.all())
+        return await list_active_devices(db, user_id)
 
 
 async def start_approval(
     svc: Services,
-    user: User,
+    recipient: Recipient,
     *,
     kind: ApprovalKind,
     context: ApprovalContext,
@@ -52,15 +46,14 @@ async def start_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
-    devices: list[Device] | None = None,
 ) -> PendingApproval:
-    """Create a pending approval for `user` and send it to every device at once.
+    """Create a pending approval for the recipient and send it to every device at once.
 
-    `devices` saves a database round trip when the caller already read the user's devices.
     Raises 423 `locked` after a fraud report and 429 `rate_limited` during push-fatigue backoff.
     """
     from app.delivery import dispatch
 
+    user = recipient.user
     if user.locked:
         raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
     now = svc.clock.now()
@@ -76,12 +69,17 @@ async def start_approval(
         api_key_id=api_key_id,
         request_id=current_request_id(),
     )
-    if devices is None:
-        devices = await active_devices(svc, user.id)
-    connected = await svc.presence.connected_devices(user.id)
-    approval.channels = dispatch.initial_channels(svc, devices, connected)
+    approval.channels = dispatch.initial_channels(svc, recipient)
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
-    outcome = await svc.approvals.create(approval, event)
+    audit_line = audit.line(
+        "approval.created",
+        user_id=user.id,
+        approval_id=approval.id,
+        ip=context.ip,
+        detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
+        now=now,
+    )
+    outcome = await svc.approvals.create(approval, event, audit_line)
     if isinstance(outcome, Backoff):
         raise ApiError(
             429,
@@ -89,26 +87,6 @@ async def start_approval(
             "too many unanswered or denied requests; wait before trying again",
             {"Retry-After": str(outcome.retry_after)},
         )
-    async with svc.db() as db:
-        if outcome.superseded:
-            await audit.record(
-                db,
-                "approval.superseded",
-                user_id=user.id,
-                approval_id=outcome.superseded,
-                ip=context.ip,
-                now=now,
-            )
-        await audit.record(
-            db,
-            "approval.created",
-            user_id=user.id,
-            approval_id=approval.id,
-            ip=context.ip,
-            detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
-            now=now,
-        )
-        await db.commit()
     log.info(
         "approval %s created (%s) for user %s via %s",
         approval.id,
@@ -124,7 +102,7 @@ async def start_approval(
             "superseded": outcome.superseded,
         },
     )
-    await dispatch.after_create(svc, approval, devices, connected)
+    await dispatch.after_create(svc, approval, recipient)
     return approval
 
 
@@ -161,7 +139,18 @@ async def decide_with_jws(
         status, reason = (Status.APPROVED, "") if right else (Status.DENIED, "wrong_number")
     else:
         status, reason = Status.DENIED, (claims.reason or "")
-    result = await svc.approvals.decide(approval.id, status, device_id=device.id, reason=reason)
+    audit_line = audit.line(
+        "approval.decided",
+        user_id=device.user_id,
+        device_id=device.id,
+        approval_id=approval.id,
+        ip=ip,
+        detail={"status": status.value, "reason": reason},
+        now=now,
+    )
+    result = await svc.approvals.decide(
+        approval.id, status, audit_line=audit_line, device_id=device.id, reason=reason
+    )
     if result.kind == "not_found":
         raise ApiError(404, "not_found", "no such approval")
     if result.kind == "final":
@@ -182,20 +171,11 @@ async def decide_with_jws(
         },
     )
 
-    async with svc.db() as db:
-        await audit.record(
-            db,
-            "approval.decided",
-            user_id=device.user_id,
-            device_id=device.id,
-            approval_id=approval.id,
-            ip=ip,
-            detail={"status": status.value, "reason": reason},
-            now=now,
-        )
-        if reason == "fraud":
+    if reason == "fraud":
+        async with svc.db() as db:
             await _lock_after_fraud(svc, db, device.user_id, approval, ip, now)
-        await db.commit()
+            await db.commit()
+        await account_changed(svc.redis, svc.keys, device.user_id)
     if reason == "wrong_number":
         raise ApiError(
             422,

@@ -150,13 +150,32 @@ def _now() -> float:
 
 
 async def reset_push_fatigue(settings: Settings, user_id: str) -> None:
-    """Clear the user's push-fatigue backoff in Redis after an operator unlock."""
+    """After an operator unlock: clear the user's push-fatigue backoff in Redis, and tell
+    the running servers that the account changed (they cache `locked`)."""
+    from app.store.presence import account_changed
     from app.store.redis import KeySpace, connect
 
     handle = await connect(settings)
+    keys = KeySpace(settings.redis_prefix)
     try:
-        await handle.client.delete(KeySpace(settings.redis_prefix).user_fatigue(user_id))
+        await handle.client.delete(keys.user_fatigue(user_id))
+        await account_changed(handle.client, keys, user_id)
     finally:
+        await handle.close()
+
+
+async def _file_pending_audit_lines(settings: Settings) -> None:
+    """Approval audit lines still on their way through Redis go to SQL first, so a listing
+    is complete even when no worker runs."""
+    from app.audit_trail import drain
+    from app.store.redis import KeySpace, connect
+
+    handle = await connect(settings)
+    engine = make_engine(settings)
+    try:
+        await drain(handle.client, KeySpace(settings.redis_prefix), make_sessionmaker(engine))
+    finally:
+        await engine.dispose()
         await handle.close()
 
 
@@ -470,6 +489,8 @@ def audit_events(
         query = query.order_by(col(AuditEvent.at).desc(), col(AuditEvent.id).desc()).limit(limit)
         return [(event, email) for event, email in (await session.exec(query)).all()]
 
+    migrate.upgrade(settings)
+    asyncio.run(_file_pending_audit_lines(settings))
     rows = _run_with_session(settings, work)
     events = [
         {**event_json(event), "user_id": event.user_id, "email": email} for event, email in rows

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from app.account_cache import AccountCache
 from app.core.clock import Clock, SystemClock
 from app.core.tokens import new_id
 from app.core.ttlcache import TtlCache
@@ -46,6 +47,7 @@ class Services:
     providers: Providers
     # Live API keys by token hash: every relying-party call needs one, and they rarely change.
     api_keys: TtlCache[str, ApiKey]
+    accounts: AccountCache
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -85,20 +87,23 @@ async def build_services(
     engine = make_engine(settings)
     events = EventBus(handle.client)
     process_id = new_id()
+    sessions = make_sessionmaker(engine)
+    presence = Presence(handle.client, keys, process_id)
     services = Services(
         settings=settings,
         clock=clock,
         redis_handle=handle,
         keys=keys,
         engine=engine,
-        db=make_sessionmaker(engine),
+        db=sessions,
         events=events,
         approvals=ApprovalStore(handle.client, keys, clock),
-        presence=Presence(handle.client, keys, process_id),
+        presence=presence,
         sessions=SessionStore(handle.client, keys, clock),
         limits=RateLimiter(handle.client, keys, clock),
         providers=providers if providers is not None else await build_providers(settings),
         process_id=process_id,
         api_keys=TtlCache(clock, ttl=API_KEY_CACHE_SECONDS, max_entries=1024),
+        accounts=AccountCache(sessions, presence, clock),
     )
     return services

@@ -1,4 +1,5 @@
-"""Broker consumers: the outbox, delivery jobs (push retries, ack time-outs) and expiry.
+"""Broker consumers: the outbox, delivery jobs (push retries, ack time-outs), expiry and the
+audit writer.
 
 `tapprove worker` runs these alone; `tapprove serve` runs them in-process unless
 `--no-worker`. Any number may run side by side: each consumer claims work atomically.
@@ -22,11 +23,12 @@ Consumer = Callable[[Services, asyncio.Event], Awaitable[None]]
 
 def consumers() -> list[Consumer]:
     """The consumers one worker runs, each until `stop` is set."""
+    from app.audit_trail import run_audit_writer
     from app.delivery.dispatch import run_delivery_jobs, run_expiry_sweeper
     from app.delivery.outbox import run_outbox
     from app.verification import run_user_events
 
-    return [run_outbox, run_user_events, run_delivery_jobs, run_expiry_sweeper]
+    return [run_outbox, run_user_events, run_delivery_jobs, run_expiry_sweeper, run_audit_writer]
 
 
 async def run_worker(services: Services, stop: asyncio.Event) -> None:

@@ -23,7 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import SystemClock, to_datetime
 from app.core.tokens import hash_token, new_id, new_token
-from app.db.models import ApiKey, EnrollmentCode, User
+from app.db.models import ApiKey, Device, EnrollmentCode, User
 
 MIN_PASSWORD_LENGTH = 8
 # argon2 accepts any length; the cap only stops megabyte "passwords" used as a cheap DoS.
@@ -274,6 +274,14 @@ async def get_user_by_email(session: AsyncSession, email: str) -> User | None:
 async def get_user(session: AsyncSession, user_id: str) -> User | None:
     """The user with this id, or None."""
     return await session.get(User, user_id)
+
+
+async def list_active_devices(session: AsyncSession, user_id: str) -> list[Device]:
+    """The user's enrolled, unrevoked devices."""
+    result = await session.exec(
+        select(Device).where(Device.user_id == user_id, Device.revoked_at == None)  # noqa: E711
+    )
+    return list(result.all())
 
 
 async def set_locked(

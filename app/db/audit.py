@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import rfc3339, to_datetime
 from app.db.models import AuditEvent
+from app.store.audit_stream import StreamedEvent
 
 # Keys whose values are replaced before a detail is stored: a careless caller must not be
 # able to write a password, token or code into the log.
@@ -54,10 +57,72 @@ async def record(
         ip=ip[:64] if ip is not None else None,
         device_id=device_id,
         approval_id=approval_id,
-        detail=_detail_json(detail or {}),
+        detail=detail_json(detail or {}),
     )
     session.add(event)
     return event
+
+
+def line(
+    kind: str,
+    *,
+    now: float,
+    user_id: str | None = None,
+    ip: str | None = None,
+    device_id: str | None = None,
+    approval_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> bytes:
+    """One audit event as the audit stream carries it (app.store.audit_stream); the Lua
+    scripts that append it write the change it reports in the same step."""
+    return orjson.dumps(
+        {
+            "at": now,
+            "kind": kind,
+            "user_id": user_id,
+            "ip": ip,
+            "device_id": device_id,
+            "approval_id": approval_id,
+            "detail": detail_json(detail or {}),
+        }
+    )
+
+
+def _row(event: StreamedEvent) -> dict[str, Any]:
+    """The `auditevent` row of a streamed line (fields cut to their column sizes)."""
+    data = event.fields
+
+    def text(name: str, size: int) -> str | None:
+        value = data.get(name)
+        return str(value)[:size] if value is not None else None
+
+    at = data.get("at")
+    return {
+        "at": to_datetime(float(at) if isinstance(at, int | float) else 0.0),
+        "kind": text("kind", 64) or "unknown",
+        "user_id": text("user_id", 32),
+        "ip": text("ip", 64),
+        "device_id": text("device_id", 32),
+        "approval_id": text("approval_id", 32),
+        "detail": text("detail", MAX_DETAIL_CHARS) or "{}",
+        "stream_id": event.stream_id,
+    }
+
+
+async def insert_streamed(session: AsyncSession, events: list[StreamedEvent]) -> None:
+    """Add streamed audit lines in one statement; lines stored before are skipped."""
+    rows = [_row(event) for event in events if event.fields]
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(AuditEvent).values(rows).on_conflict_do_nothing(index_elements=["stream_id"])
+    await session.exec(statement)
+
+
+def as_event(event: StreamedEvent) -> AuditEvent:
+    """A streamed line not yet in SQL, shaped like a stored row (no `id` yet)."""
+    return AuditEvent(**_row(event))
 
 
 async def recent(session: AsyncSession, user_id: str, limit: int = 50) -> list[AuditEvent]:
@@ -100,7 +165,8 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _detail_json(detail: dict[str, Any]) -> str:
+def detail_json(detail: dict[str, Any]) -> str:
+    """A detail as stored: secrets redacted, compact, at most MAX_DETAIL_CHARS."""
     text = json.dumps(_scrub(detail), sort_keys=True, separators=(",", ":"), default=str)
     if len(text) <= MAX_DETAIL_CHARS:
         return text

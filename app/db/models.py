@@ -97,6 +97,8 @@ class AuditEvent(SQLModel, table=True):
     device_id: str | None = Field(default=None, max_length=32)
     approval_id: str | None = Field(default=None, max_length=32)
     detail: str = Field(default="{}", max_length=4000)
+    # The Redis Stream entry it came from (app.store.audit_stream), so a copy is stored once.
+    stream_id: str | None = Field(default=None, index=True, unique=True, max_length=32)
 
 
 class EmailToken(SQLModel, table=True):

@@ -17,8 +17,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import orjson
+from redis.asyncio.client import Pipeline
 from sqlmodel import col, select
 
+from app.account_cache import Recipient
 from app.approval_flow import active_devices
 from app.core.approvals import PendingApproval, Status
 from app.core.tokens import new_id
@@ -30,6 +32,7 @@ from app.delivery.retry import PUSH_RETRY_BASE, PUSH_RETRY_CAP, next_attempt_at
 from app.services import Services
 from app.store.approvals import FINAL_STATE_KEEP
 from app.store.jobs import Job, JobQueue
+from app.store.presence import account_changed
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +58,20 @@ def _pushable(svc: Services, device: Device) -> bool:
     )
 
 
-def initial_channels(svc: Services, devices: list[Device], connected: set[str]) -> list[str]:
+def _away_pushable(svc: Services, recipient: Recipient) -> list[Device]:
+    """The recipient's devices with no socket open that a push provider can reach."""
+    return [
+        d for d in recipient.devices if d.id not in recipient.connected and _pushable(svc, d)
+    ]
+
+
+def initial_channels(svc: Services, recipient: Recipient) -> list[str]:
     """Where a new request goes: `websocket` for connected phones, the push providers of others."""
     channels: list[str] = []
-    if any(d.id in connected for d in devices):
+    if any(d.id in recipient.connected for d in recipient.devices):
         channels.append("websocket")
-    for provider in ("fcm", "apns"):
-        if any(
-            d.id not in connected and d.push_provider == provider and _pushable(svc, d)
-            for d in devices
-        ):
-            channels.append(provider)
+    away = _away_pushable(svc, recipient)
+    channels += [p for p in ("fcm", "apns") if any(d.push_provider == p for d in away)]
     return channels
 
 
@@ -76,15 +82,13 @@ def _inflight_key(svc: Services, approval_id: str) -> str:
     return svc.keys("approval", approval_id, "inflight")
 
 
-async def _open_ticket(svc: Services, approval: PendingApproval) -> str:
-    """Register one delivery under way for `approval`; the set lives as long as the approval."""
+def _open_ticket_in(pipe: Pipeline, svc: Services, approval: PendingApproval) -> str:
+    """Register one delivery under way for `approval` (in the caller's pipeline); the set
+    lives as long as the approval."""
     ticket = new_id()
     key = _inflight_key(svc, approval.id)
-    keep = max(1, int(approval.expires_at - svc.clock.now())) + FINAL_STATE_KEEP
-    async with svc.redis.pipeline(transaction=True) as pipe:
-        pipe.sadd(key, ticket)
-        pipe.expire(key, keep)
-        await pipe.execute()
+    pipe.sadd(key, ticket)
+    pipe.expire(key, max(1, int(approval.expires_at - svc.clock.now())) + FINAL_STATE_KEEP)
     return ticket
 
 
@@ -112,44 +116,57 @@ async def _finish(svc: Services, approval: PendingApproval, ticket: str | None) 
         )
 
 
-async def _schedule_push(
-    svc: Services, queue: JobQueue, approval: PendingApproval, device: Device
+def _schedule_push_in(
+    pipe: Pipeline, svc: Services, queue: JobQueue, approval: PendingApproval, device: Device
 ) -> None:
-    ticket = await _open_ticket(svc, approval)
-    await queue.enqueue(
-        "push", {"approval_id": approval.id, "device_id": device.id, "ticket": ticket}
+    ticket = _open_ticket_in(pipe, svc, approval)
+    queue.enqueue_in(
+        pipe, "push", {"approval_id": approval.id, "device_id": device.id, "ticket": ticket}
     )
-    await svc.approvals.mark_sent(approval.id, device.push_provider or "")
+
+
+async def _schedule_pushes(svc: Services, approval: PendingApproval, devices: list[Device]) -> None:
+    """Push to `devices` now, and list their providers among the approval's channels."""
+    if not devices:
+        return
+    queue = jobs(svc)
+    async with svc.redis.pipeline(transaction=True) as pipe:
+        for device in devices:
+            _schedule_push_in(pipe, svc, queue, approval, device)
+        await pipe.execute()
+    for provider in sorted({d.push_provider or "" for d in devices}):
+        await svc.approvals.mark_sent(approval.id, provider)
 
 
 # --- scheduling --------------------------------------------------------------------------
 
 
-async def after_create(
-    svc: Services, approval: PendingApproval, devices: list[Device], connected: set[str]
-) -> None:
+async def after_create(svc: Services, approval: PendingApproval, recipient: Recipient) -> None:
     """Push now to phones that are away, check acks of connected ones in 3 s, else SMS.
 
-    Never raises: a delivery problem must not fail the sign-in (the app can still fetch
-    pending approvals). Adds `sms` to `approval.channels` when the code goes out at once.
+    Every job goes out in one round trip; the providers pushed to are already among the
+    approval's channels (`initial_channels`). Never raises: a delivery problem must not fail
+    the sign-in (the app can still fetch pending approvals). Adds `sms` to
+    `approval.channels` when the code goes out at once.
     """
     try:
         queue = jobs(svc)
-        scheduled = False
-        for device in devices:
-            if device.id not in connected and _pushable(svc, device):
-                await _schedule_push(svc, queue, approval, device)
-                scheduled = True
-        waiting = [d.id for d in devices if d.id in connected]
-        if waiting:
-            ticket = await _open_ticket(svc, approval)
-            await queue.enqueue(
-                "ack_check",
-                {"approval_id": approval.id, "devices": waiting, "ticket": ticket},
-                run_at=svc.clock.now() + ACK_TIMEOUT,
-            )
-            scheduled = True
-        if not scheduled and await sms_codes.request_code(svc, approval, automatic=True):
+        away = _away_pushable(svc, recipient)
+        waiting = [d.id for d in recipient.devices if d.id in recipient.connected]
+        if away or waiting:
+            async with svc.redis.pipeline(transaction=True) as pipe:
+                for device in away:
+                    _schedule_push_in(pipe, svc, queue, approval, device)
+                if waiting:
+                    ticket = _open_ticket_in(pipe, svc, approval)
+                    queue.enqueue_in(
+                        pipe,
+                        "ack_check",
+                        {"approval_id": approval.id, "devices": waiting, "ticket": ticket},
+                        run_at=svc.clock.now() + ACK_TIMEOUT,
+                    )
+                await pipe.execute()
+        elif await sms_codes.request_code(svc, approval, automatic=True):
             approval.channels.append("sms")
     except Exception:
         log.exception(
@@ -164,12 +181,13 @@ async def resend(svc: Services, approval: PendingApproval) -> None:
         {"type": "approval_request", "approval": approval.device_json()},
     )
     acked = await svc.approvals.acked_devices(approval.id)
-    queue = jobs(svc)
-    pushed: list[str] = []
-    for device in await active_devices(svc, approval.user_id):
-        if device.id not in acked and _pushable(svc, device):
-            await _schedule_push(svc, queue, approval, device)
-            pushed.append(device.id)
+    silent = [
+        d
+        for d in await active_devices(svc, approval.user_id)
+        if d.id not in acked and _pushable(svc, d)
+    ]
+    await _schedule_pushes(svc, approval, silent)
+    pushed = [d.id for d in silent]
     async with svc.db() as db:
         await audit.record(
             db,
@@ -193,7 +211,6 @@ async def _ack_check(svc: Services, job: Job) -> None:
     acked = await svc.approvals.acked_devices(approval.id)
     silent = [d for d in job.payload.get("devices", []) if d not in acked]
     if silent:
-        queue = jobs(svc)
         async with svc.db() as db:
             result = await db.exec(
                 select(Device).where(
@@ -201,17 +218,16 @@ async def _ack_check(svc: Services, job: Job) -> None:
                     Device.revoked_at == None,  # noqa: E711
                 )
             )
-            devices = list(result.all())
+            devices = [d for d in result.all() if _pushable(svc, d)]
         for device in devices:
-            if _pushable(svc, device):
-                log.info(
-                    "device %s did not ack approval %s in %.0f s; pushing",
-                    device.id,
-                    approval.id,
-                    ACK_TIMEOUT,
-                    extra=log_fields(approval, device_id=device.id),
-                )
-                await _schedule_push(svc, queue, approval, device)
+            log.info(
+                "device %s did not ack approval %s in %.0f s; pushing",
+                device.id,
+                approval.id,
+                ACK_TIMEOUT,
+                extra=log_fields(approval, device_id=device.id),
+            )
+        await _schedule_pushes(svc, approval, devices)
     await _finish(svc, approval, job.payload.get("ticket"))
 
 
@@ -318,6 +334,7 @@ async def _record_attempt(
             "latency_ms": round(latency * 1000, 1),
         },
     )
+    token_cleared = False
     async with svc.db() as db:
         await audit.record(
             db,
@@ -334,6 +351,7 @@ async def _record_attempt(
             if current is not None and current.push_token == device.push_token:
                 current.push_token = None
                 db.add(current)
+                token_cleared = True
                 await audit.record(
                     db,
                     "device.push_token_cleared",
@@ -344,6 +362,8 @@ async def _record_attempt(
                     now=svc.clock.now(),
                 )
         await db.commit()
+    if token_cleared:
+        await account_changed(svc.redis, svc.keys, approval.user_id)
 
 
 Handler = Callable[[Services, Job], Awaitable[None]]

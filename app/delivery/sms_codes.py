@@ -179,16 +179,14 @@ async def check_code(svc: Services, approval: PendingApproval, code: str) -> Cod
         return "right"
     if attempts < MAX_CODE_ATTEMPTS:
         return "wrong"
-    result = await svc.approvals.decide(approval.id, Status.DENIED, reason="too_many_codes")
-    if result.kind == "decided":
-        async with svc.db() as db:
-            await audit.record(
-                db,
-                "approval.decided",
-                user_id=approval.user_id,
-                approval_id=approval.id,
-                detail={"status": "denied", "reason": "too_many_codes", "via": "sms_code"},
-                now=svc.clock.now(),
-            )
-            await db.commit()
+    audit_line = audit.line(
+        "approval.decided",
+        user_id=approval.user_id,
+        approval_id=approval.id,
+        detail={"status": "denied", "reason": "too_many_codes", "via": "sms_code"},
+        now=svc.clock.now(),
+    )
+    await svc.approvals.decide(
+        approval.id, Status.DENIED, audit_line=audit_line, reason="too_many_codes"
+    )
     return "denied"

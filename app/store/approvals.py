@@ -16,6 +16,7 @@ from app import metrics
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import Clock
 from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP
+from app.store.audit_stream import APPEND_LUA
 from app.store.redis import KeySpace
 
 # How long a final state stays readable, so late callers get 409/410 rather than 404.
@@ -43,17 +44,19 @@ local function finalize(prefix, id, status, now, decided_by, reason, base, cap)
     redis.call('HSET', fatigue, 'next_at', tonumber(now) + wait)
     redis.call('EXPIRE', fatigue, 86400)
   end
+  -- decided_at travels as the string stored above, so waiters render the same time.
   redis.call('PUBLISH', prefix .. 'ev:approval:' .. id,
-    cjson.encode({type = 'result', status = status}))
+    cjson.encode({type = 'result', status = status, decided_at = now}))
   redis.call('PUBLISH', prefix .. 'ev:user:' .. uid,
     cjson.encode({type = 'approval_resolved', id = id, status = status}))
 end
 """.replace("KEEP", str(FINAL_STATE_KEEP))
 
 # KEYS: new approval key. ARGV: prefix, now, id, user_id, expires_at, keep_seconds,
-# base, cap, request_event_json, then field/value pairs.
+# base, cap, request_event_json, audit line, caller's ip, then field/value pairs.
 _CREATE = (
     _FINALIZE
+    + APPEND_LUA
     + """
 local prefix, now, id, uid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local expires_at, keep, base, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -81,22 +84,27 @@ local superseded = ''
 if old and old_status == 'pending' then
   finalize(prefix, old, 'expired', ARGV[2], '', 'superseded', base, cap)
   superseded = old
+  audit(prefix, cjson.encode({at = now, kind = 'approval.superseded', user_id = uid,
+    approval_id = old, ip = ARGV[11], detail = '{}'}))
 end
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], keep)
 redis.call('SET', pending_key, id, 'EX', keep)
 redis.call('ZADD', prefix .. 'approvals:deadlines', expires_at, id)
 redis.call('PUBLISH', prefix .. 'ev:user:' .. uid, ARGV[9])
+audit(prefix, ARGV[10])
 return {'created', superseded, expired_old}
 """
 )
 
-# KEYS: approval key. ARGV: prefix, now, id, outcome, decided_by, reason, base, cap.
+# KEYS: approval key. ARGV: prefix, now, id, outcome, decided_by, reason, base, cap,
+# audit line (appended only when this call decides).
 # The third result is the approval's created_at when this call ended it, else ''.
 _DECIDE = (
     _FINALIZE
+    + APPEND_LUA
     + """
 local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found', '', ''} end
@@ -108,6 +116,7 @@ if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) <= now then
   return {'final', 'expired', created_at}
 end
 finalize(prefix, id, ARGV[4], ARGV[2], ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
+audit(prefix, ARGV[9])
 return {'decided', ARGV[4], created_at}
 """
 )
@@ -218,10 +227,13 @@ class ApprovalStore:
         self._complete = redis.register_script(_COMPLETE)
         self._channel = redis.register_script(_CHANNEL)
 
-    async def create(self, approval: PendingApproval, request_event: bytes) -> Created | Backoff:
+    async def create(
+        self, approval: PendingApproval, request_event: bytes, audit_line: bytes
+    ) -> Created | Backoff:
         """Store a new pending approval, superseding the user's previous one, unless backed off.
 
-        `request_event` is published to the user's devices in the same step.
+        `request_event` is published to the user's devices and `audit_line` appended to the
+        audit stream in the same step (with an `approval.superseded` line for the old one).
         """
         now = self._clock.now()
         keep = int(approval.expires_at - now) + FINAL_STATE_KEEP
@@ -240,6 +252,8 @@ class ApprovalStore:
                 BACKOFF_BASE,
                 BACKOFF_CAP,
                 request_event,
+                audit_line,
+                approval.context.ip,
                 *flat,
             ],
         )
@@ -263,9 +277,16 @@ class ApprovalStore:
         return PendingApproval.from_fields(fields)
 
     async def decide(
-        self, approval_id: str, status: Status, *, device_id: str = "", reason: str = ""
+        self,
+        approval_id: str,
+        status: Status,
+        *,
+        audit_line: bytes,
+        device_id: str = "",
+        reason: str = "",
     ) -> DecideResult:
-        """Try to end a pending approval with `status`; exactly one caller ever wins."""
+        """Try to end a pending approval with `status`; exactly one caller ever wins, and
+        only the winner's `audit_line` is appended."""
         now = self._clock.now()
         result = await self._decide(
             keys=[self._keys.approval(approval_id)],
@@ -278,6 +299,7 @@ class ApprovalStore:
                 reason,
                 BACKOFF_BASE,
                 BACKOFF_CAP,
+                audit_line,
             ],
         )
         kind, value, ended_created_at = result[0], result[1], result[2]

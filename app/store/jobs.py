@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from app.core.clock import Clock
 from app.core.tokens import new_id
@@ -67,15 +68,28 @@ class JobQueue:
         self, kind: str, payload: dict[str, Any], *, run_at: float | None = None, attempt: int = 0
     ) -> Job:
         """Store a job to run at `run_at` (now by default)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            job = self.enqueue_in(pipe, kind, payload, run_at=run_at, attempt=attempt)
+            await pipe.execute()
+        return job
+
+    def enqueue_in(
+        self,
+        pipe: Pipeline,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        run_at: float | None = None,
+        attempt: int = 0,
+    ) -> Job:
+        """Add the commands that store a job to `pipe`, so it is sent with the caller's own."""
         job = Job(new_id(), kind, payload, attempt)
         at = self._clock.now() if run_at is None else run_at
         body = orjson.dumps({"kind": kind, "payload": payload, "attempt": attempt})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._data, job.id, body)
-            pipe.zadd(self._due, {job.id: at})
-            if run_at is None:
-                pipe.publish(self.wake_channel, b"1")
-            await pipe.execute()
+        pipe.hset(self._data, job.id, body)
+        pipe.zadd(self._due, {job.id: at})
+        if run_at is None:
+            pipe.publish(self.wake_channel, b"1")
         return job
 
     async def claim(self, limit: int = 50) -> list[Job]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from app.core.tokens import new_id
 from app.store.redis import KeySpace
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,40 @@ return 0
 """
 
 
+# KEYS: presence hash, account version. ARGV: process key prefix.
+# Returns the account version ('' before any change) and the devices held by a live process.
+_SNAPSHOT = """
+local entries = redis.call('HGETALL', KEYS[1])
+local out = {redis.call('GET', KEYS[2]) or ''}
+local alive = {}
+for i = 1, #entries, 2 do
+  local process = entries[i + 1]
+  if alive[process] == nil then
+    alive[process] = redis.call('EXISTS', ARGV[1] .. process) == 1
+  end
+  if alive[process] then out[#out + 1] = entries[i] end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a new approval needs to know about its user, read in one round trip."""
+
+    connected: frozenset[str]  # devices whose socket a live process holds
+    account_version: str  # changes whenever the user or their devices change (account_changed)
+
+
+async def account_changed(redis: aioredis.Redis, keys: KeySpace, user_id: str) -> None:
+    """Tell every process that the user or their devices changed (call it after the commit).
+
+    Processes check the version before they use what they cached (app.account_cache). It is
+    a fresh random value, never a counter, and it never expires, so no old value comes back.
+    """
+    await redis.set(keys.account_version(user_id), new_id())
+
+
 class Presence:
     """Register connected devices and ask which of a user's devices are reachable."""
 
@@ -36,6 +72,7 @@ class Presence:
         self._keys = keys
         self.process_id = process_id
         self._leave = redis.register_script(_LEAVE)
+        self._snapshot = redis.register_script(_SNAPSHOT)
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -70,12 +107,14 @@ class Presence:
     async def leave(self, user_id: str, device_id: str) -> None:
         await self._leave(keys=[self._keys.presence(user_id)], args=[device_id, self.process_id])
 
-    async def connected_devices(self, user_id: str) -> set[str]:
+    async def snapshot(self, user_id: str) -> Snapshot:
+        """The user's connected devices and account version, in one round trip."""
+        found: list[str] = await self._snapshot(
+            keys=[self._keys.presence(user_id), self._keys.account_version(user_id)],
+            args=[self._keys.process("")],
+        )
+        return Snapshot(connected=frozenset(found[1:]), account_version=found[0])
+
+    async def connected_devices(self, user_id: str) -> frozenset[str]:
         """Devices of the user whose socket is held by a live process."""
-        entries: dict[str, str] = await self._redis.hgetall(self._keys.presence(user_id))  # type: ignore[assignment]
-        if not entries:
-            return set()
-        processes = sorted(set(entries.values()))
-        alive = await self._redis.mget([self._keys.process(p) for p in processes])
-        live = {p for p, flag in zip(processes, alive, strict=True) if flag}
-        return {device for device, process in entries.items() if process in live}
+        return (await self.snapshot(user_id)).connected

@@ -51,6 +51,9 @@ class KeySpace:
     def user_sessions(self, user_id: str) -> str:
         return self("user", user_id, "sessions")
 
+    def account_version(self, user_id: str) -> str:
+        return self("user", user_id, "account-version")
+
     def user_channel(self, user_id: str) -> str:
         return self("ev", "user", user_id)
 

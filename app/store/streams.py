@@ -45,8 +45,9 @@ class StreamGroup:
                 pipe.xadd(self.stream, cast(dict[Any, Any], fields), maxlen=MAX_LENGTH)
             await pipe.execute()
 
-    async def read(self, *, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer, waiting up to `block_ms` (none if the group was lost)."""
+    async def read(self, *, count: int, block_ms: int | None) -> list[Entry]:
+        """New entries for this consumer, waiting up to `block_ms` (None: not at all; Redis
+        reads 0 as "forever"); none if the group was lost."""
         try:
             reply = await self.redis.xreadgroup(
                 self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
@@ -90,6 +91,10 @@ class StreamGroup:
         """Acknowledge handled entries."""
         if entries:
             await self.redis.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
+
+    async def leave(self) -> None:
+        """Remove this consumer; only when it holds nothing unacknowledged, or that is lost."""
+        await self.redis.xgroup_delconsumer(self.stream, self.group, self.consumer)
 
     async def forget_idle_consumers(self) -> None:
         """Drop consumers long gone with nothing pending, so the group does not grow forever."""

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from app.approval_flow import active_devices
+from app.audit_trail import recent_events
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
 from app.core.tokens import hash_token, new_numeric_code, same_secret
@@ -227,8 +228,7 @@ async def activity(request: Request) -> Response:
     """GET /api/account/activity: the user's recent audit events."""
     svc = services(request)
     session = await current_session(request)
-    async with svc.db() as db:
-        events = await audit.recent(db, session.user_id, limit=50)
+    events = await recent_events(svc, session.user_id, limit=50)
     return json(
         {
             "events": [

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app import metrics
-from app.approval_flow import active_devices, raise_if_final, start_approval
+from app.approval_flow import raise_if_final, start_approval
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
@@ -146,8 +146,8 @@ async def login(request: Request) -> Response:
         metrics.LOGINS.labels("authenticated").inc()  # refusals are counted in web.errors
         return trusted_response
 
-    devices = await active_devices(svc, user.id)
-    if not devices:
+    recipient = await svc.accounts.for_user(user)
+    if not recipient.devices:
         token = await svc.sessions.create(user.id, restricted=True)
         async with svc.db() as db:
             await audit.record(db, "login.enrollment_required", user_id=user.id, ip=ip, now=now)
@@ -160,7 +160,7 @@ async def login(request: Request) -> Response:
     login_token = new_token()
     approval = await start_approval(
         svc,
-        user,
+        recipient,
         kind="login",
         context=request_context(request),
         browser_binding=hash_token(login_token),
@@ -488,20 +488,19 @@ async def enter_code(request: Request) -> Response:
         )
     if checked == "wrong":
         raise ApiError(400, "invalid_code", "that code is not right")
-    result = await svc.approvals.decide(approval.id, Status.APPROVED, reason="sms_code")
+    audit_line = audit.line(
+        "approval.decided",
+        user_id=approval.user_id,
+        approval_id=approval.id,
+        ip=client_ip(request),
+        detail={"status": "approved", "via": "sms_code"},
+        now=svc.clock.now(),
+    )
+    result = await svc.approvals.decide(
+        approval.id, Status.APPROVED, audit_line=audit_line, reason="sms_code"
+    )
     if result.kind != "decided":
         raise_if_final(result.status or Status.EXPIRED)
-    async with svc.db() as db:
-        await audit.record(
-            db,
-            "approval.decided",
-            user_id=approval.user_id,
-            approval_id=approval.id,
-            ip=client_ip(request),
-            detail={"status": "approved", "via": "sms_code"},
-            now=svc.clock.now(),
-        )
-        await db.commit()
     return json({"status": "approved"})
 
 

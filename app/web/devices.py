@@ -29,6 +29,7 @@ from app.db.models import Device, User
 from app.delivery import notices
 from app.services import Services
 from app.store.events import RECONNECTED
+from app.store.presence import account_changed
 from app.web.common import (
     authenticated_device,
     client_ip,
@@ -161,6 +162,7 @@ async def enroll_device(request: Request) -> Response:
         )
         await notices.device_added(svc, db, user, device, now)
         await db.commit()
+    await account_changed(svc.redis, svc.keys, user_id)
     return json(
         {"device_id": device.id, "device_token": token, "user": {"email": user.email}},
         status=201,
@@ -192,6 +194,7 @@ async def update_me(request: Request) -> Response:
             now=now,
         )
         await db.commit()
+    await account_changed(svc.redis, svc.keys, device.user_id)
     return json(device_json(current))
 
 
@@ -214,6 +217,7 @@ async def _revoke(svc: Services, device: Device, *, ip: str, by: str) -> None:
             now=now,
         )
         await db.commit()
+    await account_changed(svc.redis, svc.keys, device.user_id)
     await svc.events.publish(
         svc.keys.user_channel(device.user_id), {"type": "device_revoked", "device_id": device.id}
     )

@@ -9,12 +9,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app.approval_flow import devices_of, start_approval, wait_for_end
+from app.approval_flow import start_approval, wait_for_end
 from app.core.approvals import PendingApproval
 from app.core.clock import rfc3339
 from app.core.errors import ApiError
 from app.core.tokens import hash_token
-from app.db.accounts import get_api_key_by_plaintext, get_user_by_email
+from app.db.accounts import get_api_key_by_plaintext
 from app.db.models import ApiKey
 from app.web.common import bearer, json, request_context, services
 from app.web.errors import StrictBody, read_body
@@ -69,20 +69,17 @@ async def create(request: Request) -> Response:
     svc = services(request)
     key = await _api_key(request)
     body = await read_body(request, CreateApproval)
-    async with svc.db() as db:
-        user = await get_user_by_email(db, body.user.strip().lower())
-        devices = await devices_of(db, user.id) if user is not None else []
-    if user is None:
+    recipient = await svc.accounts.by_email(body.user.strip().lower())
+    if recipient is None:
         raise ApiError(404, "unknown_user", "no user with that email")
     given = body.context.model_dump(exclude_none=True) if body.context else {}
     approval = await start_approval(
         svc,
-        user,
+        recipient,
         kind="rp",
         context=request_context(request, given),
         ttl=body.ttl,
         api_key_id=key.id,
-        devices=devices,
     )
     return json(
         {

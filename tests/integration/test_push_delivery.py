@@ -107,6 +107,7 @@ async def start_login(server: LiveServer, browser: httpx.AsyncClient, email: str
 
 async def audit_events(server: LiveServer, approval_id: str, kind: str) -> list[dict[str, Any]]:
     """The approval's audit events of one kind, oldest first, with their details parsed."""
+    await server.audit_filed()
     async with server.services.db() as db:
         rows = await db.exec(
             select(AuditEvent)

@@ -39,6 +39,7 @@ async def two(server_factory: ServerFactory, **settings: Any) -> tuple[LiveServe
 
 
 async def audit_kinds(server: LiveServer, approval_id: str) -> list[str]:
+    await server.audit_filed()
     async with server.services.db() as db:
         rows = await db.exec(select(AuditEvent).where(AuditEvent.approval_id == approval_id))
         return [row.kind for row in rows.all()]
@@ -308,5 +309,5 @@ async def test_a_decision_racing_the_approvals_disappearance(
     """The phone read the approval, then its key expired before the decision's atomic step:
     the store says `not_found` (the route answers 404), it does not crash."""
     server = await server_factory()
-    result = await server.services.approvals.decide("0" * 32, Status.APPROVED)
+    result = await server.services.approvals.decide("0" * 32, Status.APPROVED, audit_line=b"{}")
     assert result.kind == "not_found" and result.status is None
