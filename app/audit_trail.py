@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 BLOCK_MS = 1000
+# After filing a batch that did not fill up, wait this long so the next one is bigger: an
+# insert per line would cost the database (and this process) far more than 50 ms of delay.
+LINGER = 0.05
 # A writer that took lines and has not filed them this long has died; another takes them.
 RECLAIM_IDLE_MS = 30_000
 RECLAIM_EVERY = 15.0
@@ -62,9 +65,12 @@ async def run_audit_writer(svc: Services, stop: asyncio.Event) -> None:
     stream = AuditStream(svc.redis, svc.keys, consumer=svc.process_id)
     loop = asyncio.get_running_loop()
     next_reclaim = 0.0
+    ready = False
     while not stop.is_set():
         try:
-            await stream.ensure_group()
+            if not ready:
+                await stream.ensure_group()
+                ready = True
             if loop.time() >= next_reclaim:
                 next_reclaim = loop.time() + RECLAIM_EVERY
                 orphans = await stream.reclaim(min_idle_ms=RECLAIM_IDLE_MS, count=BATCH)
@@ -74,7 +80,11 @@ async def run_audit_writer(svc: Services, stop: asyncio.Event) -> None:
             events = await stream.read_new(count=BATCH, block_ms=BLOCK_MS)
             if events:
                 await file_lines(svc.db, stream, events)
+                if len(events) < BATCH:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=LINGER)
         except Exception as exc:  # Redis or the database is away: the lines wait in Redis
+            ready = False
             log.warning("audit writer: %s; retrying", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)

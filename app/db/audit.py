@@ -116,8 +116,10 @@ async def insert_streamed(session: AsyncSession, events: list[StreamedEvent]) ->
         return
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(AuditEvent).values(rows).on_conflict_do_nothing(index_elements=["stream_id"])
-    await session.exec(statement)
+    # One statement whatever the batch size, so SQLAlchemy compiles it once per process;
+    # the rows go as executemany parameters (batched into multi-row INSERTs by the driver).
+    statement = insert(AuditEvent).on_conflict_do_nothing(index_elements=["stream_id"])
+    await session.exec(statement, params=rows)
 
 
 def as_event(event: StreamedEvent) -> AuditEvent:
