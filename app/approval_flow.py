@@ -70,6 +70,7 @@ async def start_approval(
         request_id=current_request_id(),
     )
     approval.channels = dispatch.initial_channels(svc, recipient)
+    delivery = dispatch.plan(svc, approval, recipient)
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
     audit_line = audit.line(
         "approval.created",
@@ -79,7 +80,7 @@ async def start_approval(
         detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
         now=now,
     )
-    outcome = await svc.approvals.create(approval, event, audit_line)
+    outcome = await svc.approvals.create(approval, event, audit_line, delivery)
     if isinstance(outcome, Backoff):
         raise ApiError(
             429,
@@ -102,7 +103,7 @@ async def start_approval(
             "superseded": outcome.superseded,
         },
     )
-    await dispatch.after_create(svc, approval, recipient)
+    await dispatch.after_create(svc, approval, delivery)
     return approval
 
 

@@ -30,7 +30,7 @@ from app.delivery import sms_codes
 from app.delivery.push import PushMessage, PushResult, observe_attempt
 from app.delivery.retry import PUSH_RETRY_BASE, PUSH_RETRY_CAP, next_attempt_at
 from app.services import Services
-from app.store.approvals import FINAL_STATE_KEEP
+from app.store.approvals import FINAL_STATE_KEEP, Delivery
 from app.store.jobs import Job, JobQueue
 from app.store.presence import account_changed
 
@@ -78,15 +78,11 @@ def initial_channels(svc: Services, recipient: Recipient) -> list[str]:
 # --- tickets: which deliveries are still under way ----------------------------------------
 
 
-def _inflight_key(svc: Services, approval_id: str) -> str:
-    return svc.keys("approval", approval_id, "inflight")
-
-
 def _open_ticket_in(pipe: Pipeline, svc: Services, approval: PendingApproval) -> str:
     """Register one delivery under way for `approval` (in the caller's pipeline); the set
     lives as long as the approval."""
     ticket = new_id()
-    key = _inflight_key(svc, approval.id)
+    key = svc.keys.approval_inflight(approval.id)
     pipe.sadd(key, ticket)
     pipe.expire(key, max(1, int(approval.expires_at - svc.clock.now())) + FINAL_STATE_KEEP)
     return ticket
@@ -95,8 +91,8 @@ def _open_ticket_in(pipe: Pipeline, svc: Services, approval: PendingApproval) ->
 async def _close_ticket(svc: Services, approval: PendingApproval, ticket: str) -> bool:
     """End one delivery; True when it was the last under way and nothing reached anyone."""
     async with svc.redis.pipeline(transaction=True) as pipe:
-        pipe.srem(_inflight_key(svc, approval.id), ticket)
-        pipe.scard(_inflight_key(svc, approval.id))
+        pipe.srem(svc.keys.approval_inflight(approval.id), ticket)
+        pipe.scard(svc.keys.approval_inflight(approval.id))
         pipe.scard(svc.keys.approval_acks(approval.id))
         pipe.hget(svc.keys.approval(approval.id), "delivered")
         _, under_way, acked, delivered = await pipe.execute()
@@ -141,32 +137,44 @@ async def _schedule_pushes(svc: Services, approval: PendingApproval, devices: li
 # --- scheduling --------------------------------------------------------------------------
 
 
-async def after_create(svc: Services, approval: PendingApproval, recipient: Recipient) -> None:
-    """Push now to phones that are away, check acks of connected ones in 3 s, else SMS.
+def plan(svc: Services, approval: PendingApproval, recipient: Recipient) -> Delivery:
+    """The delivery work a new approval starts with, stored with it in one atomic step: a
+    push now to each phone that is away, and for connected phones a check in 3 s that they
+    acknowledged (their last ack cancels it). The providers are already among the
+    approval's channels (`initial_channels`)."""
+    queue = jobs(svc)
+    delivery = Delivery()
+    for device in _away_pushable(svc, recipient):
+        ticket = new_id()
+        delivery.tickets.append(ticket)
+        delivery.jobs.append(
+            queue.prepare(
+                "push", {"approval_id": approval.id, "device_id": device.id, "ticket": ticket}
+            )
+        )
+    waiting = [d.id for d in recipient.devices if d.id in recipient.connected]
+    if waiting:
+        ticket = new_id()
+        delivery.tickets.append(ticket)
+        check = queue.prepare(
+            "ack_check",
+            {"approval_id": approval.id, "devices": waiting, "ticket": ticket},
+            run_at=svc.clock.now() + ACK_TIMEOUT,
+        )
+        delivery.watch(check, ticket, waiting)
+    return delivery
 
-    Every job goes out in one round trip; the providers pushed to are already among the
-    approval's channels (`initial_channels`). Never raises: a delivery problem must not fail
-    the sign-in (the app can still fetch pending approvals). Adds `sms` to
-    `approval.channels` when the code goes out at once.
+
+async def after_create(svc: Services, approval: PendingApproval, delivery: Delivery) -> None:
+    """An approval that no socket or push can reach gets the SMS fallback at once.
+
+    Never raises: a delivery problem must not fail the sign-in (the app can still fetch
+    pending approvals). Adds `sms` to `approval.channels` when the code goes out.
     """
+    if delivery.jobs:
+        return
     try:
-        queue = jobs(svc)
-        away = _away_pushable(svc, recipient)
-        waiting = [d.id for d in recipient.devices if d.id in recipient.connected]
-        if away or waiting:
-            async with svc.redis.pipeline(transaction=True) as pipe:
-                for device in away:
-                    _schedule_push_in(pipe, svc, queue, approval, device)
-                if waiting:
-                    ticket = _open_ticket_in(pipe, svc, approval)
-                    queue.enqueue_in(
-                        pipe,
-                        "ack_check",
-                        {"approval_id": approval.id, "devices": waiting, "ticket": ticket},
-                        run_at=svc.clock.now() + ACK_TIMEOUT,
-                    )
-                await pipe.execute()
-        elif await sms_codes.request_code(svc, approval, automatic=True):
+        if await sms_codes.request_code(svc, approval, automatic=True):
             approval.channels.append("sms")
     except Exception:
         log.exception(

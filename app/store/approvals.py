@@ -7,9 +7,10 @@ counted exactly once (app.metrics).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+import orjson
 import redis.asyncio as aioredis
 
 from app import metrics
@@ -17,6 +18,7 @@ from app.core.approvals import PendingApproval, Status
 from app.core.clock import Clock
 from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP
 from app.store.audit_stream import APPEND_LUA
+from app.store.jobs import SCHEDULE_LUA, PreparedJob
 from app.store.redis import KeySpace
 
 # How long a final state stays readable, so late callers get 409/410 rather than 404.
@@ -52,11 +54,14 @@ local function finalize(prefix, id, status, now, decided_by, reason, base, cap)
 end
 """.replace("KEEP", str(FINAL_STATE_KEEP))
 
-# KEYS: new approval key. ARGV: prefix, now, id, user_id, expires_at, keep_seconds,
-# base, cap, request_event_json, audit line, caller's ip, then field/value pairs.
+# KEYS: new approval key, its in-flight deliveries set. ARGV: prefix, now, id, user_id,
+# expires_at, keep_seconds, base, cap, request_event_json, audit line, caller's ip,
+# delivery jobs (JSON list of {id, body, run_at}), delivery tickets (JSON list), then
+# field/value pairs.
 _CREATE = (
     _FINALIZE
     + APPEND_LUA
+    + SCHEDULE_LUA
     + """
 local prefix, now, id, uid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local expires_at, keep, base, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -88,9 +93,15 @@ if old and old_status == 'pending' then
     approval_id = old, ip = ARGV[11], detail = '{}'}))
 end
 local fields = {}
-for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], keep)
+local tickets = cjson.decode(ARGV[13])
+if #tickets > 0 then
+  redis.call('SADD', KEYS[2], unpack(tickets))
+  redis.call('EXPIRE', KEYS[2], keep)
+end
+enqueue_jobs(prefix, now, cjson.decode(ARGV[12]))
 redis.call('SET', pending_key, id, 'EX', keep)
 redis.call('ZADD', prefix .. 'approvals:deadlines', expires_at, id)
 redis.call('PUBLISH', prefix .. 'ev:user:' .. uid, ARGV[9])
@@ -150,10 +161,14 @@ local function add_to_list(key, field, value)
 end
 """
 
-# KEYS: approval key, acks set. ARGV: device id, approval channel, delivered event, user id.
+# KEYS: approval key, acks set, in-flight deliveries set. ARGV: device id, approval channel,
+# delivered event, user id, prefix. Once every connected phone the approval went to has
+# acked, its ack check (a delivery job and its ticket, see Delivery.watch) is cancelled:
+# nothing is left to push or text.
 # Returns -1 when the approval is unknown or not the user's, 1 the first time, else 0.
 _ACK = (
     _ADD_TO_LIST
+    + SCHEDULE_LUA
     + """
 local owner = redis.call('HGET', KEYS[1], 'user_id')
 if not owner or owner ~= ARGV[4] then return -1 end
@@ -162,6 +177,19 @@ local added = redis.call('SADD', KEYS[2], ARGV[1])
 if added == 1 then
   redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
   if add_to_list(KEYS[1], 'delivered', 'websocket') then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  local check = redis.call('HGET', KEYS[1], 'ack_check')
+  if check then
+    check = cjson.decode(check)
+    local all = true
+    for _, device in ipairs(check.devices) do
+      if redis.call('SISMEMBER', KEYS[2], device) == 0 then all = false end
+    end
+    if all then
+      cancel_job(ARGV[5], check.job)
+      redis.call('SREM', KEYS[3], check.ticket)
+      redis.call('HDEL', KEYS[1], 'ack_check')
+    end
+  end
 end
 return added
 """
@@ -189,6 +217,24 @@ if added and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 """
 )
+
+
+@dataclass
+class Delivery:
+    """Delivery work stored in the same atomic step that creates an approval, so an approval
+    never exists without it (app.delivery.dispatch.plan builds it)."""
+
+    jobs: list[PreparedJob] = field(default_factory=list)
+    # One per delivery under way, in the approval's in-flight set (see dispatch).
+    tickets: list[str] = field(default_factory=list)
+    # The job (with its ticket) that checks, a few seconds on, that the connected phones
+    # acknowledged; the last of their acks cancels it.
+    ack_check: dict[str, object] | None = None
+
+    def watch(self, job: PreparedJob, ticket: str, devices: list[str]) -> None:
+        """Add the ack check of `devices`; `ticket` must be among `tickets`."""
+        self.jobs.append(job)
+        self.ack_check = {"job": job.id, "ticket": ticket, "devices": devices}
 
 
 @dataclass(frozen=True)
@@ -228,20 +274,29 @@ class ApprovalStore:
         self._channel = redis.register_script(_CHANNEL)
 
     async def create(
-        self, approval: PendingApproval, request_event: bytes, audit_line: bytes
+        self,
+        approval: PendingApproval,
+        request_event: bytes,
+        audit_line: bytes,
+        delivery: Delivery | None = None,
     ) -> Created | Backoff:
         """Store a new pending approval, superseding the user's previous one, unless backed off.
 
-        `request_event` is published to the user's devices and `audit_line` appended to the
-        audit stream in the same step (with an `approval.superseded` line for the old one).
+        In the same step `request_event` is published to the user's devices, `audit_line`
+        appended to the audit stream (with an `approval.superseded` line for the old one),
+        and the `delivery` jobs are queued.
         """
         now = self._clock.now()
         keep = int(approval.expires_at - now) + FINAL_STATE_KEEP
+        delivery = delivery or Delivery()
+        fields = approval.to_fields()
+        if delivery.ack_check:
+            fields["ack_check"] = orjson.dumps(delivery.ack_check).decode()
         flat: list[str] = []
-        for name, value in approval.to_fields().items():
+        for name, value in fields.items():
             flat += [name, value]
         result = await self._create(
-            keys=[self._keys.approval(approval.id)],
+            keys=[self._keys.approval(approval.id), self._keys.approval_inflight(approval.id)],
             args=[
                 self._keys.prefix,
                 repr(now),
@@ -254,6 +309,8 @@ class ApprovalStore:
                 request_event,
                 audit_line,
                 approval.context.ip,
+                orjson.dumps([job.lua() for job in delivery.jobs]),
+                orjson.dumps(delivery.tickets),
                 *flat,
             ],
         )
@@ -357,8 +414,18 @@ class ApprovalStore:
         if not _plausible_id(approval_id):
             return None
         added = await self._ack(
-            keys=[self._keys.approval(approval_id), self._keys.approval_acks(approval_id)],
-            args=[device_id, self._keys.approval_channel(approval_id), delivered_event, user_id],
+            keys=[
+                self._keys.approval(approval_id),
+                self._keys.approval_acks(approval_id),
+                self._keys.approval_inflight(approval_id),
+            ],
+            args=[
+                device_id,
+                self._keys.approval_channel(approval_id),
+                delivered_event,
+                user_id,
+                self._keys.prefix,
+            ],
         )
         return None if added == -1 else bool(added)
 

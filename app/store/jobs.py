@@ -20,6 +20,25 @@ from app.store.redis import KeySpace
 
 LEASE_SECONDS = 30
 
+# Lua for scripts that schedule or cancel jobs in the same atomic step as their own change.
+# enqueue_jobs(prefix, now, jobs): jobs is a list of {id, body, run_at} (PreparedJob.lua()).
+# cancel_job(prefix, id): a job not yet claimed never runs.
+SCHEDULE_LUA = """
+local function enqueue_jobs(prefix, now, jobs)
+  local wake = false
+  for _, job in ipairs(jobs) do
+    redis.call('HSET', prefix .. 'jobs:data', job[1], job[2])
+    redis.call('ZADD', prefix .. 'jobs:due', job[3], job[1])
+    if tonumber(job[3]) <= now then wake = true end
+  end
+  if wake then redis.call('PUBLISH', prefix .. 'jobs:wake', '1') end
+end
+local function cancel_job(prefix, id)
+  redis.call('ZREM', prefix .. 'jobs:due', id)
+  redis.call('HDEL', prefix .. 'jobs:data', id)
+end
+"""
+
 # KEYS: due, leased, data. ARGV: now, lease end, max count.
 _CLAIM = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -52,12 +71,29 @@ class Job:
     attempt: int = 0
 
 
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job to be stored by a Lua script (SCHEDULE_LUA) together with another change."""
+
+    id: str
+    body: str
+    run_at: float
+
+    def lua(self) -> list[object]:
+        return [self.id, self.body, repr(self.run_at)]
+
+
+def _body(kind: str, payload: dict[str, Any], attempt: int) -> bytes:
+    return orjson.dumps({"kind": kind, "payload": payload, "attempt": attempt})
+
+
 class JobQueue:
     """Enqueue, claim, finish and retry jobs."""
 
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, clock: Clock) -> None:
         self._redis = redis
         self._clock = clock
+        # SCHEDULE_LUA builds the same names from the prefix.
         self._due = keys("jobs", "due")
         self._leased = keys("jobs", "leased")
         self._data = keys("jobs", "data")
@@ -85,12 +121,19 @@ class JobQueue:
         """Add the commands that store a job to `pipe`, so it is sent with the caller's own."""
         job = Job(new_id(), kind, payload, attempt)
         at = self._clock.now() if run_at is None else run_at
-        body = orjson.dumps({"kind": kind, "payload": payload, "attempt": attempt})
+        body = _body(kind, payload, attempt)
         pipe.hset(self._data, job.id, body)
         pipe.zadd(self._due, {job.id: at})
         if run_at is None:
             pipe.publish(self.wake_channel, b"1")
         return job
+
+    def prepare(
+        self, kind: str, payload: dict[str, Any], *, run_at: float | None = None
+    ) -> PreparedJob:
+        """A job for a script to store (see SCHEDULE_LUA); it runs at `run_at` (now by default)."""
+        at = self._clock.now() if run_at is None else run_at
+        return PreparedJob(new_id(), _body(kind, payload, 0).decode(), at)
 
     async def claim(self, limit: int = 50) -> list[Job]:
         """Take up to `limit` due jobs under a lease."""
@@ -109,15 +152,6 @@ class JobQueue:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._leased, job.id)
             pipe.hdel(self._data, job.id)
-            await pipe.execute()
-
-    async def retry(self, job: Job, run_at: float) -> None:
-        """Put the job back, one attempt further, to run at `run_at`."""
-        body = orjson.dumps({"kind": job.kind, "payload": job.payload, "attempt": job.attempt + 1})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._leased, job.id)
-            pipe.hset(self._data, job.id, body)
-            pipe.zadd(self._due, {job.id: run_at})
             await pipe.execute()
 
     async def next_due(self) -> float | None:

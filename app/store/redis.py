@@ -30,6 +30,9 @@ class KeySpace:
     def approval_acks(self, approval_id: str) -> str:
         return self("approval", approval_id, "acks")
 
+    def approval_inflight(self, approval_id: str) -> str:
+        return self("approval", approval_id, "inflight")
+
     def user_pending(self, user_id: str) -> str:
         return self("user", user_id, "pending")
 

@@ -492,6 +492,46 @@ async def test_a_connected_phone_that_acks_gets_no_push(
     await ws.close()
 
 
+async def queued_jobs_of(server: LiveServer, approval_id: str) -> list[str]:
+    """Kinds of the delivery jobs still stored for the approval (due or under a lease)."""
+    bodies = await server.services.redis.hvals(server.services.keys("jobs", "data"))
+    jobs = [orjson.loads(body) for body in bodies]
+    return [j["kind"] for j in jobs if j["payload"].get("approval_id") == approval_id]
+
+
+async def handled(ws: Any) -> None:
+    """Wait until the server has handled every frame sent so far on this socket (it answers
+    a bad frame in order with an error)."""
+    await ws.send("not json")
+    await next_frame(ws, "error")
+
+
+async def test_the_last_connected_phone_to_ack_cancels_the_ack_check(
+    server_factory: ServerFactory, fcm_env: dict[str, str], fake_fcm: FakeFcm
+) -> None:
+    server = await server_factory(providers=await providers_for(fcm_env))
+    user_id = await server.add_user("acks@example.com")
+    first = await server.enroll_phone(user_id, push={"provider": "fcm", "token": "fcm-1"})
+    second = await server.enroll_phone(user_id, push={"provider": "fcm", "token": "fcm-2"})
+    sockets = [await device_socket(server, phone) for phone in (first, second)]
+
+    started = await start_login(server, server.browser(), "acks@example.com")
+    approval_id = started["approval_id"]
+    for ws in sockets:
+        await next_frame(ws, "approval_request")
+    await sockets[0].send(json.dumps({"type": "ack", "id": approval_id}))
+    await handled(sockets[0])
+    assert await queued_jobs_of(server, approval_id) == ["ack_check"]  # one phone is silent
+    await sockets[1].send(json.dumps({"type": "ack", "id": approval_id}))
+    await handled(sockets[1])
+
+    assert await queued_jobs_of(server, approval_id) == []
+    assert await deliveries_settled(server, approval_id)
+    assert fake_fcm.requests == []
+    for ws in sockets:
+        await ws.close()
+
+
 async def test_pushes_to_several_devices_go_out_at_once(
     server_factory: ServerFactory,
     provider_env: dict[str, str],
