@@ -6,8 +6,8 @@ app.core and the atomic steps in app.store.approvals.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 
 import orjson
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -229,23 +229,40 @@ async def _lock_after_fraud(
     await svc.sessions.revoke_user(user_id)
 
 
-async def wait_for_end(svc: Services, approval_id: str, seconds: float) -> PendingApproval | None:
-    """Wait until the approval ends or `seconds` pass; return its latest state."""
+async def wait_for_end(
+    svc: Services,
+    approval_id: str,
+    seconds: float,
+    *,
+    visible: Callable[[PendingApproval], bool],
+) -> PendingApproval | None:
+    """The approval once it has ended, or as it is when `seconds` have passed; None when
+    unknown. One that `visible` rejects comes back at once (the caller answers 404).
+
+    It listens before it reads, so an end announced after the read is not missed, and takes
+    the final status and time from the result event instead of reading the approval again.
+    """
+    if seconds <= 0:
+        return await svc.approvals.get(approval_id)
     loop = asyncio.get_running_loop()
-    give_up = loop.time() + max(0.0, seconds)
+    give_up = loop.time() + seconds
     async with svc.events.listen(svc.keys.approval_channel(approval_id)) as queue:
-        while True:
-            approval = await svc.approvals.get(approval_id)
-            if approval is None or approval.status is not Status.PENDING:
-                return approval
+        approval = await svc.approvals.get(approval_id)
+        while approval is not None and approval.status is Status.PENDING and visible(approval):
             until_deadline = approval.expires_at - svc.clock.now()
             if until_deadline <= 0:
                 await svc.approvals.expire_if_due(approval_id)
+                approval = await svc.approvals.get(approval_id)
                 continue
             remaining = give_up - loop.time()
             if remaining <= 0:
-                return approval
-            with contextlib.suppress(TimeoutError):
+                break
+            try:
                 event = await asyncio.wait_for(queue.get(), min(remaining, until_deadline + 0.05))
-                if event is not RECONNECTED and event.get("type") != "result":
-                    continue
+            except TimeoutError:
+                continue
+            if event is RECONNECTED:
+                approval = await svc.approvals.get(approval_id)  # events may have been missed
+            elif event.get("type") == "result":
+                approval = approval.ended(event) or await svc.approvals.get(approval_id)
+        return approval

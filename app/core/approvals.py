@@ -7,7 +7,7 @@ import math
 import random
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal, TypeVar, cast
 
@@ -108,6 +108,18 @@ class PendingApproval:
             out["number_choices"] = list(self.choices)
         out["challenge"] = self.challenge
         return out
+
+    def ended(self, event: Mapping[str, object]) -> PendingApproval | None:
+        """This approval with the status and time a `result` event announced (the store
+        publishes one when an approval ends); None when the event does not say both."""
+        try:
+            status = Status(str(event["status"]))
+            decided_at = float(str(event["decided_at"]))
+        except (KeyError, ValueError):
+            return None
+        if not status.final:
+            return None
+        return replace(self, status=status, decided_at=decided_at)
 
     def to_fields(self) -> dict[str, str]:
         """Flatten to string fields for a Redis hash; `None` values are left out."""

@@ -16,7 +16,7 @@ from app.core.errors import ApiError
 from app.core.tokens import hash_token
 from app.db.accounts import get_api_key_by_plaintext
 from app.db.models import ApiKey
-from app.web.common import bearer, json, request_context, services
+from app.web.common import bearer, json, plausible_id, request_context, services
 from app.web.errors import StrictBody, read_body
 
 MAX_WAIT = 30
@@ -111,11 +111,15 @@ async def status(request: Request) -> Response:
     svc = services(request)
     key = await _api_key(request)
     wait = _wait_seconds(request)
-    approval = await svc.approvals.get(request.path_params["approval_id"])
+    approval_id = request.path_params["approval_id"]
+    if not plausible_id(approval_id):
+        raise ApiError(404, "not_found", "no such approval")
+    approval = await wait_for_end(
+        svc, approval_id, wait, visible=lambda found: found.api_key_id == key.id
+    )
     if approval is None or approval.api_key_id != key.id:
         raise ApiError(404, "not_found", "no such approval")
-    latest = await wait_for_end(svc, approval.id, wait)
-    return json(_rp_json(latest or approval))
+    return json(_rp_json(approval))
 
 
 routes: list[BaseRoute] = [

@@ -346,6 +346,16 @@ async def test_relying_party_long_poll_sees_the_decision(server: LiveServer) -> 
             )
         result = await asyncio.wait_for(waiting, 10)
         assert result.status_code == 200 and result.json()["status"] == "approved"
+        # The long poll answered from the result event; it says what a fresh read says.
+        now_read = await rp.get(f"/api/v1/approvals/{body['approval_id']}")
+        assert now_read.json() == result.json()
+        assert set(result.json()) == {
+            "approval_id",
+            "status",
+            "created_at",
+            "expires_at",
+            "decided_at",
+        }
         unknown = await rp.post("/api/v1/approvals", json={"user": "nobody@example.com"})
         assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_user"
         bad_wait = await rp.get(f"/api/v1/approvals/{body['approval_id']}?wait=31")

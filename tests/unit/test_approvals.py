@@ -259,3 +259,30 @@ def test_an_empty_list_written_by_a_lua_script_reads_back() -> None:
     # Lua's cjson encodes an empty table as {}.
     fields = _approval().to_fields() | {"channels": "{}"}
     assert PendingApproval.from_fields(fields).channels == []
+
+
+def test_a_result_event_ends_the_approval_with_its_status_and_time() -> None:
+    pending = _approval(api_key_id="key-1")
+    ended = pending.ended({"type": "result", "status": "approved", "decided_at": "1700000123.5"})
+    assert ended is not None
+    assert (ended.status, ended.decided_at) == (Status.APPROVED, 1700000123.5)
+    assert (ended.id, ended.created_at, ended.api_key_id) == (
+        pending.id,
+        pending.created_at,
+        pending.api_key_id,
+    )
+    assert pending.status is Status.PENDING  # the original is left as it was
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "result", "status": "approved"},
+        {"type": "result", "decided_at": "1700000123.5"},
+        {"type": "result", "status": "pending", "decided_at": "1700000123.5"},
+        {"type": "result", "status": "maybe", "decided_at": "1700000123.5"},
+        {"type": "result", "status": "denied", "decided_at": "soon"},
+    ],
+)
+def test_a_result_event_that_does_not_say_enough_ends_nothing(event: dict[str, str]) -> None:
+    assert _approval().ended(event) is None
