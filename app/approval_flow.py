@@ -17,7 +17,7 @@ from app.core.approvals import ApprovalContext, ApprovalKind, PendingApproval, S
 from app.core.clock import to_datetime
 from app.core.errors import ApiError
 from app.core.matching import MatchPolicy, number_matches
-from app.core.signatures import DecisionRejected, read_kid, verify_decision
+from app.core.signatures import DecisionRejected, device_key, read_kid, verify_decision
 from app.db import audit
 from app.db.accounts import list_active_devices
 from app.db.models import Device, User
@@ -126,7 +126,7 @@ async def decide_with_jws(
     try:
         claims = verify_decision(
             jws,
-            orjson.loads(device.public_jwk),
+            device_key(device.public_jwk),
             approval_id=approval.id,
             challenge=approval.challenge,
             now=now,

@@ -10,7 +10,6 @@ the logs of every web process and worker.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import sys
@@ -18,6 +17,8 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
+
+import orjson
 
 from app.settings import Settings
 
@@ -113,7 +114,7 @@ class JsonFormatter(logging.Formatter):
         data.update(_extras(record))
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+        return orjson.dumps(data, default=str).decode()
 
 
 class ConsoleFormatter(logging.Formatter):

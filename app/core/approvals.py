@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import secrets
@@ -10,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal, TypeVar, cast
+
+import orjson
 
 from app.core.clock import rfc3339
 from app.core.matching import MatchPolicy, draw_number
@@ -228,7 +229,7 @@ def new_approval(
 
 
 def _dump(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return orjson.dumps(value).decode()
 
 
 def _flag(value: bool) -> str:
@@ -283,7 +284,7 @@ class _FieldReader:
         if name not in self._fields:
             return None
         try:
-            value: object = json.loads(self._fields[name])
+            value: object = orjson.loads(self._fields[name])
         except ValueError:
             raise ValueError(f"field {name}: not JSON") from None
         return value
@@ -291,6 +292,6 @@ class _FieldReader:
     def parsed(self, name: str, parse: Callable[[object], _T]) -> _T:
         raw = self.text(name)
         try:
-            return parse(json.loads(raw))
+            return parse(orjson.loads(raw))
         except ValueError as exc:
             raise ValueError(f"field {name}: {exc}") from None

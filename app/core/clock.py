@@ -42,6 +42,5 @@ def rfc3339(ts: float | datetime) -> str:
     """Format as an RFC 3339 UTC string with a `Z`, as every JSON time in the protocol."""
     if isinstance(ts, datetime):
         dt = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    else:
-        dt = datetime.fromtimestamp(ts, UTC)
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal, TypeGuard
 
 import jwt
@@ -177,13 +178,28 @@ def peek_aid(jws: object) -> str | None:
     return aid if _plausible_id(aid) else None
 
 
-def _verified_payload(jws: str, public_jwk: object) -> dict[str, Any]:
+def _public_key(public_jwk: object) -> ec.EllipticCurvePublicKey:
     try:
         key = ECAlgorithm.from_jwk(parse_device_jwk(public_jwk))
     except (ValueError, jwt.PyJWTError):
         key = None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise DecisionRejected("the device key is not a usable P-256 public key")
+    return key
+
+
+@lru_cache(maxsize=4096)
+def device_key(stored_jwk: str) -> ec.EllipticCurvePublicKey:
+    """The public key of a device's stored JWK text, checked and parsed once per process
+    (every decision of that device needs it). DecisionRejected if it is not usable."""
+    try:
+        jwk: object = json.loads(stored_jwk)
+    except ValueError:
+        jwk = None
+    return _public_key(jwk)
+
+
+def _verified_payload(jws: str, key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
     # Only the signature is pyjwt's job; time checks use the injected `now`, not its clock.
     options: Options = {
         "verify_signature": True,
@@ -211,13 +227,14 @@ def _verified_payload(jws: str, public_jwk: object) -> dict[str, Any]:
 
 def verify_decision(
     jws: str,
-    public_jwk: Mapping[str, object],
+    public_jwk: Mapping[str, object] | ec.EllipticCurvePublicKey,
     *,
     approval_id: str,
     challenge: str,
     now: float,
 ) -> DecisionClaims:
-    """Verify a phone's decision against its enrolled key and the approval it answers.
+    """Verify a phone's decision against its enrolled key (the JWK, or the key `device_key`
+    parsed from it) and the approval it answers.
 
     Checks, in order: the JWS shape and `alg` (ES256 only), the signature, that every claim is
     present, `aid` and `chl` against this approval, `decision`, `reason` and `iat` within
@@ -225,7 +242,8 @@ def verify_decision(
     `number` matches is the caller's check, since it answers `wrong_number` instead.
     """
     _read_header(jws)
-    payload = _verified_payload(jws, public_jwk)
+    key = public_jwk if isinstance(public_jwk, ec.EllipticCurvePublicKey) else None
+    payload = _verified_payload(jws, key or _public_key(public_jwk))
 
     for claim in ("aid", "chl", "decision", "iat"):
         if claim not in payload:

@@ -17,6 +17,7 @@ from app.core.signatures import (
     MAX_JWS_LENGTH,
     DecisionClaims,
     DecisionRejected,
+    device_key,
     device_public_jwk,
     parse_device_jwk,
     peek_aid,
@@ -487,3 +488,21 @@ def test_peek_aid_answers_none_for_anything_that_names_no_approval(jws: object) 
 @given(st.text() | compactish)
 def test_peek_aid_never_raises(jws: str) -> None:
     assert peek_aid(jws) is None or isinstance(peek_aid(jws), str)
+
+
+def test_a_stored_device_key_is_parsed_once_and_verifies_like_its_jwk() -> None:
+    stored = json.dumps(DEVICE_JWK)
+    key = device_key(stored)
+    assert device_key(stored) is key
+    assert _verify(_sign(), key) == _verify(_sign())
+    with pytest.raises(DecisionRejected, match="signature does not verify"):
+        _verify(_sign(OTHER_KEY), key)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    ["not json", "[]", json.dumps({"kty": "EC", "crv": "P-256"}), json.dumps(DEVICE_JWK)[:-1]],
+)
+def test_a_stored_device_key_that_is_not_a_p256_point_is_refused(stored: str) -> None:
+    with pytest.raises(DecisionRejected, match="not a usable P-256 public key"):
+        device_key(stored)
