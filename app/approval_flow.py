@@ -258,7 +258,8 @@ async def wait_for_end(
             if remaining <= 0:
                 break
             try:
-                event = await asyncio.wait_for(queue.get(), min(remaining, until_deadline + 0.05))
+                async with asyncio.timeout(min(remaining, until_deadline + 0.05)):
+                    event = await queue.get()
             except TimeoutError:
                 continue
             if event is RECONNECTED:

@@ -85,7 +85,10 @@ class EventBus:
         try:
             if waits:
                 try:
-                    await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
+                    # asyncio.timeout, not wait_for: no task per listener on this hot path.
+                    async with asyncio.timeout(5):
+                        for wait in waits:
+                            await wait
                 except TimeoutError:
                     # Redis is away (the reader is reconnecting): the caller answers 503.
                     raise RedisTimeoutError("pub/sub subscription not confirmed") from None
