@@ -135,6 +135,12 @@ class ConsoleFormatter(logging.Formatter):
 def configure_logging(settings: Settings) -> None:
     """Log to stderr in the configured format (`console` on a terminal, else `json`)."""
     fmt = settings.log_format or ("console" if sys.stderr.isatty() else "json")
+    # The logging HOWTO's optimisations: neither format shows the caller's file and line,
+    # threads or processes, so LogRecord need not look them up for every line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     handler.addFilter(RequestIdFilter())

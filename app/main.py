@@ -21,14 +21,17 @@ from app.web.security import SecurityHeaders
 
 
 def all_routes() -> list[BaseRoute]:
-    """Every HTTP and WebSocket route, in one list (the OpenAPI test walks it)."""
+    """Every HTTP and WebSocket route, in one list (the OpenAPI test walks it).
+
+    Starlette tries routes in order, so the ones every approval flow calls come first.
+    """
     return [
-        *ops.routes,
-        *registration.routes,
+        *relying_party.routes,
+        *devices.routes,
         *browser.routes,
         *account.routes,
-        *devices.routes,
-        *relying_party.routes,
+        *registration.routes,
+        *ops.routes,
         *pages.routes,
     ]
 

@@ -144,9 +144,6 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(
-            ApiError(413, "too_large", f"request body exceeds {self.limit} bytes")
-        )
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -154,7 +151,7 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.limit:
-                    await too_large(scope, receive, send)
+                    await self._too_large(scope, receive, send)
                     return
         seen = 0
         started = False
@@ -178,7 +175,11 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ApiError(413, "too_large", f"request body exceeds {self.limit} bytes")
+        await error_response(error)(scope, receive, send)
 
 
 def _field_name(loc: tuple[int | str, ...]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,7 +20,17 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.hsts = settings.secure_cookies
+        defaults = {
+            "content-security-policy": CSP,
+            "x-frame-options": "DENY",
+            "x-content-type-options": "nosniff",
+            "referrer-policy": "no-referrer",
+            "cache-control": "no-store",
+        }
+        if settings.secure_cookies:
+            defaults["strict-transport-security"] = "max-age=31536000"
+        # Encoded once: every response carries them.
+        self._defaults = [(name.encode(), value.encode()) for name, value in defaults.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,14 +39,11 @@ class SecurityHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers.setdefault("Content-Security-Policy", CSP)
-                headers.setdefault("X-Frame-Options", "DENY")
-                headers.setdefault("X-Content-Type-Options", "nosniff")
-                headers.setdefault("Referrer-Policy", "no-referrer")
-                headers.setdefault("Cache-Control", "no-store")
-                if self.hsts:
-                    headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+                headers = list(message.get("headers", ()))
+                present = {bytes(name).lower() for name, _ in headers}
+                # A response that set one of these itself keeps its own value.
+                headers += [h for h in self._defaults if h[0] not in present]
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, with_headers)
