@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import orjson
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -28,6 +29,19 @@ from app.store.events import RECONNECTED
 from app.store.presence import account_changed
 
 log = logging.getLogger(__name__)
+
+
+class AnsweringDevice(Protocol):
+    """What deciding needs of the device that answers (a Device row, or a socket's copy)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def public_jwk(self) -> str: ...
 
 
 async def active_devices(svc: Services, user_id: str) -> list[Device]:
@@ -108,7 +122,7 @@ async def start_approval(
 
 
 async def decide_with_jws(
-    svc: Services, device: Device, approval_id: str, jws: object, *, ip: str
+    svc: Services, device: AnsweringDevice, approval_id: str, jws: object, *, ip: str
 ) -> Status:
     """Check a device's signed answer and, if it wins the race, end the approval with it."""
     if not isinstance(jws, str) or not jws:

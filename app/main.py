@@ -15,6 +15,7 @@ from app.delivery.push import Providers
 from app.services import Services, build_services
 from app.settings import Settings
 from app.web import account, browser, devices, ops, pages, registration, relying_party
+from app.web.device_socket import DeviceSocketShortcut
 from app.web.errors import EXCEPTION_HANDLERS, BodyLimit
 from app.web.requestlog import RequestLog
 from app.web.security import SecurityHeaders
@@ -70,7 +71,8 @@ def create_app(
     app = Starlette(
         routes=all_routes(),
         middleware=[
-            Middleware(RequestLog),  # outermost: it logs every answer, 413s included
+            Middleware(DeviceSocketShortcut),  # phone sockets skip the layers below
+            Middleware(RequestLog),  # it logs every answer, 413s included
             Middleware(BodyLimit),
             Middleware(SecurityHeaders, settings=settings),
         ],

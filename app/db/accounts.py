@@ -276,6 +276,21 @@ async def get_user(session: AsyncSession, user_id: str) -> User | None:
     return await session.get(User, user_id)
 
 
+async def touch_device(
+    session: AsyncSession, token_hash: str, *, now: float
+) -> tuple[str, str, str] | None:
+    """Mark the live device holding this token seen now and return its (id, user_id,
+    public_jwk); None when no live device holds it. One statement: a phone connects with it."""
+    result = await session.exec(
+        update(Device)
+        .where(col(Device.token_hash) == token_hash, col(Device.revoked_at).is_(None))
+        .values(last_seen_at=to_datetime(now))
+        .returning(col(Device.id), col(Device.user_id), col(Device.public_jwk))
+    )
+    row = result.first()
+    return (row[0], row[1], row[2]) if row is not None else None
+
+
 async def list_active_devices(session: AsyncSession, user_id: str) -> list[Device]:
     """The user's enrolled, unrevoked devices."""
     result = await session.exec(

@@ -1,7 +1,8 @@
 """Cross-process events: one Redis pub/sub connection per process, fanned out locally.
 
-A socket never holds a Redis subscription of its own; it gets a local queue, and the
-process subscribes once per channel however many local listeners share it.
+A socket never holds a Redis subscription of its own; it gets a local queue (`listen`) or
+a callback (`subscribe`), and the process subscribes once per channel however many local
+listeners share it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -20,6 +21,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+# Called by the bus's reader for each event, so it must not block (schedule work instead).
+Listener = Callable[[Event], None]
 # Delivered to every local listener after the pub/sub link came back: events may have been
 # missed, so listeners re-read the state they care about.
 RECONNECTED: Event = {"type": "_reconnected"}
@@ -31,7 +34,7 @@ class EventBus:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._pubsub = redis.pubsub(ignore_subscribe_messages=False)
-        self._listeners: dict[str, set[asyncio.Queue[Event]]] = {}
+        self._listeners: dict[str, set[Listener]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -62,15 +65,32 @@ class EventBus:
         Returns only once Redis has confirmed the subscriptions, so state read afterwards
         cannot miss an event published after that read.
         """
-        await self.start()
         queue: asyncio.Queue[Event] = asyncio.Queue()
+        async with self.subscribe(queue.put_nowait, *channels):
+            yield queue
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, listener: Listener, *channels: str) -> AsyncIterator[None]:
+        """Call `listener` with every event on `channels` until the block ends; like
+        `listen`, it returns once Redis has confirmed the subscriptions."""
+        await self.add_listener(listener, *channels)
+        try:
+            yield
+        finally:
+            await self.remove_listener(listener, *channels)
+
+    async def add_listener(self, listener: Listener, *channels: str) -> None:
+        """Start calling `listener` with every event on `channels`, once Redis has confirmed
+        the subscriptions; `remove_listener` ends it. (`subscribe` is the block form; a
+        long-lived socket calls these two itself and keeps no context manager alive.)"""
+        await self.start()
         new: list[str] = []
         async with self._lock:
             for channel in channels:
                 listeners = self._listeners.setdefault(channel, set())
                 if not listeners:
                     new.append(channel)
-                listeners.add(queue)
+                listeners.add(listener)
             waits = []
             for channel in new:
                 future = asyncio.get_running_loop().create_future()
@@ -80,33 +100,36 @@ class EventBus:
                 try:
                     await self._pubsub.subscribe(*new)
                 except Exception:
-                    self._drop(queue, channels)
+                    self._drop(listener, channels)
                     raise
+        if not waits:
+            return
         try:
-            if waits:
-                try:
-                    # asyncio.timeout, not wait_for: no task per listener on this hot path.
-                    async with asyncio.timeout(5):
-                        for wait in waits:
-                            await wait
-                except TimeoutError:
-                    # Redis is away (the reader is reconnecting): the caller answers 503.
-                    raise RedisTimeoutError("pub/sub subscription not confirmed") from None
-            yield queue
-        finally:
-            async with self._lock:
-                gone = self._drop(queue, channels)
-                if gone and self._pubsub.connection is not None:
-                    with contextlib.suppress(Exception):
-                        await self._pubsub.unsubscribe(*gone)
+            # asyncio.timeout, not wait_for: no task per listener on this hot path.
+            async with asyncio.timeout(5):
+                for wait in waits:
+                    await wait
+        except BaseException as exc:
+            await self.remove_listener(listener, *channels)
+            if isinstance(exc, TimeoutError):
+                # Redis is away (the reader is reconnecting): the caller answers 503.
+                raise RedisTimeoutError("pub/sub subscription not confirmed") from None
+            raise
 
-    def _drop(self, queue: asyncio.Queue[Event], channels: tuple[str, ...]) -> list[str]:
+    async def remove_listener(self, listener: Listener, *channels: str) -> None:
+        async with self._lock:
+            gone = self._drop(listener, channels)
+            if gone and self._pubsub.connection is not None:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(*gone)
+
+    def _drop(self, listener: Listener, channels: tuple[str, ...]) -> list[str]:
         gone = []
         for channel in channels:
             listeners = self._listeners.get(channel)
             if listeners is None:
                 continue
-            listeners.discard(queue)
+            listeners.discard(listener)
             if not listeners:
                 del self._listeners[channel]
                 gone.append(channel)
@@ -178,10 +201,17 @@ class EventBus:
         except orjson.JSONDecodeError:
             log.warning("dropping a malformed event on %s", channel)
             return
-        for queue in list(self._listeners.get(str(channel), ())):
-            queue.put_nowait(event)
+        for listener in list(self._listeners.get(str(channel), ())):
+            self._call(listener, event)
 
     def _broadcast(self, event: Event) -> None:
-        for listeners in self._listeners.values():
-            for queue in listeners:
-                queue.put_nowait(event)
+        # Once per listener, however many channels it listens to.
+        for listener in {each for listeners in self._listeners.values() for each in listeners}:
+            self._call(listener, event)
+
+    @staticmethod
+    def _call(listener: Listener, event: Event) -> None:
+        try:
+            listener(event)
+        except Exception:  # one broken listener must not starve the others
+            log.exception("event listener failed")

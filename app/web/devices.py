@@ -1,9 +1,8 @@
-"""Routes a phone calls (bearer device token), enrollment, and the device WebSocket."""
+"""Routes a phone calls (bearer device token), and enrollment; the device WebSocket itself is
+app.web.device_socket."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import logging
 from typing import Any, Literal
@@ -14,40 +13,35 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app.approval_flow import active_devices, decide_with_jws
 from app.core.approvals import Status
 from app.core.clock import rfc3339, to_datetime
 from app.core.enrollment import enrollment_uri
 from app.core.errors import ApiError
-from app.core.signatures import parse_device_jwk, peek_aid
+from app.core.signatures import parse_device_jwk
 from app.core.tokens import hash_token, new_id, new_token
 from app.db import audit
 from app.db.accounts import consume_enrollment_code, create_enrollment_code
 from app.db.models import Device, User
 from app.delivery import notices
 from app.services import Services
-from app.store.events import RECONNECTED
 from app.store.presence import account_changed
 from app.web.common import (
     authenticated_device,
     client_ip,
     current_session,
-    device_by_token,
     json,
     plausible_id,
     services,
 )
+from app.web.device_socket import PATH as DEVICE_SOCKET_PATH
+from app.web.device_socket import device_socket
 from app.web.errors import StrictBody, read_body
 from app.web.security import check_csrf
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 64 * 1024
-AUTH_TIMEOUT = 5.0
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_TOO_BIG = 1009
 
 
 class PushRegistration(StrictBody):
@@ -284,223 +278,6 @@ async def revoke_device(request: Request) -> Response:
     return json({"status": "revoked"})
 
 
-# --- the device WebSocket -------------------------------------------------------------
-
-
-class _BadMessage(Exception):
-    pass
-
-
-def _parse_frame(text: str) -> dict[str, Any]:
-    try:
-        frame = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise _BadMessage from None
-    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-        raise _BadMessage
-    return frame
-
-
-async def _receive_text(websocket: WebSocket) -> str | None:
-    """The next text frame; None when the peer left. Binary frames count as bad messages."""
-    message = await websocket.receive()
-    if message["type"] == "websocket.disconnect":
-        return None
-    text = message.get("text")
-    if text is None:
-        data = message.get("bytes") or b""
-        if len(data) > MAX_FRAME:
-            raise _TooBig
-        return "\x00"  # not JSON: answered with bad_message
-    if len(text) > MAX_FRAME:
-        raise _TooBig
-    return str(text)
-
-
-class _TooBig(Exception):
-    pass
-
-
-async def _authenticate(svc: Services, websocket: WebSocket) -> Device | None:
-    try:
-        text = await asyncio.wait_for(_receive_text(websocket), AUTH_TIMEOUT)
-    except (TimeoutError, _TooBig):
-        return None
-    if text is None:
-        return None
-    try:
-        frame = _parse_frame(text)
-    except _BadMessage:
-        return None
-    token = frame.get("token")
-    if frame.get("type") != "auth" or not isinstance(token, str):
-        return None
-    return await device_by_token(svc, token)
-
-
-class DeviceConnection:
-    """One phone's socket: replay pending work, relay events, take acks and decisions."""
-
-    def __init__(self, svc: Services, websocket: WebSocket, device: Device) -> None:
-        self.svc = svc
-        self.ws = websocket
-        self.device = device
-        self.sent: set[str] = set()
-        self.send_lock = asyncio.Lock()
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        async with self.send_lock:
-            if self.ws.client_state is WebSocketState.CONNECTED:
-                await self.ws.send_text(orjson.dumps(frame).decode())
-
-    async def offer_pending(self) -> None:
-        approval = await self.svc.approvals.pending_for_user(self.device.user_id)
-        if approval is not None:
-            await self.send({"type": "approval_request", "approval": approval.device_json()})
-
-    async def relay(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
-        while True:
-            event = await queue.get()
-            kind = event.get("type")
-            if event is RECONNECTED:
-                # Redis may have restarted empty: say again that this phone is here.
-                await self.svc.presence.join(self.device.user_id, self.device.id)
-                await self.offer_pending()
-            elif kind in ("approval_request", "approval_resolved"):
-                await self.send(event)
-            elif kind == "device_revoked" and event.get("device_id") == self.device.id:
-                await self.ws.close(CLOSE_UNAUTHORIZED, "device revoked")
-                return
-
-    async def serve_frames(self) -> int | None:
-        """Handle frames until the peer leaves; returns a close code to send, if any."""
-        while True:
-            try:
-                text = await _receive_text(self.ws)
-            except _TooBig:
-                return CLOSE_TOO_BIG
-            if text is None:
-                return None
-            try:
-                frame = _parse_frame(text)
-            except _BadMessage:
-                await self.send(
-                    {
-                        "type": "error",
-                        "error": "bad_message",
-                        "message": "frames are JSON objects with a type",
-                    }
-                )
-                continue
-            kind = frame["type"]
-            if kind == "ack":
-                await self.on_ack(frame)
-            elif kind == "decision":
-                await self.on_decision(frame)
-            elif kind == "auth":
-                continue  # a repeated auth frame is harmless
-            else:
-                await self.send(
-                    {
-                        "type": "error",
-                        "error": "bad_message",
-                        "message": f"unknown frame type {kind[:40]!r}",
-                    }
-                )
-
-    async def on_ack(self, frame: dict[str, Any]) -> None:
-        approval_id = frame.get("id")
-        if not isinstance(approval_id, str) or len(approval_id) > 64:
-            await self.send({"type": "error", "error": "bad_message", "message": "ack needs an id"})
-            return
-        event = orjson.dumps({"type": "delivered", "channel": "websocket"})
-        acked = await self.svc.approvals.ack(
-            approval_id, self.device.user_id, self.device.id, event
-        )
-        if acked is None:
-            await self.send(
-                {
-                    "type": "error",
-                    "id": approval_id,
-                    "error": "not_found",
-                    "message": "no such approval",
-                }
-            )
-
-    async def on_decision(self, frame: dict[str, Any]) -> None:
-        jws = frame.get("jws")
-        approval_id = frame.get("id")
-        if not isinstance(jws, str) or len(jws) > 8192:
-            await self.send(
-                {"type": "error", "error": "bad_message", "message": "decision needs a jws string"}
-            )
-            return
-        if not isinstance(approval_id, str):
-            approval_id = peek_aid(jws)
-        try:
-            if approval_id is None:
-                raise ApiError(400, "bad_signature", "the JWS names no approval")
-            status = await decide_with_jws(
-                self.svc, self.device, approval_id, jws, ip=client_ip(self.ws)
-            )
-        except ApiError as exc:
-            error: dict[str, Any] = {"type": "error", "error": exc.code, "message": exc.message}
-            if approval_id:
-                error["id"] = approval_id
-            await self.send(error)
-            return
-        await self.send({"type": "decision_result", "id": approval_id, "status": status.value})
-
-
-async def device_socket(websocket: WebSocket) -> None:
-    """WS /ws/device: auth frame within 5 s, then approval requests both ways."""
-    svc = services(websocket)
-    await websocket.accept()
-    device = await _authenticate(svc, websocket)
-    if device is None:
-        with contextlib.suppress(Exception):
-            await websocket.close(CLOSE_UNAUTHORIZED, "authenticate first with a device token")
-        return
-    connection = DeviceConnection(svc, websocket, device)
-    await svc.presence.join(device.user_id, device.id)
-    await _touch(svc, device)
-    close_code: int | None = None
-    try:
-        async with svc.events.listen(svc.keys.user_channel(device.user_id)) as queue:
-            await connection.send({"type": "ready", "device_id": device.id})
-            await connection.offer_pending()
-            relay = asyncio.create_task(connection.relay(queue))
-            frames = asyncio.create_task(connection.serve_frames())
-            done, pending = await asyncio.wait({relay, frames}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-            if frames in done and not frames.cancelled() and frames.exception() is None:
-                close_code = frames.result()
-            elif frames in done and frames.exception() is not None:
-                exc = frames.exception()
-                if not isinstance(exc, WebSocketDisconnect):
-                    log.warning("device socket failed: %r", exc)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await svc.presence.leave(device.user_id, device.id)
-        if close_code is not None:
-            with contextlib.suppress(Exception):
-                await websocket.close(close_code)
-
-
-async def _touch(svc: Services, device: Device) -> None:
-    async with svc.db() as db:
-        current = await db.get(Device, device.id)
-        if current is not None:
-            current.last_seen_at = to_datetime(svc.clock.now())
-            db.add(current)
-            await db.commit()
-
-
 routes: list[BaseRoute] = [
     Route("/api/devices/enrollments", create_enrollment, methods=["POST"]),
     Route("/api/devices", enroll_device, methods=["POST"]),
@@ -511,5 +288,5 @@ routes: list[BaseRoute] = [
     Route("/api/devices/{device_id}", revoke_device, methods=["DELETE"]),
     Route("/api/approvals/{approval_id}", get_approval, methods=["GET"]),
     Route("/api/approvals/{approval_id}/decision", post_decision, methods=["POST"]),
-    WebSocketRoute("/ws/device", device_socket),
+    WebSocketRoute(DEVICE_SOCKET_PATH, device_socket),
 ]

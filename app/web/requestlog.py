@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+from prometheus_client import Gauge
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -90,42 +91,51 @@ class RequestLog:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         started = time.perf_counter()
         path = str(scope.get("path", ""))
-        gauge = metrics.OPEN_SOCKETS.labels(socket_kind(path))
-        accepted = False
-        close_code: int | None = None
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal accepted, close_code
-            if message["type"] == "websocket.accept" and not accepted:
-                accepted = True
-                gauge.inc()
-            elif message["type"] == "websocket.close":
-                close_code = int(message.get("code", 1000))
-            await send(message)
-
-        async def tracking_receive() -> Message:
-            nonlocal close_code
-            message = await receive()
-            if message["type"] == "websocket.disconnect" and close_code is None:
-                close_code = int(message.get("code", 1005))
-            return message
-
+        watch = _SocketWatch(receive, send, metrics.OPEN_SOCKETS.labels(socket_kind(path)))
         try:
-            await self.app(scope, tracking_receive, tracking_send)
+            await self.app(scope, watch.receive, watch.send)
         finally:
             # The socket is gone once the app returns: the server closes it then.
-            if accepted:
-                gauge.dec()
+            if watch.accepted:
+                watch.gauge.dec()
             log.info(
                 "WS %s %s",
                 path,
-                close_code if accepted else "refused",
+                watch.close_code if watch.accepted else "refused",
                 extra={
                     "path": path,
-                    "accepted": accepted,
-                    "close_code": close_code,
+                    "accepted": watch.accepted,
+                    "close_code": watch.close_code,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                     "ip": (scope.get("client") or ("",))[0],
                     "request_id": request_id,
                 },
             )
+
+
+class _SocketWatch:
+    """Sees a socket's accept and close go by (a small object, not closures: a phone socket
+    lives for hours, and a server holds tens of thousands)."""
+
+    __slots__ = ("_receive", "_send", "accepted", "close_code", "gauge")
+
+    def __init__(self, receive: Receive, send: Send, gauge: Gauge) -> None:
+        self._receive = receive
+        self._send = send
+        self.gauge = gauge
+        self.accepted = False
+        self.close_code: int | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "websocket.accept" and not self.accepted:
+            self.accepted = True
+            self.gauge.inc()
+        elif message["type"] == "websocket.close":
+            self.close_code = int(message.get("code", 1000))
+        await self._send(message)
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect" and self.close_code is None:
+            self.close_code = int(message.get("code", 1005))
+        return message

@@ -21,11 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.clock import ManualClock, to_datetime
 from app.core.tokens import new_id
-from app.db.models import OutboxMessage
+from app.db.models import Device, OutboxMessage
 from app.delivery.push import Providers
 from app.logs import ConsoleFormatter, JsonFormatter, request_id_bound
 from app.main import create_app
@@ -423,3 +424,39 @@ async def test_tapprove_audit_lists_a_users_events_as_json(server: LiveServer) -
 
     assert unknown.returncode == 1
     assert json.loads(unknown.stdout)["error"] == "unknown_user"
+
+
+async def test_a_phone_socket_has_its_access_line_and_request_id(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    user_id = await server.add_user("line@example.com")
+    phone = await server.enroll_phone(user_id)
+    async with server.services.db() as db:
+        before = await db.get(Device, phone.device_id)
+        assert before is not None and before.last_seen_at is None
+
+    ws = await websockets.connect(
+        f"{server.ws_url}/ws/device", additional_headers={"X-Request-Id": "phone-sock-9"}
+    )
+    await ws.send(json.dumps({"type": "auth", "token": phone.token}))
+    assert json.loads(await ws.recv()) == {"type": "ready", "device_id": phone.device_id}
+    await ws.close()
+
+    def logged() -> bool:
+        return any(
+            r.name == "tapprove.access" and getattr(r, "path", None) == "/ws/device"
+            for r in caplog.records
+        )
+
+    await wait_until(logged, timeout=WAIT)
+    [line] = [
+        r
+        for r in caplog.records
+        if r.name == "tapprove.access" and getattr(r, "path", None) == "/ws/device"
+    ]
+    assert line.request_id == "phone-sock-9"  # type: ignore[attr-defined]
+    assert line.accepted is True and line.close_code == 1000  # type: ignore[attr-defined]
+    async with server.services.db() as db:
+        seen = await db.get(Device, phone.device_id)
+        assert seen is not None and seen.last_seen_at is not None  # connecting marks it seen
