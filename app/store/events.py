@@ -34,7 +34,9 @@ class EventBus:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._pubsub = redis.pubsub(ignore_subscribe_messages=False)
-        self._listeners: dict[str, set[Listener]] = {}
+        # Lists, not sets: most channels have one listener (a phone's user channel), and a
+        # one-item set costs an idle socket 150 bytes more.
+        self._listeners: dict[str, list[Listener]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -87,10 +89,11 @@ class EventBus:
         new: list[str] = []
         async with self._lock:
             for channel in channels:
-                listeners = self._listeners.setdefault(channel, set())
+                listeners = self._listeners.setdefault(channel, [])
                 if not listeners:
                     new.append(channel)
-                listeners.add(listener)
+                if listener not in listeners:
+                    listeners.append(listener)
             waits = []
             for channel in new:
                 future = asyncio.get_running_loop().create_future()
@@ -129,7 +132,8 @@ class EventBus:
             listeners = self._listeners.get(channel)
             if listeners is None:
                 continue
-            listeners.discard(listener)
+            if listener in listeners:
+                listeners.remove(listener)
             if not listeners:
                 del self._listeners[channel]
                 gone.append(channel)
