@@ -10,9 +10,11 @@ from functools import lru_cache
 from typing import Any, Literal, TypeGuard
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import ECAlgorithm
-from jwt.types import Options
 
 from app.core.tokens import b64url, b64url_decode, same_secret
 
@@ -200,28 +202,26 @@ def device_key(stored_jwk: str) -> ec.EllipticCurvePublicKey:
 
 
 def _verified_payload(jws: str, key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
-    # Only the signature is pyjwt's job; time checks use the injected `now`, not its clock.
-    options: Options = {
-        "verify_signature": True,
-        "require": [],
-        "verify_aud": False,
-        "verify_exp": False,
-        "verify_iat": False,
-        "verify_iss": False,
-        "verify_jti": False,
-        "verify_nbf": False,
-        "verify_sub": False,
-    }
+    """The payload of a compact ES256 JWS (shape and header already checked by
+    `_read_header`) once its signature verifies with `key` (RFC 7515 §5.2, RFC 7518 §3.4)."""
+    signing_input, _, encoded_signature = jws.rpartition(".")
+    signature = b64url_decode(encoded_signature)  # the shape check allows only base64url
+    # ES256 signs with R || S, 32 bytes each; cryptography wants them DER-encoded.
+    if len(signature) != 64:
+        raise DecisionRejected("signature does not verify with the device key")
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
     try:
-        payload: dict[str, Any] = jwt.decode(jws, key, algorithms=[ALGORITHM], options=options)
-    except jwt.InvalidSignatureError:
+        key.verify(
+            encode_dss_signature(r, s), signing_input.encode(), ec.ECDSA(hashes.SHA256())
+        )
+    except InvalidSignature:
         raise DecisionRejected("signature does not verify with the device key") from None
-    except jwt.InvalidAlgorithmError:
-        raise DecisionRejected("JWS alg must be ES256") from None
-    except jwt.DecodeError:
-        raise DecisionRejected("JWS could not be decoded (payload must be a JSON object)") from None
-    except jwt.PyJWTError:
-        raise DecisionRejected("JWS is not valid") from None
+    try:
+        payload: object = json.loads(b64url_decode(signing_input.partition(".")[2]))
+    except (ValueError, RecursionError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise DecisionRejected("JWS could not be decoded (payload must be a JSON object)")
     return payload
 
 

@@ -169,7 +169,7 @@ def _scrub(value: Any) -> Any:
 
 def detail_json(detail: dict[str, Any]) -> str:
     """A detail as stored: secrets redacted, compact, at most MAX_DETAIL_CHARS."""
-    text = json.dumps(_scrub(detail), sort_keys=True, separators=(",", ":"), default=str)
+    text = orjson.dumps(_scrub(detail), option=orjson.OPT_SORT_KEYS, default=str).decode()
     if len(text) <= MAX_DETAIL_CHARS:
         return text
     # Cutting the JSON would leave it unreadable; keep which keys there were instead.

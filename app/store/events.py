@@ -68,8 +68,12 @@ class EventBus:
         cannot miss an event published after that read.
         """
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        async with self.subscribe(queue.put_nowait, *channels):
+        listener = queue.put_nowait
+        await self.add_listener(listener, *channels)
+        try:
             yield queue
+        finally:
+            await self.remove_listener(listener, *channels)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, listener: Listener, *channels: str) -> AsyncIterator[None]:
