@@ -7,7 +7,6 @@ injected clock and are stored as naive UTC datetimes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import SystemClock, to_datetime
 from app.core.tokens import hash_token, new_id, new_token
+from app.db.hashing import run_hashing
 from app.db.models import ApiKey, Device, EnrollmentCode, User
 
 MIN_PASSWORD_LENGTH = 8
@@ -180,7 +180,8 @@ def validate_password_hash(password_hash: str) -> str:
 
 
 def hash_password(password: str) -> str:
-    """An argon2id hash of the password (CPU- and memory-heavy: async code uses a thread)."""
+    """An argon2id hash of the password (CPU- and memory-heavy: async code runs it with
+    app.db.hashing.run_hashing)."""
     return _hasher.hash(password)
 
 
@@ -223,7 +224,7 @@ async def check_password(user: User | None, password: str) -> bool:
     if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
         password = ""
     stored = user.password_hash if user is not None else DUMMY_HASH
-    matches = await asyncio.to_thread(verify_password, stored, password)
+    matches = await run_hashing(verify_password, stored, password)
     return matches and user is not None
 
 
@@ -344,7 +345,7 @@ async def _stored_password_hash(password: str | None, password_hash: str | None)
         return validate_password_hash(password_hash)
     assert password is not None
     validate_password(password)
-    return await asyncio.to_thread(hash_password, password)
+    return await run_hashing(hash_password, password)
 
 
 # --- enrollment codes ---------------------------------------------------------------------
@@ -514,7 +515,7 @@ async def import_users(
         if entry.password_hash is not None:
             stored_hash = entry.password_hash
         else:
-            stored_hash = await asyncio.to_thread(hash_password, entry.password or "")
+            stored_hash = await run_hashing(hash_password, entry.password or "")
         user = _new_user(entry.email, stored_hash, entry.verified, entry.phone, True, now)
         session.add(user)
         users.append(user)

@@ -1,0 +1,44 @@
+"""Password hashing runs in a few low-priority threads of its own, never more at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+from app.db import hashing
+from app.db.accounts import hash_password, verify_password
+
+
+def _nice_of_this_thread() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+async def test_hashing_threads_run_at_the_lowest_priority() -> None:
+    assert await hashing.run_hashing(_nice_of_this_thread) == hashing.NICENESS
+    assert _nice_of_this_thread() == 0  # the event loop's own thread keeps its priority
+
+
+async def test_no_more_hashes_run_at_once_than_there_are_hashing_threads() -> None:
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def hold() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+
+    await asyncio.gather(*(hashing.run_hashing(hold) for _ in range(4 * hashing.HASHING_THREADS)))
+    assert most == hashing.HASHING_THREADS
+
+
+async def test_a_hash_made_there_verifies_there() -> None:
+    stored = await hashing.run_hashing(hash_password, "a long password")
+    assert await hashing.run_hashing(verify_password, stored, "a long password")
+    assert not await hashing.run_hashing(verify_password, stored, "another password")
