@@ -109,7 +109,7 @@ async def profile(plan: Plan, args: argparse.Namespace) -> None:
     plan.light = args.profile_concurrency
     plan.light_duration = seconds + 2
     plan.warmup = 2.0
-    plan.scenarios = ["light"]
+    plan.scenarios = ["saturation"]  # back to back: one rp-c<concurrency> phase
     try:
         config = loadgen_config(target, flow_phases(plan))
         load = asyncio.create_task(asyncio.to_thread(run_loadgen, config, workdir, "profile"))

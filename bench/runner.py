@@ -40,7 +40,10 @@ class Plan:
     warmup: float
     duration: float
     light_duration: float
-    think_ms: float  # the person looking at the phone before tapping approve
+    think_ms: float  # back to back: the phone answers this soon after the request arrives
+    # Light load: the phone answers this long after the request arrives, so 10 flows in
+    # flight leave the server mostly idle (a person takes seconds; this is far quicker).
+    paced_think_ms: float
     browser_concurrency: int
     browser_duration: float
     login_load: int  # concurrent password logins that keep argon2id busy
@@ -69,8 +72,9 @@ def plans() -> dict[str, Plan]:
             light=10,
             warmup=2.0,
             duration=6.0,
-            light_duration=10.0,
+            light_duration=12.0,
             think_ms=10,
+            paced_think_ms=250,
             browser_concurrency=12,
             browser_duration=10.0,
             login_load=8,
@@ -86,8 +90,9 @@ def plans() -> dict[str, Plan]:
             light=10,
             warmup=1.0,
             duration=2.5,
-            light_duration=3.0,
+            light_duration=5.0,
             think_ms=10,
+            paced_think_ms=250,
             browser_concurrency=8,
             browser_duration=2.5,
             login_load=8,
@@ -106,6 +111,7 @@ def plans() -> dict[str, Plan]:
             duration=2.0,
             light_duration=2.0,
             think_ms=5,
+            paced_think_ms=50,
             browser_concurrency=1,
             browser_duration=1.5,
             login_load=1,
@@ -226,15 +232,30 @@ async def start_baseline(plan: Plan, workdir: Path) -> Target:
         raise
 
 
+def paced(plan: Plan) -> str:
+    """The name of the light-load phase: `light` flows in flight at the paced think time."""
+    return f"rp-c{plan.light}-paced"
+
+
 def flow_phases(plan: Plan) -> list[dict[str, Any]]:
     """The phases one load-generator run goes through, in order."""
     phases: list[dict[str, Any]] = []
     wanted = set(plan.scenarios)
-    levels = sorted(set(plan.levels) | {plan.light})
-    if "saturation" not in wanted:
-        levels = [plan.light] if "light" in wanted else []
+    if "light" in wanted:
+        phases.append(
+            {
+                "name": paced(plan),
+                "path": "rp",
+                "concurrency": plan.light,
+                "think_ms": plan.paced_think_ms,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup + plan.paced_think_ms / 1000,
+                "duration": plan.light_duration,
+            }
+        )
+    # Back to back: the same light level with the short think time, then the sweep.
+    levels = sorted(set(plan.levels) | {plan.light}) if "saturation" in wanted else []
     for level in levels:
-        light = level == plan.light
         phases.append(
             {
                 "name": f"rp-c{level}",
@@ -243,7 +264,7 @@ def flow_phases(plan: Plan) -> list[dict[str, Any]]:
                 "think_ms": plan.think_ms,
                 "warmup": plan.warmup,
                 "max_warmup": plan.max_warmup,
-                "duration": plan.light_duration if light else plan.duration,
+                "duration": plan.light_duration if level == plan.light else plan.duration,
             }
         )
     if "browser" in wanted:
@@ -269,18 +290,22 @@ def flow_phases(plan: Plan) -> list[dict[str, Any]]:
                 "duration": plan.argon2_duration / 2,
             }
         )
-        phases.append(
-            {
-                "name": f"rp-c{plan.light}-argon2",
-                "path": "rp",
-                "concurrency": plan.light,
-                "think_ms": plan.think_ms,
-                "login_load": plan.login_load,
-                "warmup": plan.warmup,
-                "max_warmup": plan.max_warmup,
-                "duration": plan.argon2_duration,
-            }
-        )
+        # The light-load flows again, with password logins running flat out beside them;
+        # then the same at the back-to-back pace.
+        paces = ((paced(plan), plan.paced_think_ms), (f"rp-c{plan.light}", plan.think_ms))
+        for name, think in paces:
+            phases.append(
+                {
+                    "name": f"{name}-argon2",
+                    "path": "rp",
+                    "concurrency": plan.light,
+                    "think_ms": think,
+                    "login_load": plan.login_load,
+                    "warmup": plan.warmup,
+                    "max_warmup": plan.max_warmup + think / 1000,
+                    "duration": plan.argon2_duration,
+                }
+            )
     return phases
 
 

@@ -16,11 +16,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-PHASES = {"rp-c2", "browser", "logins-only", "rp-c2-argon2"}
+PHASES = {
+    "rp-c2-paced",
+    "rp-c2",
+    "browser",
+    "logins-only",
+    "rp-c2-paced-argon2",
+    "rp-c2-argon2",
+}
 FIGURES = {
     "light.create_to_phone.p99",
     "light.decision_to_phone_result.p99",
     "light.decision_to_rp_result.p99",
+    "b2b.decision_to_phone_result.p99",
+    "argon2.p99_increase",
     "sat.rp_flows_per_s_per_process",
     "sat.cpu_ms_per_flow.server",
     "idle.sockets",
@@ -54,12 +63,14 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_json(tmp_path: Path) -> 
     for phase in phases.values():
         assert {"flows", "flows_per_s", "errors", "latency_ms", "cpu_s", "loadavg"} <= set(phase)
         assert "server" in phase["cpu_s"]
-    rp = phases["rp-c2"]
-    assert rp["flows"] > 0, rp
-    assert not rp["errors"], rp["errors"]
-    assert {"create_to_phone", "decision_to_phone_result", "decision_to_rp_result"} <= set(
-        rp["latency_ms"]
-    )
+    for name in ("rp-c2", "rp-c2-paced"):
+        rp = phases[name]
+        assert rp["flows"] > 0, rp
+        assert not rp["errors"], rp["errors"]
+        assert {"create_to_phone", "decision_to_phone_result", "decision_to_rp_result"} <= set(
+            rp["latency_ms"]
+        )
+    assert phases["rp-c2-paced"]["think_ms"] > phases["rp-c2"]["think_ms"]
 
     idle = tapprove["idle"]
     assert idle["connected"] == idle["requested"] == 20
