@@ -161,7 +161,7 @@ local function add_to_list(key, field, value)
 end
 """
 
-# KEYS: approval key, acks set, in-flight deliveries set. ARGV: device id, approval channel,
+# KEYS: approval key, acks set, in-flight deliveries set. ARGV: device id, delivery channel,
 # delivered event, user id, prefix. Once every connected phone the approval went to has
 # acked, its ack check (a delivery job and its ticket, see Delivery.watch) is cancelled:
 # nothing is left to push or text.
@@ -205,7 +205,7 @@ redis.call('HSET', KEYS[1], 'completed', '1')
 return 'ok'
 """
 
-# KEYS: approval key. ARGV: channel, approval channel, event, which list ("channels"/"delivered").
+# KEYS: approval key. ARGV: channel, delivery channel, event, which list ("channels"/"delivered").
 _CHANNEL = (
     _ADD_TO_LIST
     + """
@@ -421,7 +421,7 @@ class ApprovalStore:
             ],
             args=[
                 device_id,
-                self._keys.approval_channel(approval_id),
+                self._keys.delivery_channel(approval_id),
                 delivered_event,
                 user_id,
                 self._keys.prefix,
@@ -437,14 +437,14 @@ class ApprovalStore:
         """Record that `channel` reached the user and tell the waiting browser."""
         await self._channel(
             keys=[self._keys.approval(approval_id)],
-            args=[channel, self._keys.approval_channel(approval_id), event, "delivered"],
+            args=[channel, self._keys.delivery_channel(approval_id), event, "delivered"],
         )
 
     async def mark_sent(self, approval_id: str, channel: str) -> None:
         """Record that the request went out on `channel` (listed in `channels`)."""
         await self._channel(
             keys=[self._keys.approval(approval_id)],
-            args=[channel, self._keys.approval_channel(approval_id), "", "channels"],
+            args=[channel, self._keys.delivery_channel(approval_id), "", "channels"],
         )
 
     async def complete(self, approval_id: str) -> str:

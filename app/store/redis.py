@@ -61,7 +61,13 @@ class KeySpace:
         return self("ev", "user", user_id)
 
     def approval_channel(self, approval_id: str) -> str:
+        """Where an approval's end (`result`) is announced."""
         return self("ev", "approval", approval_id)
+
+    def delivery_channel(self, approval_id: str) -> str:
+        """Where each channel that reached the person (`delivered`) is announced: only the
+        browser's stream shows these, so relying parties waiting for the end never get them."""
+        return self("ev", "approval", approval_id, "delivered")
 
 
 MAX_CONNECTIONS = 256

@@ -286,7 +286,9 @@ async def login_stream(websocket: WebSocket) -> None:
 
     watcher = asyncio.create_task(watch_client())
     try:
-        async with svc.events.listen(svc.keys.approval_channel(approval_id)) as queue:
+        async with svc.events.listen(
+            svc.keys.approval_channel(approval_id), svc.keys.delivery_channel(approval_id)
+        ) as queue:
             current = await svc.approvals.get(approval_id)
             if current is None:
                 await websocket.close(1000)

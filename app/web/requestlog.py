@@ -11,7 +11,6 @@ import logging
 import time
 
 from prometheus_client import Gauge
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
@@ -65,7 +64,10 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                MutableHeaders(scope=message).setdefault("X-Request-Id", request_id)
+                headers = list(message.get("headers", ()))
+                if not any(bytes(name).lower() == b"x-request-id" for name, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
