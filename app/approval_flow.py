@@ -25,7 +25,7 @@ from app.db.models import Device, User
 from app.logs import current_request_id
 from app.services import Services
 from app.store.approvals import Backoff
-from app.store.events import RECONNECTED
+from app.store.events import RECONNECTED, Event
 from app.store.presence import account_changed
 
 log = logging.getLogger(__name__)
@@ -253,15 +253,16 @@ async def wait_for_end(
     """The approval once it has ended, or as it is when `seconds` have passed; None when
     unknown. One that `visible` rejects comes back at once (the caller answers 404).
 
-    It listens before it reads, so an end announced after the read is not missed, and takes
-    the final status and time from the result event instead of reading the approval again.
+    The read that starts the wait also registers it (app.store.waiters), so an end after
+    the read is not missed, and the result event carries the final status and time, so
+    the approval is not read again.
     """
     if seconds <= 0:
         return await svc.approvals.get(approval_id)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + seconds
-    async with svc.events.listen(svc.keys.approval_channel(approval_id)) as queue:
-        approval = await svc.approvals.get(approval_id)
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    async with svc.waiters.watch(approval_id, queue.put_nowait) as approval:
         while approval is not None and approval.status is Status.PENDING and visible(approval):
             until_deadline = approval.expires_at - svc.clock.now()
             if until_deadline <= 0:
@@ -278,6 +279,6 @@ async def wait_for_end(
                 continue
             if event is RECONNECTED:
                 approval = await svc.approvals.get(approval_id)  # events may have been missed
-            elif event.get("type") == "result":
+            else:
                 approval = approval.ended(event) or await svc.approvals.get(approval_id)
         return approval

@@ -24,6 +24,7 @@ from app.store.presence import Presence
 from app.store.ratelimit import RateLimiter
 from app.store.redis import KeySpace, RedisHandle, connect
 from app.store.sessions import SessionStore
+from app.store.waiters import Waiters
 
 # How long a revoked API key may still be accepted by a process that saw it live.
 API_KEY_CACHE_SECONDS = 10.0
@@ -48,6 +49,7 @@ class Services:
     # Live API keys by token hash: every relying-party call needs one, and they rarely change.
     api_keys: TtlCache[str, ApiKey]
     accounts: AccountCache
+    waiters: Waiters
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -89,6 +91,7 @@ async def build_services(
     process_id = new_id()
     sessions = make_sessionmaker(engine)
     presence = Presence(handle.client, keys, process_id)
+    approvals = ApprovalStore(handle.client, keys, clock)
     services = Services(
         settings=settings,
         clock=clock,
@@ -97,7 +100,7 @@ async def build_services(
         engine=engine,
         db=sessions,
         events=events,
-        approvals=ApprovalStore(handle.client, keys, clock),
+        approvals=approvals,
         presence=presence,
         sessions=SessionStore(handle.client, keys, clock),
         limits=RateLimiter(handle.client, keys, clock),
@@ -105,5 +108,6 @@ async def build_services(
         process_id=process_id,
         api_keys=TtlCache(clock, ttl=API_KEY_CACHE_SECONDS, max_entries=1024),
         accounts=AccountCache(sessions, presence, clock),
+        waiters=Waiters(events, approvals, keys, process_id),
     )
     return services

@@ -46,9 +46,13 @@ local function finalize(prefix, id, status, now, decided_by, reason, base, cap)
     redis.call('HSET', fatigue, 'next_at', tonumber(now) + wait)
     redis.call('EXPIRE', fatigue, 86400)
   end
+  -- The processes waiting for this end hear it in their inboxes (app.store.waiters);
   -- decided_at travels as the string stored above, so waiters render the same time.
-  redis.call('PUBLISH', prefix .. 'ev:approval:' .. id,
-    cjson.encode({type = 'result', status = status, decided_at = now}))
+  local ended = cjson.encode({type = 'result', id = id, status = status, decided_at = now})
+  for _, process in ipairs(redis.call('SMEMBERS', key .. ':waiters')) do
+    redis.call('PUBLISH', prefix .. 'ev:proc:' .. process, ended)
+  end
+  redis.call('DEL', key .. ':waiters')
   redis.call('PUBLISH', prefix .. 'ev:user:' .. uid,
     cjson.encode({type = 'approval_resolved', id = id, status = status}))
 end
@@ -195,6 +199,17 @@ return added
 """
 )
 
+# KEYS: approval key, its waiters set. ARGV: process id. The approval's fields, and while it
+# is pending this process is registered to hear of its end (see finalize).
+_WATCH = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields > 0 and redis.call('HGET', KEYS[1], 'status') == 'pending' then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
+end
+return fields
+"""
+
 # KEYS: approval key. Marks a login approval completed once.
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -271,6 +286,7 @@ class ApprovalStore:
         self._expire = redis.register_script(_EXPIRE)
         self._ack = redis.register_script(_ACK)
         self._complete = redis.register_script(_COMPLETE)
+        self._watch = redis.register_script(_WATCH)
         self._channel = redis.register_script(_CHANNEL)
 
     async def create(
@@ -332,6 +348,19 @@ class ApprovalStore:
         if not fields:
             return None
         return PendingApproval.from_fields(fields)
+
+    async def watch(self, approval_id: str, process_id: str) -> PendingApproval | None:
+        """Like `get`, and while the approval is pending `process_id` hears of its end in
+        its inbox (app.store.waiters), from the same atomic step."""
+        if not _plausible_id(approval_id):
+            return None
+        flat: list[str] = await self._watch(
+            keys=[self._keys.approval(approval_id), self._keys.approval_waiters(approval_id)],
+            args=[process_id],
+        )
+        if not flat:
+            return None
+        return PendingApproval.from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def decide(
         self,

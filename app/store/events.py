@@ -92,13 +92,16 @@ class EventBus:
         await self.start()
         new: list[str] = []
         async with self._lock:
+            waits = []
             for channel in channels:
                 listeners = self._listeners.setdefault(channel, [])
                 if not listeners:
                     new.append(channel)
+                elif channel in self._confirmations:
+                    # Another listener's subscription is still on its way: wait for it too.
+                    waits.append(self._confirmations[channel])
                 if listener not in listeners:
                     listeners.append(listener)
-            waits = []
             for channel in new:
                 future = asyncio.get_running_loop().create_future()
                 self._confirmations[channel] = future

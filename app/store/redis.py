@@ -60,9 +60,12 @@ class KeySpace:
     def user_channel(self, user_id: str) -> str:
         return self("ev", "user", user_id)
 
-    def approval_channel(self, approval_id: str) -> str:
-        """Where an approval's end (`result`) is announced."""
-        return self("ev", "approval", approval_id)
+    def approval_waiters(self, approval_id: str) -> str:
+        return self("approval", approval_id, "waiters")
+
+    def process_inbox(self, process_id: str) -> str:
+        """Where the ends of approvals this process waits for are announced (app.store.waiters)."""
+        return self("ev", "proc", process_id)
 
     def delivery_channel(self, approval_id: str) -> str:
         """Where each channel that reached the person (`delivered`) is announced: only the

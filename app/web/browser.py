@@ -285,11 +285,13 @@ async def login_stream(websocket: WebSocket) -> None:
         closed.set()
 
     watcher = asyncio.create_task(watch_client())
+    # One queue hears both: each delivery (a channel of its own) and the end (the waiters).
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     try:
-        async with svc.events.listen(
-            svc.keys.approval_channel(approval_id), svc.keys.delivery_channel(approval_id)
-        ) as queue:
-            current = await svc.approvals.get(approval_id)
+        async with (
+            svc.events.subscribe(queue.put_nowait, svc.keys.delivery_channel(approval_id)),
+            svc.waiters.watch(approval_id, queue.put_nowait) as current,
+        ):
             if current is None:
                 await websocket.close(1000)
                 return

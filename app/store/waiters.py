@@ -1,0 +1,67 @@
+"""Waiting for an approval to end, without a Redis subscription per wait.
+
+Each process listens on one inbox channel of its own (`ev:proc:<process id>`). A waiter
+registers its process on the approval in the same Lua step that reads it
+(ApprovalStore.watch), and the step that ends an approval (finalize, app.store.approvals)
+publishes the result to the inbox of every process registered. A relying party's long
+poll or a browser's stream thus costs one round trip to start, where a subscription of
+its own cost SUBSCRIBE, a read and UNSUBSCRIBE, with a confirmation for each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from app.core.approvals import PendingApproval
+from app.store.approvals import ApprovalStore
+from app.store.events import RECONNECTED, Event, EventBus, Listener
+from app.store.redis import KeySpace
+
+
+class Waiters:
+    """This process's waits for approvals to end, fed from its inbox."""
+
+    def __init__(
+        self, events: EventBus, approvals: ApprovalStore, keys: KeySpace, process_id: str
+    ) -> None:
+        self._events = events
+        self._approvals = approvals
+        self._inbox = keys.process_inbox(process_id)
+        self._process_id = process_id
+        self._local: dict[str, list[Listener]] = {}
+        self._listening = False
+        self._lock = asyncio.Lock()
+
+    async def _listen(self) -> None:
+        async with self._lock:
+            if not self._listening:
+                await self._events.add_listener(self._on_event, self._inbox)
+                self._listening = True
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self, approval_id: str, listener: Listener
+    ) -> AsyncIterator[PendingApproval | None]:
+        """The approval as it is now (None when unknown); while the block runs, `listener`
+        gets its `result` event when it ends, and RECONNECTED when events may have been
+        missed (then read the approval again)."""
+        if not self._listening:
+            await self._listen()
+        waiting = self._local.setdefault(approval_id, [])
+        waiting.append(listener)
+        try:
+            yield await self._approvals.watch(approval_id, self._process_id)
+        finally:
+            waiting.remove(listener)
+            if not waiting:
+                del self._local[approval_id]
+
+    def _on_event(self, event: Event) -> None:
+        if event is RECONNECTED:
+            targets = [each for listeners in self._local.values() for each in listeners]
+        else:
+            targets = list(self._local.get(str(event.get("id")), ()))
+        for listener in targets:
+            listener(event)
