@@ -24,11 +24,15 @@ from app.db.accounts import list_active_devices
 from app.db.models import Device, User
 from app.logs import current_request_id
 from app.services import Services
-from app.store.approvals import Backoff
+from app.store.approvals import Backoff, Changed, Created
 from app.store.events import RECONNECTED, Event
 from app.store.presence import account_changed
 
 log = logging.getLogger(__name__)
+
+# How many times a new approval is planned when the user's reachability keeps changing
+# under it (a phone connecting at that very moment); the last plan is not checked.
+MAX_PLANS = 3
 
 
 class AnsweringDevice(Protocol):
@@ -63,16 +67,15 @@ async def start_approval(
 ) -> PendingApproval:
     """Create a pending approval for the recipient and send it to every device at once.
 
+    The recipient may be this process's cached view (AccountCache.cached): the create step
+    checks it, and when it is out of date the view is refreshed and the plan made again.
     Raises 423 `locked` after a fraud report and 429 `rate_limited` during push-fatigue backoff.
     """
     from app.delivery import dispatch
 
-    user = recipient.user
-    if user.locked:
-        raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
     now = svc.clock.now()
     approval = new_approval(
-        user_id=user.id,
+        user_id=recipient.user.id,
         kind=kind,
         ttl=ttl or svc.settings.approval_ttl,
         policy=MatchPolicy.for_mode(svc.settings.match_mode),
@@ -83,18 +86,46 @@ async def start_approval(
         api_key_id=api_key_id,
         request_id=current_request_id(),
     )
-    approval.channels = dispatch.initial_channels(svc, recipient)
-    delivery = dispatch.plan(svc, approval, recipient)
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
-    audit_line = audit.line(
-        "approval.created",
-        user_id=user.id,
-        approval_id=approval.id,
-        ip=context.ip,
-        detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
-        now=now,
-    )
-    outcome = await svc.approvals.create(approval, event, audit_line, delivery)
+    confirmed = False  # whether `recipient` was read in this request
+    outcome: Created | Backoff | Changed | None = None
+    for attempt in range(MAX_PLANS):
+        if recipient.user.locked:
+            if confirmed:
+                raise ApiError(
+                    423, "locked", "sign-in is locked after a fraud report; contact support"
+                )
+            # A cached "locked" may be an unlock ago: only a fresh read refuses.
+            fresh = await svc.accounts.refreshed(
+                recipient, await svc.presence.snapshot(recipient.user.id)
+            )
+            if fresh is None:
+                raise ApiError(404, "unknown_user", "no user with that email")
+            recipient, confirmed = fresh, True
+            continue
+        approval.channels = dispatch.initial_channels(svc, recipient)
+        delivery = dispatch.plan(svc, approval, recipient)
+        audit_line = audit.line(
+            "approval.created",
+            user_id=recipient.user.id,
+            approval_id=approval.id,
+            ip=context.ip,
+            detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
+            now=now,
+        )
+        # The last attempt does not check: a user whose phones keep coming and going still
+        # gets the approval, planned with what was just read.
+        check = recipient.snapshot if attempt < MAX_PLANS - 1 else None
+        outcome = await svc.approvals.create(approval, event, audit_line, delivery, check)
+        if not isinstance(outcome, Changed):
+            break
+        refreshed = await svc.accounts.refreshed(recipient, outcome.snapshot)
+        if refreshed is None:
+            raise ApiError(404, "unknown_user", "no user with that email")
+        recipient, confirmed = refreshed, True
+    user = recipient.user
+    if outcome is None or isinstance(outcome, Changed):  # the last attempt does not check
+        raise RuntimeError("approval not created")
     if isinstance(outcome, Backoff):
         raise ApiError(
             429,

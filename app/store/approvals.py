@@ -19,6 +19,7 @@ from app.core.clock import Clock
 from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP
 from app.store.audit_stream import APPEND_LUA
 from app.store.jobs import SCHEDULE_LUA, PreparedJob
+from app.store.presence import SNAPSHOT_LUA, Snapshot
 from app.store.redis import KeySpace
 
 # How long a final state stays readable, so late callers get 409/410 rather than 404.
@@ -60,12 +61,15 @@ end
 
 # KEYS: new approval key, its in-flight deliveries set. ARGV: prefix, now, id, user_id,
 # expires_at, keep_seconds, base, cap, request_event_json, audit line, caller's ip,
-# delivery jobs (JSON list of {id, body, run_at}), delivery tickets (JSON list), then
-# field/value pairs.
+# delivery jobs (JSON list of {id, body, run_at}), delivery tickets (JSON list), the
+# snapshot the caller planned with ('' to skip the check), then field/value pairs.
+# Returns {'changed', current snapshot, ''} without creating anything when the user's
+# account version or connected devices are no longer what the caller planned with.
 _CREATE = (
     _FINALIZE
     + APPEND_LUA
     + SCHEDULE_LUA
+    + SNAPSHOT_LUA
     + """
 local prefix, now, id, uid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local expires_at, keep, base, cap = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -73,6 +77,10 @@ local pending_key = prefix .. 'user:' .. uid .. ':pending'
 local old = redis.call('GET', pending_key)
 -- A retried call (the reply was lost) must not supersede the approval it created.
 if old == id then return {'created', '', ''} end
+if ARGV[14] ~= '' then
+  local current = table.concat(snapshot(prefix, uid), '\\n')
+  if current ~= ARGV[14] then return {'changed', current, ''} end
+end
 local old_status = nil
 local expired_old = ''
 if old then
@@ -97,7 +105,7 @@ if old and old_status == 'pending' then
     approval_id = old, ip = ARGV[11], detail = '{}'}))
 end
 local fields = {}
-for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 15, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], keep)
 local tickets = cjson.decode(ARGV[13])
@@ -260,6 +268,14 @@ class Created:
 
 
 @dataclass(frozen=True)
+class Changed:
+    """Nothing was created: the user's reachability is no longer what the caller planned
+    with; plan again with `snapshot`."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
 class Backoff:
     """Push-fatigue backoff: the user may get a new approval in `retry_after` seconds."""
 
@@ -295,12 +311,14 @@ class ApprovalStore:
         request_event: bytes,
         audit_line: bytes,
         delivery: Delivery | None = None,
-    ) -> Created | Backoff:
+        planned_with: Snapshot | None = None,
+    ) -> Created | Backoff | Changed:
         """Store a new pending approval, superseding the user's previous one, unless backed off.
 
         In the same step `request_event` is published to the user's devices, `audit_line`
         appended to the audit stream (with an `approval.superseded` line for the old one),
-        and the `delivery` jobs are queued.
+        and the `delivery` jobs are queued. With `planned_with`, nothing happens unless the
+        user's account version and connected devices are still those (else Changed).
         """
         now = self._clock.now()
         keep = int(approval.expires_at - now) + FINAL_STATE_KEEP
@@ -327,10 +345,13 @@ class ApprovalStore:
                 approval.context.ip,
                 orjson.dumps([job.lua() for job in delivery.jobs]),
                 orjson.dumps(delivery.tickets),
+                planned_with.lua() if planned_with is not None else "",
                 *flat,
             ],
         )
         kind, value, expired_old = result[0], result[1], result[2]
+        if kind == "changed":
+            return Changed(Snapshot.from_lua(value.split("\n")))
         if expired_old:
             metrics.approval_ended(Status.EXPIRED.value, 0.0)
         if kind == "backoff":

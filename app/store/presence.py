@@ -30,21 +30,30 @@ return 0
 """
 
 
-# KEYS: presence hash, account version. ARGV: process key prefix.
-# Returns the account version ('' before any change) and the devices held by a live process.
-_SNAPSHOT = """
-local entries = redis.call('HGETALL', KEYS[1])
-local out = {redis.call('GET', KEYS[2]) or ''}
-local alive = {}
-for i = 1, #entries, 2 do
-  local process = entries[i + 1]
-  if alive[process] == nil then
-    alive[process] = redis.call('EXISTS', ARGV[1] .. process) == 1
+# Lua: snapshot(prefix, user_id) is the account version ('' before any change) followed by
+# the ids of the user's devices whose socket a live process holds, sorted (Snapshot.lua()).
+# The approval create script uses it too, to check what its caller assumed.
+SNAPSHOT_LUA = """
+local function snapshot(prefix, uid)
+  local entries = redis.call('HGETALL', prefix .. 'presence:' .. uid)
+  local live = {}
+  local alive = {}
+  for i = 1, #entries, 2 do
+    local process = entries[i + 1]
+    if alive[process] == nil then
+      alive[process] = redis.call('EXISTS', prefix .. 'proc:' .. process) == 1
+    end
+    if alive[process] then live[#live + 1] = entries[i] end
   end
-  if alive[process] then out[#out + 1] = entries[i] end
+  table.sort(live)
+  table.insert(live, 1, redis.call('GET', prefix .. 'user:' .. uid .. ':account-version') or '')
+  return live
 end
-return out
 """
+
+# KEYS: presence hash, account version (declared for the reader; snapshot builds them).
+# ARGV: prefix, user id.
+_SNAPSHOT = SNAPSHOT_LUA + "return snapshot(ARGV[1], ARGV[2])"
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,14 @@ class Snapshot:
 
     connected: frozenset[str]  # devices whose socket a live process holds
     account_version: str  # changes whenever the user or their devices change (account_changed)
+
+    @classmethod
+    def from_lua(cls, found: list[str]) -> Snapshot:
+        return cls(connected=frozenset(found[1:]), account_version=found[0])
+
+    def lua(self) -> str:
+        """The form SNAPSHOT_LUA's result takes, joined: the create script compares it."""
+        return "\n".join([self.account_version, *sorted(self.connected)])
 
 
 async def account_changed(redis: aioredis.Redis, keys: KeySpace, user_id: str) -> None:
@@ -111,9 +128,9 @@ class Presence:
         """The user's connected devices and account version, in one round trip."""
         found: list[str] = await self._snapshot(
             keys=[self._keys.presence(user_id), self._keys.account_version(user_id)],
-            args=[self._keys.process("")],
+            args=[self._keys.prefix, user_id],
         )
-        return Snapshot(connected=frozenset(found[1:]), account_version=found[0])
+        return Snapshot.from_lua(found)
 
     async def connected_devices(self, user_id: str) -> frozenset[str]:
         """Devices of the user whose socket is held by a live process."""

@@ -69,7 +69,8 @@ async def create(request: Request) -> Response:
     svc = services(request)
     key = await _api_key(request)
     body = await read_body(request, CreateApproval)
-    recipient = await svc.accounts.by_email(body.user.strip().lower())
+    email = body.user.strip().lower()
+    recipient = svc.accounts.cached(email) or await svc.accounts.by_email(email)
     if recipient is None:
         raise ApiError(404, "unknown_user", "no user with that email")
     given = body.context.model_dump(exclude_none=True) if body.context else {}

@@ -15,11 +15,17 @@ import httpx
 import pytest
 from sqlalchemy import event
 
+from app.core.approvals import ApprovalContext, new_approval
+from app.core.matching import MatchPolicy
+from app.db import audit
 from app.db.accounts import create_api_key
 from app.delivery.push import Providers
+from app.store.approvals import Changed, Created
+from app.store.presence import Snapshot
 from tests.fakes import wait_until
 from tests.fakes.fcm import FakeFcm
 from tests.fixtures.app import LiveServer, Phone, ServerFactory
+from tests.integration.test_login_loop import device_socket, next_frame
 from tests.integration.test_ops import run_cli
 from tests.integration.test_push_delivery import decide_over_http, providers_for
 
@@ -159,3 +165,54 @@ async def test_a_fraud_report_on_another_process_locks_at_once_and_the_cli_unloc
     assert unlocked.returncode == 0, unlocked.stderr.decode()
     reopened = await rp.post("/api/v1/approvals", json={"user": "fraud@example.com"})
     assert reopened.status_code == 201, reopened.text
+
+
+async def test_a_phone_that_connected_since_the_last_approval_is_planned_for(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory()
+    user_id = await server.add_user("fresh@example.com")
+    phone = await server.enroll_phone(user_id)
+    rp = await rp_client(server)
+    assert (await approved(rp, server, phone, "fresh@example.com"))["channels"] == []
+    assert (await approved(rp, server, phone, "fresh@example.com"))["channels"] == []
+
+    ws = await device_socket(server, phone)  # the cached view still says: not connected
+    created = await rp.post("/api/v1/approvals", json={"user": "fresh@example.com"})
+
+    assert created.status_code == 201, created.text
+    assert created.json()["channels"] == ["websocket"]
+    request = await next_frame(ws, "approval_request")
+    assert request["approval"]["id"] == created.json()["approval_id"]
+    await ws.close()
+
+
+async def test_the_create_step_creates_nothing_from_an_out_of_date_view(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory()
+    svc = server.services
+    user_id = await server.add_user("stale@example.com")
+    now = svc.clock.now()
+    approval = new_approval(
+        user_id=user_id,
+        kind="rp",
+        ttl=60,
+        policy=MatchPolicy.for_mode("typed"),
+        context=ApprovalContext(ip="10.0.0.1", user_agent="ua", browser="b", os="o"),
+        now=now,
+    )
+    current = await svc.presence.snapshot(user_id)
+    imagined = Snapshot(connected=frozenset({"a-phone-that-left"}), account_version="")
+
+    outcome = await svc.approvals.create(
+        approval, b"{}", audit.line("approval.created", now=now), planned_with=imagined
+    )
+
+    assert outcome == Changed(current)
+    assert await svc.approvals.get(approval.id) is None
+    assert await svc.approvals.pending_for_user(user_id) is None
+    created = await svc.approvals.create(
+        approval, b"{}", audit.line("approval.created", now=now), planned_with=current
+    )
+    assert isinstance(created, Created)
