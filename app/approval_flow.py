@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
@@ -17,8 +18,14 @@ from app.account_cache import Recipient
 from app.core.approvals import ApprovalContext, ApprovalKind, PendingApproval, Status, new_approval
 from app.core.clock import to_datetime
 from app.core.errors import ApiError
-from app.core.matching import MatchPolicy, number_matches
-from app.core.signatures import DecisionRejected, device_key, read_kid, verify_decision
+from app.core.matching import MatchPolicy, canonical_number, number_matches
+from app.core.signatures import (
+    DecisionClaims,
+    DecisionRejected,
+    device_key,
+    read_kid,
+    verify_decision,
+)
 from app.db import audit
 from app.db.accounts import list_active_devices
 from app.db.models import Device, User
@@ -152,10 +159,30 @@ async def start_approval(
     return approval
 
 
+@dataclass(frozen=True, slots=True)
+class KnownApproval:
+    """What a phone's socket relayed of an approval (its `approval_request`): enough to check
+    the phone's answer without reading the approval first."""
+
+    challenge: str
+    match: MatchPolicy
+
+
 async def decide_with_jws(
-    svc: Services, device: AnsweringDevice, approval_id: str, jws: object, *, ip: str
+    svc: Services,
+    device: AnsweringDevice,
+    approval_id: str,
+    jws: object,
+    *,
+    ip: str,
+    known: KnownApproval | None = None,
 ) -> Status:
-    """Check a device's signed answer and, if it wins the race, end the approval with it."""
+    """Check a device's signed answer and, if it wins the race, end the approval with it.
+
+    With `known` (the socket relayed this approval) the signature is checked against the
+    relayed challenge and the decide step itself compares challenge, owner and number with
+    the stored ones: one round trip. Without, the approval is read first.
+    """
     if not isinstance(jws, str) or not jws:
         raise ApiError(422, "invalid_request", "jws: expected a compact JWS string")
     try:
@@ -164,20 +191,15 @@ async def decide_with_jws(
         raise ApiError(400, "bad_signature", exc.message) from None
     if kid != device.id:
         raise ApiError(400, "bad_signature", "kid does not name this device")
+    if known is not None:
+        decided = await _decide_known(svc, device, approval_id, jws, known, ip=ip)
+        if decided is not None:
+            return decided
     approval = await svc.approvals.get(approval_id)
     if approval is None or approval.user_id != device.user_id:
         raise ApiError(404, "not_found", "no such approval")
     now = svc.clock.now()
-    try:
-        claims = verify_decision(
-            jws,
-            device_key(device.public_jwk),
-            approval_id=approval.id,
-            challenge=approval.challenge,
-            now=now,
-        )
-    except DecisionRejected as exc:
-        raise ApiError(400, "bad_signature", exc.message) from None
+    claims = _verified(jws, device, approval.id, approval.challenge, now)
     raise_if_final(approval.status)
 
     if claims.decision == "approve":
@@ -185,43 +207,120 @@ async def decide_with_jws(
         status, reason = (Status.APPROVED, "") if right else (Status.DENIED, "wrong_number")
     else:
         status, reason = Status.DENIED, (claims.reason or "")
-    audit_line = audit.line(
-        "approval.decided",
-        user_id=device.user_id,
-        device_id=device.id,
-        approval_id=approval.id,
-        ip=ip,
-        detail={"status": status.value, "reason": reason},
-        now=now,
-    )
     result = await svc.approvals.decide(
-        approval.id, status, audit_line=audit_line, device_id=device.id, reason=reason
+        approval.id,
+        status,
+        audit_line=_decided_line(device, approval.id, ip, status, reason, now),
+        device_id=device.id,
+        reason=reason,
     )
     if result.kind == "not_found":
         raise ApiError(404, "not_found", "no such approval")
     if result.kind == "final":
         raise_if_final(result.status or Status.EXPIRED)
+    return await _decided(svc, device, approval.id, status, reason, approval.request_id, ip, now)
+
+
+async def _decide_known(
+    svc: Services,
+    device: AnsweringDevice,
+    approval_id: str,
+    jws: str,
+    known: KnownApproval,
+    *,
+    ip: str,
+) -> Status | None:
+    """The one-round-trip decision; None when the relayed copy is not the stored approval."""
+    now = svc.clock.now()
+    claims = _verified(jws, device, approval_id, known.challenge, now)
+    approve = claims.decision == "approve"
+    reason = "" if approve else (claims.reason or "")
+    result = await svc.approvals.decide_known(
+        approval_id,
+        user_id=device.user_id,
+        device_id=device.id,
+        challenge=known.challenge,
+        # The core's reading of the phone's number ("07", 7); None never matches.
+        number=(canonical_number(known.match, claims.number) or "") if approve else None,
+        reason=reason,
+        lines={
+            status: _decided_line(device, approval_id, ip, status, why, now)
+            for status, why in (
+                [(Status.APPROVED, ""), (Status.DENIED, "wrong_number")]
+                if approve
+                else [(Status.DENIED, reason)]
+            )
+        },
+    )
+    if result.kind == "stale":
+        return None
+    if result.kind == "not_found":
+        raise ApiError(404, "not_found", "no such approval")
+    if result.kind == "final" or result.status is None:
+        raise_if_final(result.status or Status.EXPIRED)
+        raise AssertionError("unreachable: a final status always raises")
+    return await _decided(
+        svc, device, approval_id, result.status, result.reason, result.request_id, ip, now
+    )
+
+
+def _verified(
+    jws: str, device: AnsweringDevice, approval_id: str, challenge: str, now: float
+) -> DecisionClaims:
+    try:
+        key = device_key(device.public_jwk)
+        return verify_decision(jws, key, approval_id=approval_id, challenge=challenge, now=now)
+    except DecisionRejected as exc:
+        raise ApiError(400, "bad_signature", exc.message) from None
+
+
+def _decided_line(
+    device: AnsweringDevice, approval_id: str, ip: str, status: Status, reason: str, now: float
+) -> bytes:
+    return audit.line(
+        "approval.decided",
+        user_id=device.user_id,
+        device_id=device.id,
+        approval_id=approval_id,
+        ip=ip,
+        detail={"status": status.value, "reason": reason},
+        now=now,
+    )
+
+
+async def _decided(
+    svc: Services,
+    device: AnsweringDevice,
+    approval_id: str,
+    status: Status,
+    reason: str,
+    request_id: str | None,
+    ip: str,
+    now: float,
+) -> Status:
+    """After this device's answer ended the approval: log it, lock on fraud, and answer."""
     log.info(
         "approval %s %s by device %s%s",
-        approval.id,
+        approval_id,
         status.value,
         device.id,
         f" ({reason})" if reason else "",
         extra={
-            "approval_id": approval.id,
-            "request_id": approval.request_id,
+            "approval_id": approval_id,
+            "request_id": request_id,
             "user_id": device.user_id,
             "device_id": device.id,
             "status": status.value,
             "reason": reason or None,
         },
     )
-
     if reason == "fraud":
-        async with svc.db() as db:
-            await _lock_after_fraud(svc, db, device.user_id, approval, ip, now)
-            await db.commit()
-        await account_changed(svc.redis, svc.keys, device.user_id)
+        approval = await svc.approvals.get(approval_id)
+        if approval is not None:
+            async with svc.db() as db:
+                await _lock_after_fraud(svc, db, device.user_id, approval, ip, now)
+                await db.commit()
+            await account_changed(svc.redis, svc.keys, device.user_id)
     if reason == "wrong_number":
         raise ApiError(
             422,

@@ -92,7 +92,9 @@ def draw_number(
     return number, choices
 
 
-def _normalize(policy: MatchPolicy, given: object) -> str | None:
+def canonical_number(policy: MatchPolicy, given: object) -> str | None:
+    """The number a phone sent, in the stored form (zero-padded digits), or None when it
+    cannot be one: the exact string (`"07"`) or a non-negative int (`7`), nothing else."""
     # bool is an int subclass, but `true` from a JSON body is never a number.
     if isinstance(given, bool):
         return None
@@ -115,7 +117,7 @@ def number_matches(policy: MatchPolicy, expected: str, given: object) -> bool:
     Accepts the exact zero-padded string (`"07"`) or a non-negative int (`7`); anything else
     (bool, None, float, a longer or shorter string, other types) is simply not a match.
     """
-    normalized = _normalize(policy, given)
+    normalized = canonical_number(policy, given)
     if normalized is None:
         return False
     # Only the length (which is public) is learned before this constant-time comparison.

@@ -144,6 +144,41 @@ return {'decided', ARGV[4], created_at}
 """
 )
 
+# KEYS: approval key. ARGV: prefix, now, id, user id, device id, challenge, decision
+# ('approve' | 'deny'), the phone's number in stored form ('' if it could not be one),
+# reason, base, cap, the audit line if approved, the audit line if denied.
+# A phone's answer checked and applied in one step, when its socket relayed the approval:
+# owner, challenge and number are compared with the stored ones. 'stale' when the
+# challenge differs (the caller then reads the approval and decides the long way).
+# Returns {kind, status, created_at if this call ended it, reason, request_id}.
+_DECIDE_KNOWN = (
+    _FINALIZE
+    + APPEND_LUA
+    + """
+local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local f = redis.call('HMGET', KEYS[1], 'user_id', 'challenge', 'status', 'expires_at',
+  'number', 'created_at', 'request_id')
+if not f[1] or f[1] ~= ARGV[4] then return {'not_found', '', '', '', ''} end
+if f[2] ~= ARGV[6] then return {'stale', '', '', '', ''} end
+if f[3] ~= 'pending' then return {'final', f[3], '', '', ''} end
+if tonumber(f[4]) <= now then
+  finalize(prefix, id, 'expired', ARGV[2], '', '', tonumber(ARGV[10]), tonumber(ARGV[11]))
+  return {'final', 'expired', f[6], '', ''}
+end
+local status, reason, line = 'denied', ARGV[9], ARGV[13]
+if ARGV[7] == 'approve' then
+  if ARGV[8] ~= '' and ARGV[8] == f[5] then
+    status, reason, line = 'approved', '', ARGV[12]
+  else
+    reason = 'wrong_number'
+  end
+end
+finalize(prefix, id, status, ARGV[2], ARGV[5], reason, tonumber(ARGV[10]), tonumber(ARGV[11]))
+audit(prefix, line)
+return {'decided', status, f[6], reason, f[7] or ''}
+"""
+)
+
 # KEYS: approval key. ARGV: prefix, now, id, base, cap. Ends a pending approval past its deadline.
 # Returns {status, '1' when this call ended it}.
 _EXPIRE = (
@@ -261,6 +296,16 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class KnownDecision:
+    """What a one-step decision did (ApprovalStore.decide_known)."""
+
+    kind: Literal["decided", "final", "not_found", "stale"]
+    status: Status | None
+    reason: str = ""
+    request_id: str | None = None  # of the request that started the approval
+
+
+@dataclass(frozen=True)
 class Created:
     """The approval was stored; `superseded` names the pending one it replaced, if any."""
 
@@ -299,6 +344,7 @@ class ApprovalStore:
         self._clock = clock
         self._create = redis.register_script(_CREATE)
         self._decide = redis.register_script(_DECIDE)
+        self._decide_known = redis.register_script(_DECIDE_KNOWN)
         self._expire = redis.register_script(_EXPIRE)
         self._ack = redis.register_script(_ACK)
         self._complete = redis.register_script(_COMPLETE)
@@ -413,6 +459,46 @@ class ApprovalStore:
         if ended_created_at:
             metrics.approval_ended(value, now - float(ended_created_at))
         return DecideResult(kind, Status(value) if value else None)
+
+    async def decide_known(
+        self,
+        approval_id: str,
+        *,
+        user_id: str,
+        device_id: str,
+        challenge: str,
+        number: str | None,
+        reason: str,
+        lines: dict[Status, bytes],
+    ) -> KnownDecision:
+        """End a pending approval with a device's answer in one step: approve when `number`
+        (None: the device denies) is the stored one, else deny (`wrong_number`); appends
+        `lines[status]`. Checks owner and challenge; exactly one caller ever wins."""
+        if not _plausible_id(approval_id):
+            return KnownDecision("not_found", None)
+        now = self._clock.now()
+        result = await self._decide_known(
+            keys=[self._keys.approval(approval_id)],
+            args=[
+                self._keys.prefix,
+                repr(now),
+                approval_id,
+                user_id,
+                device_id,
+                challenge,
+                "deny" if number is None else "approve",
+                number or "",
+                reason,
+                BACKOFF_BASE,
+                BACKOFF_CAP,
+                lines.get(Status.APPROVED, b""),
+                lines.get(Status.DENIED, b""),
+            ],
+        )
+        kind, value, ended_created_at, why, request_id = result
+        if ended_created_at:
+            metrics.approval_ended(value, now - float(ended_created_at))
+        return KnownDecision(kind, Status(value) if value else None, why, request_id or None)
 
     async def expire_if_due(self, approval_id: str) -> Status | None:
         """End the approval as expired if its deadline passed; returns its status now."""

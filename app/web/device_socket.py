@@ -19,8 +19,9 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from app.approval_flow import decide_with_jws
+from app.approval_flow import KnownApproval, decide_with_jws
 from app.core.errors import ApiError
+from app.core.matching import MatchPolicy
 from app.core.signatures import peek_aid
 from app.core.tokens import hash_token
 from app.db.accounts import touch_device
@@ -114,7 +115,7 @@ def _bad_message(message: str) -> dict[str, Any]:
 class DeviceConnection:
     """One phone's socket: replay pending work, relay events, take acks and decisions."""
 
-    __slots__ = ("_outbox", "device", "svc", "ws")
+    __slots__ = ("_known", "_outbox", "device", "svc", "ws")
 
     def __init__(self, svc: Services, websocket: WebSocket, device: ConnectedDevice) -> None:
         self.svc = svc
@@ -123,6 +124,25 @@ class DeviceConnection:
         # Frames waiting to go out, while one caller sends them; None when idle (most of
         # a socket's life), so an idle socket holds no buffer.
         self._outbox: deque[dict[str, Any]] | None = None
+        # The pending approvals this socket relayed, so their answers need no read first
+        # (app.approval_flow.KnownApproval); None while there are none.
+        self._known: dict[str, KnownApproval] | None = None
+
+    def _remember(self, approval: dict[str, Any]) -> None:
+        try:
+            match = MatchPolicy.from_json(approval["match"])
+            known = KnownApproval(str(approval["challenge"]), match)
+        except (KeyError, TypeError, ValueError):
+            return  # answers to it take the long way
+        if self._known is None:
+            self._known = {}
+        self._known[str(approval["id"])] = known
+
+    def _forget(self, approval_id: object) -> None:
+        if self._known is not None:
+            self._known.pop(str(approval_id), None)
+            if not self._known:
+                self._known = None
 
     # --- out: one ordered stream of frames, whoever sends them -------------------------
 
@@ -158,7 +178,11 @@ class DeviceConnection:
         if event is RECONNECTED:
             # Redis may have restarted empty: say again that this phone is here.
             self.svc.spawn(self._rejoin())
-        elif kind in ("approval_request", "approval_resolved"):
+        elif kind == "approval_request":
+            self._remember(event.get("approval") or {})
+            self._send_soon(event)
+        elif kind == "approval_resolved":
+            self._forget(event.get("id"))
             self._send_soon(event)
         elif kind == "device_revoked" and event.get("device_id") == self.device.id:
             self.svc.spawn(self._close(CLOSE_UNAUTHORIZED, "device revoked"))
@@ -175,7 +199,9 @@ class DeviceConnection:
     async def offer_pending(self) -> None:
         approval = await self.svc.approvals.pending_for_user(self.device.user_id)
         if approval is not None:
-            await self.send({"type": "approval_request", "approval": approval.device_json()})
+            offered = approval.device_json()
+            self._remember(offered)
+            await self.send({"type": "approval_request", "approval": offered})
 
     # --- in: frames from the phone -----------------------------------------------------
 
@@ -233,9 +259,11 @@ class DeviceConnection:
         try:
             if approval_id is None:
                 raise ApiError(400, "bad_signature", "the JWS names no approval")
+            known = self._known.get(approval_id) if self._known is not None else None
             status = await decide_with_jws(
-                self.svc, self.device, approval_id, jws, ip=client_ip(self.ws)
+                self.svc, self.device, approval_id, jws, ip=client_ip(self.ws), known=known
             )
+            self._forget(approval_id)
         except ApiError as exc:
             error: dict[str, Any] = {"type": "error", "error": exc.code, "message": exc.message}
             if approval_id:

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.core.matching import MATCH_MODES, MatchPolicy, draw_number, number_matches
+from app.core.matching import (
+    MATCH_MODES,
+    MatchPolicy,
+    canonical_number,
+    draw_number,
+    number_matches,
+)
 
 TYPED = MatchPolicy.for_mode("typed")
 CHOICES = MatchPolicy.for_mode("choices")
@@ -188,3 +194,13 @@ def test_a_drawn_number_matches_itself_and_its_int(policy: MatchPolicy, seed: in
 def test_random_answers_never_crash_and_match_only_the_number(given_value: object) -> None:
     result = number_matches(TYPED, "42", given_value)
     assert result is (given_value == "42" or (type(given_value) is int and given_value == 42))
+
+
+def test_the_canonical_number_is_the_stored_form_or_nothing() -> None:
+    two = MatchPolicy.for_mode("typed")
+    six = MatchPolicy.for_mode("nist")
+    assert canonical_number(two, "07") == "07"
+    assert canonical_number(two, 7) == "07"
+    assert canonical_number(six, 42) == "000042"
+    for sent in (None, True, -1, 100, "", " 7", "7", "\uff10\uff17", "07.0", 7.0, [7], {"n": 7}):
+        assert canonical_number(two, sent) is None, sent
