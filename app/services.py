@@ -20,6 +20,7 @@ from app.delivery.push import Providers, build_providers
 from app.settings import Settings
 from app.store.approvals import ApprovalStore
 from app.store.events import EventBus
+from app.store.jobs import JobQueue
 from app.store.presence import Presence
 from app.store.ratelimit import RateLimiter
 from app.store.redis import KeySpace, RedisHandle, connect
@@ -50,6 +51,7 @@ class Services:
     api_keys: TtlCache[str, ApiKey]
     accounts: AccountCache
     waiters: Waiters
+    jobs: JobQueue  # delivery jobs (push, ack checks, SMS)
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -109,5 +111,6 @@ async def build_services(
         api_keys=TtlCache(clock, ttl=API_KEY_CACHE_SECONDS, max_entries=1024),
         accounts=AccountCache(sessions, presence, clock),
         waiters=Waiters(events, approvals, keys, process_id),
+        jobs=JobQueue(handle.client, keys, clock),
     )
     return services

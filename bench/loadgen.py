@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import os
+import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -341,6 +342,11 @@ async def run_phase(
     concurrency = int(phase.get("concurrency", 0))
     logins = int(phase.get("login_load", 0))
     think = float(phase.get("think_ms", 0)) / 1000
+    # Paced phases: each answer comes after think * U(1 - jitter, 1 + jitter), and workers
+    # start at random offsets, so flows in flight do not march in step (identical think
+    # times would keep them arriving as one burst). Seeded: runs repeat.
+    jitter = float(phase.get("think_jitter", 0))
+    pace = random.Random(f"{phase['name']}-{concurrency}")
     duration = float(phase["duration"])
     warmup = float(phase.get("warmup", 1.0))
     max_warmup = max(warmup, float(phase.get("max_warmup", 4 * warmup)))
@@ -369,11 +375,14 @@ async def run_phase(
     async def flow_worker(index: int) -> None:
         phone = phones[index]
         turn = index
+        if jitter:
+            await asyncio.sleep(pace.uniform(0, think))
         while now() < window.end:
             server = ctx.servers[turn % len(ctx.servers)]
             turn += 1
+            wait = think * pace.uniform(1 - jitter, 1 + jitter) if jitter else think
             try:
-                record = await flow(ctx, phone, server, think)
+                record = await flow(ctx, phone, server, wait)
             except FlowError as exc:
                 failed(index, exc.kind)
                 if "429" in exc.kind:
@@ -444,6 +453,7 @@ async def run_phase(
         "path": path if concurrency else None,
         "concurrency": concurrency,
         "think_ms": phase.get("think_ms", 0),
+        "think_jitter": jitter,
         "login_load": logins,
         "warmup_s": round(window.start - begin, 2),
         "steady": steady.is_set(),

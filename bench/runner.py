@@ -28,6 +28,8 @@ ORIGIN = "http://bench.invalid"
 # ephemeral ports of one source address.
 PER_HOLDER = 12_000
 FD_MARGIN = 500
+# Paced phases draw each think time from 0.5 to 1.5 times the plan's (loadgen.run_phase).
+PACED_JITTER = 0.5
 
 
 @dataclass
@@ -248,6 +250,7 @@ def flow_phases(plan: Plan) -> list[dict[str, Any]]:
                 "path": "rp",
                 "concurrency": plan.light,
                 "think_ms": plan.paced_think_ms,
+                "think_jitter": PACED_JITTER,
                 "warmup": plan.warmup,
                 "max_warmup": plan.max_warmup + plan.paced_think_ms / 1000,
                 "duration": plan.light_duration,
@@ -300,6 +303,7 @@ def flow_phases(plan: Plan) -> list[dict[str, Any]]:
                     "path": "rp",
                     "concurrency": plan.light,
                     "think_ms": think,
+                    "think_jitter": PACED_JITTER if think == plan.paced_think_ms else 0.0,
                     "login_load": plan.login_load,
                     "warmup": plan.warmup,
                     "max_warmup": plan.max_warmup + think / 1000,

@@ -47,11 +47,6 @@ def log_fields(approval: PendingApproval, **more: object) -> dict[str, object]:
     return {"approval_id": approval.id, "request_id": approval.request_id, **more}
 
 
-def jobs(svc: Services) -> JobQueue:
-    """The delivery job queue of this deployment."""
-    return JobQueue(svc.redis, svc.keys, svc.clock)
-
-
 def _pushable(svc: Services, device: Device) -> bool:
     return bool(
         device.push_token and device.push_provider and svc.providers.push(device.push_provider)
@@ -125,7 +120,7 @@ async def _schedule_pushes(svc: Services, approval: PendingApproval, devices: li
     """Push to `devices` now, and list their providers among the approval's channels."""
     if not devices:
         return
-    queue = jobs(svc)
+    queue = svc.jobs
     async with svc.redis.pipeline(transaction=True) as pipe:
         for device in devices:
             _schedule_push_in(pipe, svc, queue, approval, device)
@@ -142,7 +137,7 @@ def plan(svc: Services, approval: PendingApproval, recipient: Recipient) -> Deli
     push now to each phone that is away, and for connected phones a check in 3 s that they
     acknowledged (their last ack cancels it). The providers are already among the
     approval's channels (`initial_channels`)."""
-    queue = jobs(svc)
+    queue = svc.jobs
     delivery = Delivery()
     for device in _away_pushable(svc, recipient):
         ticket = new_id()
@@ -310,7 +305,7 @@ async def _push(svc: Services, job: Job) -> None:
             retry_after=result.retry_after,
         )
         if at is not None:
-            await jobs(svc).enqueue("push", job.payload, run_at=at, attempt=job.attempt + 1)
+            await svc.jobs.enqueue("push", job.payload, run_at=at, attempt=job.attempt + 1)
             return
     # A dead token, a permanent failure, or no time left: maybe SMS can still reach them.
     await _finish(svc, approval, ticket)
@@ -385,7 +380,7 @@ HANDLERS: dict[str, Handler] = {
 async def run_delivery_jobs(svc: Services, stop: asyncio.Event) -> None:
     """Consume delivery jobs until `stop`: claim due ones and run each in its own task, so
     pushes to several devices (and slow providers) never wait for one another."""
-    queue = jobs(svc)
+    queue = svc.jobs
     running: set[asyncio.Task[None]] = set()
 
     async def run(job: Job) -> None:

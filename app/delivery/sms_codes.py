@@ -19,7 +19,7 @@ from app.db.models import User
 from app.delivery.push import PushResult, observe_attempt
 from app.delivery.retry import PUSH_RETRY_BASE, PUSH_RETRY_CAP, next_attempt_at
 from app.services import Services
-from app.store.jobs import Job, JobQueue
+from app.store.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ async def request_code(svc: Services, approval: PendingApproval, *, automatic: b
         return False
     if automatic and not await svc.redis.hsetnx(svc.keys.approval(approval.id), "sms_auto", "1"):
         return False
-    queue = JobQueue(svc.redis, svc.keys, svc.clock)
-    await queue.enqueue("sms", {"approval_id": approval.id, "automatic": automatic})
+    await svc.jobs.enqueue("sms", {"approval_id": approval.id, "automatic": automatic})
     await svc.approvals.mark_sent(approval.id, "sms")
     return True
 
@@ -154,8 +153,7 @@ async def send_code(svc: Services, job: Job) -> None:
             retry_after=result.retry_after,
         )
         if at is not None:
-            queue = JobQueue(svc.redis, svc.keys, svc.clock)
-            await queue.enqueue("sms", job.payload, run_at=at, attempt=job.attempt + 1)
+            await svc.jobs.enqueue("sms", job.payload, run_at=at, attempt=job.attempt + 1)
 
 
 def delivered_event(channel: str) -> bytes:
