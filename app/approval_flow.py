@@ -33,7 +33,7 @@ from app.logs import current_request_id
 from app.services import Services
 from app.store.approvals import Backoff, Changed, Created
 from app.store.events import RECONNECTED, Event
-from app.store.presence import account_changed
+from app.store.presence import Snapshot, account_changed
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,10 @@ async def start_approval(
     """
     from app.delivery import dispatch
 
+    user_id = recipient.user.id
     now = svc.clock.now()
     approval = new_approval(
-        user_id=recipient.user.id,
+        user_id=user_id,
         kind=kind,
         ttl=ttl or svc.settings.approval_ttl,
         policy=MatchPolicy.for_mode(svc.settings.match_mode),
@@ -94,27 +95,17 @@ async def start_approval(
         request_id=current_request_id(),
     )
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
-    confirmed = False  # whether `recipient` was read in this request
+    if recipient.user.locked:
+        # A cached "locked" may be an unlock ago: only a fresh read refuses.
+        recipient = await _refreshed(svc, recipient, await svc.presence.snapshot(user_id))
+        _refuse_if_locked(recipient.user)
     outcome: Created | Backoff | Changed | None = None
     for attempt in range(MAX_PLANS):
-        if recipient.user.locked:
-            if confirmed:
-                raise ApiError(
-                    423, "locked", "sign-in is locked after a fraud report; contact support"
-                )
-            # A cached "locked" may be an unlock ago: only a fresh read refuses.
-            fresh = await svc.accounts.refreshed(
-                recipient, await svc.presence.snapshot(recipient.user.id)
-            )
-            if fresh is None:
-                raise ApiError(404, "unknown_user", "no user with that email")
-            recipient, confirmed = fresh, True
-            continue
         approval.channels = dispatch.initial_channels(svc, recipient)
         delivery = dispatch.plan(svc, approval, recipient)
         audit_line = audit.line(
             "approval.created",
-            user_id=recipient.user.id,
+            user_id=user_id,
             approval_id=approval.id,
             ip=context.ip,
             detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
@@ -126,10 +117,8 @@ async def start_approval(
         outcome = await svc.approvals.create(approval, event, audit_line, delivery, check)
         if not isinstance(outcome, Changed):
             break
-        refreshed = await svc.accounts.refreshed(recipient, outcome.snapshot)
-        if refreshed is None:
-            raise ApiError(404, "unknown_user", "no user with that email")
-        recipient, confirmed = refreshed, True
+        recipient = await _refreshed(svc, recipient, outcome.snapshot)
+        _refuse_if_locked(recipient.user)
     user = recipient.user
     if outcome is None or isinstance(outcome, Changed):  # the last attempt does not check
         raise RuntimeError("approval not created")
@@ -157,6 +146,18 @@ async def start_approval(
     )
     await dispatch.after_create(svc, approval, delivery)
     return approval
+
+
+async def _refreshed(svc: Services, recipient: Recipient, snapshot: Snapshot) -> Recipient:
+    fresh = await svc.accounts.refreshed(recipient, snapshot)
+    if fresh is None:
+        raise ApiError(404, "unknown_user", "no user with that email")
+    return fresh
+
+
+def _refuse_if_locked(user: User) -> None:
+    if user.locked:
+        raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
 
 
 @dataclass(frozen=True, slots=True)
