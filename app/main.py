@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -43,14 +44,23 @@ def create_app(
     clock: Clock | None = None,
     providers: Providers | None = None,
     run_worker: bool = False,
+    freeze_startup_objects: bool = False,
 ) -> Starlette:
-    """Build the app; connections are opened in the lifespan, not at import or build time."""
+    """Build the app; connections are opened in the lifespan, not at import or build time.
+
+    `freeze_startup_objects` (a server process's own app, app.server) moves everything
+    alive after start-up out of the garbage collector's sight: a full collection of those
+    ~150,000 objects stalled the event loop for 30-45 ms, which showed in tail latency.
+    """
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = await build_services(settings, clock=clock, providers=providers)
         app.state.services = services
+        if freeze_startup_objects:
+            gc.collect()
+            gc.freeze()
         await services.events.start()
         await services.presence.start()
         worker_task: asyncio.Task[None] | None = None

@@ -19,7 +19,11 @@ def app_factory() -> Starlette:
 
     settings = Settings()
     configure_logging(settings)
-    return create_app(settings, run_worker=os.environ.get(_WITH_WORKER_ENV) == "1")
+    return create_app(
+        settings,
+        run_worker=os.environ.get(_WITH_WORKER_ENV) == "1",
+        freeze_startup_objects=True,
+    )
 
 
 def run_server(

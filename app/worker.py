@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,10 @@ def run_worker_forever(settings: Settings) -> None:
     async def main() -> None:
         services = await build_services(settings)
         await services.events.start()
+        # As in `serve` (app.main.create_app): the start-up objects stay out of the
+        # collector's full passes.
+        gc.collect()
+        gc.freeze()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -460,3 +461,20 @@ async def test_a_phone_socket_has_its_access_line_and_request_id(
     async with server.services.db() as db:
         seen = await db.get(Device, phone.device_id)
         assert seen is not None and seen.last_seen_at is not None  # connecting marks it seen
+
+
+async def test_a_server_process_freezes_what_it_holds_after_start_up(
+    tmp_path: Path, redis_url: str, redis_prefix: str, fresh_pg_url: str
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, redis_url=redis_url, redis_prefix=redis_prefix, database_url=fresh_pg_url
+    )
+    plain = create_app(settings, providers=Providers())
+    async with plain.router.lifespan_context(plain):
+        assert gc.get_freeze_count() == 0  # apps built for tests leave the collector alone
+    served = create_app(settings, providers=Providers(), freeze_startup_objects=True)
+    try:
+        async with served.router.lifespan_context(served):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
