@@ -101,8 +101,7 @@ async def start_approval(
         _refuse_if_locked(recipient.user)
     outcome: Created | Backoff | Changed | None = None
     for attempt in range(MAX_PLANS):
-        approval.channels = dispatch.initial_channels(svc, recipient)
-        delivery = dispatch.plan(svc, approval, recipient)
+        delivery = dispatch.plan(svc, approval, recipient)  # sets approval.channels
         audit_line = audit.line(
             "approval.created",
             user_id=user_id,

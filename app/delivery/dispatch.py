@@ -53,23 +53,6 @@ def _pushable(svc: Services, device: Device) -> bool:
     )
 
 
-def _away_pushable(svc: Services, recipient: Recipient) -> list[Device]:
-    """The recipient's devices with no socket open that a push provider can reach."""
-    return [
-        d for d in recipient.devices if d.id not in recipient.connected and _pushable(svc, d)
-    ]
-
-
-def initial_channels(svc: Services, recipient: Recipient) -> list[str]:
-    """Where a new request goes: `websocket` for connected phones, the push providers of others."""
-    channels: list[str] = []
-    if any(d.id in recipient.connected for d in recipient.devices):
-        channels.append("websocket")
-    away = _away_pushable(svc, recipient)
-    channels += [p for p in ("fcm", "apns") if any(d.push_provider == p for d in away)]
-    return channels
-
-
 # --- tickets: which deliveries are still under way ----------------------------------------
 
 
@@ -133,13 +116,20 @@ async def _schedule_pushes(svc: Services, approval: PendingApproval, devices: li
 
 
 def plan(svc: Services, approval: PendingApproval, recipient: Recipient) -> Delivery:
-    """The delivery work a new approval starts with, stored with it in one atomic step: a
-    push now to each phone that is away, and for connected phones a check in 3 s that they
-    acknowledged (their last ack cancels it). The providers are already among the
-    approval's channels (`initial_channels`)."""
+    """Where a new approval goes, and the delivery work it starts with (stored with it in
+    one atomic step). Sets `approval.channels`: `websocket` for connected phones, the push
+    providers of the others. The work: a push now to each phone that is away and reachable
+    by push, and for connected phones a check in 3 s that they acknowledged (their last
+    ack cancels it)."""
+    waiting = [d.id for d in recipient.devices if d.id in recipient.connected]
+    away = [
+        d for d in recipient.devices if d.id not in recipient.connected and _pushable(svc, d)
+    ]
+    approval.channels = ["websocket"] if waiting else []
+    approval.channels += [p for p in ("fcm", "apns") if any(d.push_provider == p for d in away)]
     queue = svc.jobs
     delivery = Delivery()
-    for device in _away_pushable(svc, recipient):
+    for device in away:
         ticket = new_id()
         delivery.tickets.append(ticket)
         delivery.jobs.append(
@@ -147,7 +137,6 @@ def plan(svc: Services, approval: PendingApproval, recipient: Recipient) -> Deli
                 "push", {"approval_id": approval.id, "device_id": device.id, "ticket": ticket}
             )
         )
-    waiting = [d.id for d in recipient.devices if d.id in recipient.connected]
     if waiting:
         ticket = new_id()
         delivery.tickets.append(ticket)
