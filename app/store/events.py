@@ -54,7 +54,7 @@ class EventBus:
                 await self._reader
             self._reader = None
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
 
     async def publish(self, channel: str, event: Event) -> None:
         """Send one event to every listener of `channel`, in every process."""
@@ -189,7 +189,7 @@ class EventBus:
         """A fresh pub/sub connection subscribed to every channel that has listeners."""
         async with self._lock:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
             self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
             channels = list(self._listeners)
             if channels:
