@@ -24,7 +24,7 @@ from app.core.tokens import hash_token, new_id, new_token
 from app.db import audit
 from app.db.accounts import consume_enrollment_code, create_enrollment_code
 from app.db.models import Device, User
-from app.delivery import notices
+from app.delivery import notices, outbox
 from app.services import Services
 from app.store.presence import account_changed
 from app.web.common import (
@@ -33,6 +33,7 @@ from app.web.common import (
     current_session,
     json,
     plausible_id,
+    request_context,
     services,
 )
 from app.web.device_socket import PATH as DEVICE_SOCKET_PATH
@@ -145,18 +146,20 @@ async def enroll_device(request: Request) -> Response:
             created_at=to_datetime(now),
         )
         db.add(device)
+        context = request_context(request)
         await audit.record(
             db,
             "device.added",
             user_id=user_id,
             device_id=device.id,
-            ip=client_ip(request),
+            ip=context.ip,
             detail={"name": device.name, "platform": device.platform},
             now=now,
         )
-        await notices.device_added(svc, db, user, device, now)
+        notice = notices.device_added(svc.settings, db, user, device, context=context, now=now)
         await db.commit()
     await account_changed(svc.redis, svc.keys, user_id)
+    await outbox.kick(svc, notice.id)
     return json(
         {"device_id": device.id, "device_token": token, "user": {"email": user.email}},
         status=201,
