@@ -71,7 +71,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-user_app = typer.Typer(help="Users: add, unlock, import.", no_args_is_help=True)
+user_app = typer.Typer(help="Users: add, unlock, import, reset-phones.", no_args_is_help=True)
 device_app = typer.Typer(help="Devices: enrollment codes.", no_args_is_help=True)
 apikey_app = typer.Typer(help="Relying-party API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -94,7 +94,7 @@ def _db(json_output: JsonFlag = False) -> None:
 
 @user_app.callback()
 def _user(json_output: JsonFlag = False) -> None:
-    """Users: add, unlock, import."""
+    """Users: add, unlock, import, reset-phones."""
 
 
 @device_app.callback()
@@ -342,6 +342,92 @@ def _read_lines(file: str) -> list[str]:
         return Path(file).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CliFailure("invalid_request", f"cannot read {file}: {exc}") from None
+
+
+@user_app.command("reset-phones")
+def user_reset_phones(
+    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """For someone who lost every phone: revoke the user's devices, enrollment codes and
+    sessions, and print a one-time link that enrolls one new device without signing in.
+
+    You vouch for the person: hand the link (valid 10 minutes) only to them, after checking
+    who they are. The owner is told by email. Migrates the database schema first.
+    """
+    from app.db import audit
+    from app.delivery import notices
+
+    settings = load_settings()
+    _quiet_logging(settings)
+    now = _now()
+
+    async def work(session: AsyncSession) -> tuple[str, str, list[str], str, float]:
+        user = await accounts.get_user_by_email(session, email)
+        if user is None:
+            raise accounts.UnknownUser(email.strip())
+        revoked = await accounts.revoke_all_devices(session, user.id, now=now)
+        # A code made before the reset (by a session a lost phone approved) dies with it.
+        await accounts.expire_enrollment_codes(session, user.id, now=now)
+        for device in revoked:
+            await audit.record(
+                session,
+                "device.revoked",
+                user_id=user.id,
+                device_id=device.id,
+                detail={"by": "operator"},
+                now=now,
+            )
+        code, expires_at = await accounts.create_enrollment_code(
+            session, user.id, now, kind="operator"
+        )
+        await audit.record(
+            session,
+            "device.enrollment_started",
+            user_id=user.id,
+            detail={"kind": "operator", "reset": True, "revoked_devices": len(revoked)},
+            now=now,
+        )
+        # Queued here, sent by the dispatcher of a running server or worker.
+        notices.account_recovery(
+            settings, session, user, method="operator", revoked_devices=len(revoked), now=now
+        )
+        return user.id, user.email, [d.id for d in revoked], code, expires_at
+
+    user_id, normalized, revoked, code, expires_at = _run_with_session(settings, work)
+    asyncio.run(_forget_devices_and_sessions(settings, user_id, revoked))
+    uri = enrollment_uri(settings.public_url, code)
+    expires = rfc3339(expires_at)
+    return Result(
+        {"email": normalized, "code": code, "uri": uri, "expires_at": expires},
+        f"Revoked {len(revoked)} device(s) of {normalized} and ended their sessions.\n"
+        f"Enrollment code: {code}\nLink: {uri}\nExpires: {expires}",
+    )
+
+
+async def _forget_devices_and_sessions(
+    settings: Settings, user_id: str, device_ids: list[str]
+) -> None:
+    """After a reset: close the revoked devices' sockets, end the user's sessions, and tell
+    the running servers that the account changed."""
+    from app.store.events import EventBus
+    from app.store.presence import account_changed
+    from app.store.redis import KeySpace, connect
+    from app.store.sessions import SessionStore
+
+    handle = await connect(settings)
+    keys = KeySpace(settings.redis_prefix)
+    events = EventBus(handle.client)
+    try:
+        await account_changed(handle.client, keys, user_id)
+        for device_id in device_ids:
+            await events.publish(
+                keys.user_channel(user_id), {"type": "device_revoked", "device_id": device_id}
+            )
+        await SessionStore(handle.client, keys, SystemClock()).revoke_user(user_id)
+    finally:
+        await events.close()
+        await handle.close()
 
 
 # --- devices, API keys, outbox ------------------------------------------------------------

@@ -18,6 +18,7 @@ const CHANNEL_NAMES = { fcm: "push (FCM)", apns: "push (APNs)", sms: "SMS", webs
 const EVENT_NAMES = {
   "login.failed": "Failed sign-in (wrong password)",
   "login.enrollment_required": "Signed in to add a first phone",
+  "login.recovery_required": "Sign-in refused: no phone left, and the password alone cannot add one",
   "login.trusted_browser": "Signed in from a trusted browser",
   "login.completed": "Signed in",
   logout: "Signed out",

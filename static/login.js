@@ -67,6 +67,12 @@ function endingForError(res, email) {
         message: "Open the link we emailed you when you registered, then sign in again.",
         resendVerificationTo: email,
       };
+    case "recovery_required":
+      return {
+        title: "Your account has no phone any more",
+        message:
+          "Every phone on this account was removed, and a password alone cannot add a new one. Ask your administrator for a link to add your new phone.",
+      };
     case "locked":
       return {
         title: "Sign-in is locked",

@@ -277,7 +277,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 headers=("Set-Cookie",),
             ),
             401: "invalid_credentials (unknown email and wrong password alike)",
-            403: "email_not_verified, or csrf",
+            403: "email_not_verified; recovery_required (every device is gone and no SMS code "
+            "can be sent: the password alone cannot add one); or csrf",
             423: "locked after a fraud report",
             429: _RATE,
         },
@@ -375,7 +376,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {
             201: Reply("A single-use enrollment code, link and QR code", "Enrollment"),
             401: "unauthorized",
-            403: "not_allowed: a further device needs a sign-in approved with a device",
+            403: "not_allowed: a further device needs a sign-in approved with a device; once "
+            "every device is gone, a sign-in with an SMS code",
         },
         auth=SESSION,
     ),
