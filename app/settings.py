@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     twilio_auth_token: str | None = None
     twilio_from: str | None = None
     twilio_endpoint: str = "https://api.twilio.com"
+    # 32 bytes, base64url: seals secrets kept at rest (app.server_keys). Unset: generated once
+    # in the data dir, which every serve and worker process must then share.
+    secret_key: str | None = None
     log_format: Literal["json", "console"] | None = None
     # `tapprove worker` serves its Prometheus metrics on this port (web processes: /metrics).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
