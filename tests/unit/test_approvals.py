@@ -154,6 +154,24 @@ def test_device_json_shows_a_final_status() -> None:
     assert _approval(status=Status.DENIED).device_json()["status"] == "denied"
 
 
+@pytest.mark.parametrize(
+    ("status", "stored", "reason"),
+    [
+        (Status.PENDING, None, None),
+        (Status.APPROVED, "sms_code", "sms_code"),
+        (Status.EXPIRED, "superseded", "superseded"),
+        # Ended before every end stored its reason: the status's default.
+        (Status.APPROVED, None, "device"),
+        (Status.DENIED, None, "denied"),
+        (Status.EXPIRED, None, "timeout"),
+    ],
+)
+def test_a_final_approval_says_why_it_ended(
+    status: Status, stored: str | None, reason: str | None
+) -> None:
+    assert _approval(status=status, reason=stored).final_reason == reason
+
+
 def test_fields_are_flat_strings_without_none() -> None:
     fields = _approval("typed").to_fields()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())
@@ -263,9 +281,11 @@ def test_an_empty_list_written_by_a_lua_script_reads_back() -> None:
 
 def test_a_result_event_ends_the_approval_with_its_status_and_time() -> None:
     pending = _approval(api_key_id="key-1")
-    ended = pending.ended({"type": "result", "status": "approved", "decided_at": "1700000123.5"})
+    event = {"type": "result", "status": "expired", "decided_at": "1700000123.5"}
+    ended = pending.ended(event | {"reason": "superseded"})
     assert ended is not None
-    assert (ended.status, ended.decided_at) == (Status.APPROVED, 1700000123.5)
+    assert (ended.status, ended.decided_at) == (Status.EXPIRED, 1700000123.5)
+    assert ended.final_reason == "superseded"
     assert (ended.id, ended.created_at, ended.api_key_id) == (
         pending.id,
         pending.created_at,
@@ -282,6 +302,9 @@ def test_a_result_event_ends_the_approval_with_its_status_and_time() -> None:
         {"type": "result", "status": "pending", "decided_at": "1700000123.5"},
         {"type": "result", "status": "maybe", "decided_at": "1700000123.5"},
         {"type": "result", "status": "denied", "decided_at": "soon"},
+        # No reason (an event from an older process): the waiter reads the approval instead.
+        {"type": "result", "status": "expired", "decided_at": "1700000123.5"},
+        {"type": "result", "status": "expired", "decided_at": "1700000123.5", "reason": ""},
     ],
 )
 def test_a_result_event_that_does_not_say_enough_ends_nothing(event: dict[str, str]) -> None:
