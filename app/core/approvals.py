@@ -116,6 +116,8 @@ class PendingApproval:
     completed: bool = False
     # The id of the request that started it, so logs can follow it across processes.
     request_id: str | None = None
+    # The relying party's API key name, shown on the phone as who asks (kind "rp").
+    requester_name: str | None = None
 
     @property
     def final_reason(self) -> str | None:
@@ -133,6 +135,8 @@ class PendingApproval:
             "expires_at": rfc3339(self.expires_at),
             "context": self.context.to_json(),
             "match": self.match.to_json(),
+            # Who asks: a browser sign-in, or a relying party named by its API key.
+            "requester": {"kind": self.kind, "name": self.requester_name},
         }
         # Outside choices mode the person must type what the browser shows, so no hint at all.
         if self.match.mode == "choices" and self.choices is not None:
@@ -179,6 +183,7 @@ class PendingApproval:
             "browser_binding": self.browser_binding,
             "api_key_id": self.api_key_id,
             "request_id": self.request_id,
+            "requester_name": self.requester_name,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
@@ -217,6 +222,7 @@ class PendingApproval:
             channels=_string_list("channels", reader.parsed("channels", _identity)),
             completed=reader.flag("completed"),
             request_id=fields.get("request_id"),
+            requester_name=fields.get("requester_name"),
         )
 
 
@@ -232,6 +238,7 @@ def new_approval(
     remember_browser: bool = False,
     api_key_id: str | None = None,
     request_id: str | None = None,
+    requester_name: str | None = None,
     rng: random.Random | None = None,
 ) -> PendingApproval:
     """A fresh pending approval with a new id, a 32-byte challenge and a drawn number.
@@ -257,6 +264,7 @@ def new_approval(
         remember_browser=remember_browser,
         api_key_id=api_key_id,
         request_id=request_id,
+        requester_name=requester_name,
     )
 
 

@@ -155,6 +155,14 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         match=_ref("Match"),
         number_choices=_list(_STR),
         challenge={"type": "string", "description": "base64url of 32 random bytes"},
+        requester=_obj(
+            ["kind", "name"],
+            kind={"type": "string", "enum": ["login", "rp"]},
+            name={
+                "type": ["string", "null"],
+                "description": "The relying party's API key name (kind rp); null for a login",
+            },
+        ),
     ),
     "ApprovalList": _obj(["approvals"], approvals=_list(_ref("Approval"))),
     "Decision": _obj(["status"], status={"type": "string", "enum": ["approved", "denied"]}),

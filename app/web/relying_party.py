@@ -83,6 +83,7 @@ async def create(request: Request) -> Response:
         context=request_context(request, given),
         ttl=body.ttl,
         api_key_id=key.id,
+        requester_name=key.name,
     )
     return json(
         {

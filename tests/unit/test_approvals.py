@@ -104,8 +104,14 @@ def test_device_json_is_the_protocol_approval_object() -> None:
             "os": "Linux",
         },
         "match": {"mode": "typed", "digits": 2},
+        "requester": {"kind": "login", "name": None},
         "challenge": approval.challenge,
     }
+
+
+def test_a_relying_partys_approval_names_the_requester_for_the_phone() -> None:
+    approval = _approval(kind="rp", requester_name="vpn")
+    assert approval.device_json()["requester"] == {"kind": "rp", "name": "vpn"}
 
 
 def test_number_choices_appear_only_in_choices_mode() -> None:
@@ -121,6 +127,7 @@ def test_number_choices_appear_only_in_choices_mode() -> None:
         "expires_at",
         "context",
         "match",
+        "requester",
         "number_choices",
         "challenge",
     ]
@@ -263,6 +270,7 @@ times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
     reason=optional_text,
     browser_binding=optional_text,
     api_key_id=optional_text,
+    requester_name=optional_text,
     remember_browser=st.booleans(),
     completed=st.booleans(),
     channels=st.lists(st.text(max_size=10), max_size=4),
