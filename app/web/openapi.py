@@ -473,6 +473,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/register"): _PAGE,
     ("GET", "/account"): _PAGE,
     ("GET", "/phone"): _PAGE,
+    ("GET", "/favicon.ico"): Operation(
+        {200: Reply("The icon", {"type": "string"}, "image/x-icon")}, store=False
+    ),
 }
 
 SECURITY_SCHEMES: dict[str, Schema] = {
