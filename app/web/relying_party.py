@@ -61,6 +61,8 @@ def _rp_json(approval: PendingApproval) -> dict[str, Any]:
     }
     if approval.decided_at is not None:
         body["decided_at"] = rfc3339(approval.decided_at)
+    # Why it ended (e.g. `superseded` vs `timeout` for an expiry); null while pending.
+    body["reason"] = approval.final_reason
     return body
 
 
@@ -81,6 +83,7 @@ async def create(request: Request) -> Response:
         context=request_context(request, given),
         ttl=body.ttl,
         api_key_id=key.id,
+        requester_name=key.name,
     )
     return json(
         {
