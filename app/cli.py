@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import sys
@@ -63,17 +64,26 @@ class CliFailure(Exception):
         return self.message
 
 
+# Plain help (rich_markup_mode=None): typer's rich help panel shows a type for every option,
+# flags included (`--json <bool>`, even `--help <bool>`); the plain one shows none for flags.
 app = typer.Typer(
     name="tapprove",
     help="tapprove: self-hosted push login approval (push MFA).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-user_app = typer.Typer(help="Users: add, unlock, import.", no_args_is_help=True)
-device_app = typer.Typer(help="Devices: enrollment codes.", no_args_is_help=True)
-apikey_app = typer.Typer(help="Relying-party API keys.", no_args_is_help=True)
+
+
+def _command_group(help_text: str) -> typer.Typer:
+    return typer.Typer(help=help_text, no_args_is_help=True, rich_markup_mode=None)
+
+
+db_app = _command_group("Database schema (Alembic migrations).")
+user_app = _command_group("Users: add, unlock, import.")
+device_app = _command_group("Devices: enrollment codes.")
+apikey_app = _command_group("Relying-party API keys.")
 app.add_typer(db_app, name="db")
 app.add_typer(user_app, name="user")
 app.add_typer(device_app, name="device")
@@ -82,8 +92,33 @@ app.add_typer(apikey_app, name="apikey")
 
 # `--json` is accepted on the root, on every group and on every command, so it may stand
 # anywhere on the line; main() reads it once from the arguments.
+class VersionRequested(Exception):
+    """`--version` was given: main() prints the version as the command's result."""
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        raise VersionRequested
+
+
+def package_version() -> str:
+    """The installed tapprove package's version."""
+    return importlib.metadata.version("tapprove")
+
+
 @app.callback()
-def _root(json_output: JsonFlag = False) -> None:
+def _root(
+    json_output: JsonFlag = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_version_option,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
     """tapprove: self-hosted push login approval (push MFA)."""
 
 
@@ -184,9 +219,11 @@ async def _file_pending_audit_lines(settings: Settings) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Web server processes.")] = 1,
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="Interface to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="PORT", help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Web server processes.")] = 1,
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Do not run the broker consumers in-process.")
     ] = False,
@@ -228,7 +265,9 @@ def db_upgrade(json_output: JsonFlag = False) -> Result:
 
 @db_app.command("downgrade")
 def db_downgrade(
-    revision: Annotated[str, typer.Argument(help="Target revision; `base` drops everything.")],
+    revision: Annotated[
+        str, typer.Argument(metavar="REVISION", help="Target revision; `base` drops everything.")
+    ],
     json_output: JsonFlag = False,
 ) -> Result:
     """Migrate the database schema down to REVISION (for development and tests)."""
@@ -242,13 +281,17 @@ def db_downgrade(
 
 @user_app.command("add")
 def user_add(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     password: Annotated[
-        str, typer.Option(help="Password (8+ characters); `-` reads one line from stdin.")
+        str,
+        typer.Option(
+            metavar="PASSWORD", help="Password (8+ characters); `-` reads one line from stdin."
+        ),
     ],
     verified: Annotated[bool, typer.Option("--verified", help="Mark the email verified.")] = False,
     phone: Annotated[
-        str | None, typer.Option(help="Phone for SMS fallback, E.164 (+14155552671).")
+        str | None,
+        typer.Option(metavar="+E164", help="Phone for SMS fallback, E.164 (+14155552671)."),
     ] = None,
     json_output: JsonFlag = False,
 ) -> Result:
@@ -280,7 +323,7 @@ def user_add(
 
 @user_app.command("unlock")
 def user_unlock(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """Unlock a user locked by a fraud report, so logins can ask for approval again.
@@ -349,7 +392,7 @@ def _read_lines(file: str) -> list[str]:
 
 @device_app.command("enroll-code")
 def device_enroll_code(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """Create a single-use code (valid 10 minutes) that enrolls one device for the user.
@@ -376,7 +419,9 @@ def device_enroll_code(
 
 @apikey_app.command("create")
 def apikey_create(
-    name: Annotated[str, typer.Argument(help="A unique name for the relying party.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="A unique name for the relying party.")
+    ],
     json_output: JsonFlag = False,
 ) -> Result:
     """Create a relying-party API key; it is printed once and stored only as a hash.
@@ -399,7 +444,7 @@ def apikey_create(
 
 @apikey_app.command("revoke")
 def apikey_revoke(
-    name: Annotated[str, typer.Argument(help="The name the key was created with.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The name the key was created with.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """Revoke a relying-party API key; running servers refuse it within 10 seconds.
@@ -420,9 +465,14 @@ def apikey_revoke(
 @app.command()
 def outbox(
     status: Annotated[
-        str | None, typer.Option(help="Only messages in this status (queued, sent, dead, ...).")
+        str | None,
+        typer.Option(
+            metavar="STATUS", help="Only messages in this status (queued, sent, dead, ...)."
+        ),
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most this many.")
+    ] = 100,
     json_output: JsonFlag = False,
 ) -> Result:
     """List outgoing messages (mail, SMS), newest first, with status, attempts and last error.
@@ -460,11 +510,16 @@ def outbox(
 
 @app.command("audit")
 def audit_events(
-    user: Annotated[str | None, typer.Option(help="Only this user's events (email).")] = None,
-    kind: Annotated[
-        str | None, typer.Option(help="Only events of this kind (login.failed, ...).")
+    user: Annotated[
+        str | None, typer.Option(metavar="EMAIL", help="Only this user's events (email).")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    kind: Annotated[
+        str | None,
+        typer.Option(metavar="KIND", help="Only events of this kind (login.failed, ...)."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most this many.")
+    ] = 100,
     json_output: JsonFlag = False,
 ) -> Result:
     """List audit events, newest first: sign-ins, approvals, decisions, delivery attempts,
@@ -518,6 +573,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with redirect:
             outcome = app(args=args, prog_name="tapprove", standalone_mode=False)
+    except VersionRequested:
+        version = package_version()
+        outcome = Result({"version": version}, f"tapprove {version}")
     except CliFailure as exc:
         _fail(json_mode, stdout, exc.code, exc.message, exc.exit_code)
     except accounts.AccountError as exc:
