@@ -13,7 +13,7 @@ import importlib.metadata
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,7 +30,7 @@ from app.db import accounts, migrate
 from app.db.audit import event_json
 from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import AuditEvent, OutboxMessage, User
-from app.settings import Settings
+from app.settings import Settings, with_recorded_public_url
 
 T = TypeVar("T")
 
@@ -145,16 +145,59 @@ def _apikey(json_output: JsonFlag = False) -> None:
 # --- plumbing -----------------------------------------------------------------------------
 
 
-def load_settings() -> Settings:
-    """Settings from the TAPPROVE_* environment, or a CliFailure naming the bad variable."""
+def load_settings(*, recorded_public_url: bool = True) -> Settings:
+    """Settings from the TAPPROVE_* environment, or a CliFailure naming the bad variable.
+
+    Without TAPPROVE_PUBLIC_URL the public URL is the one `tapprove serve` recorded in the
+    data dir, so that printed links point at the running server (`serve` finds its own).
+    """
     try:
-        return Settings()
+        settings = Settings()
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"TAPPROVE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
             for err in exc.errors()
         )
         raise CliFailure("invalid_settings", f"invalid settings: {problems}") from None
+    return with_recorded_public_url(settings) if recorded_public_url else settings
+
+
+def require_database(settings: Settings) -> None:
+    """Refuse to go on without the embedded database: run outside the directory where
+    `tapprove serve` runs, a command would otherwise create an empty one and work on that."""
+    path = settings.embedded_database
+    if path is not None and not path.exists():
+        raise CliFailure(
+            "no_database",
+            f"no tapprove database at {path}. Run this command in the directory where "
+            "`tapprove serve` runs (the data dir defaults to ./var of the current directory), "
+            "or set TAPPROVE_DATA_DIR to that server's data dir; `tapprove db upgrade` "
+            "creates a new database.",
+        )
+
+
+@contextlib.contextmanager
+def _new_database_only_on_success(settings: Settings) -> Iterator[None]:
+    """For a command that may start the embedded database (it adds what it is asked to):
+    say so on stderr when it does, and remove what it created if the command fails."""
+    path = settings.embedded_database
+    if path is None or path.exists():
+        yield
+        return
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for file in path.parent.glob(f"{path.name}*"):  # the database, its WAL, its lock
+            file.unlink(missing_ok=True)
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    sys.stderr.write(
+        f"note: created a new database at {path} (no `tapprove serve` has used this data "
+        "dir yet; set TAPPROVE_DATA_DIR if the server keeps its data elsewhere)\n"
+    )
 
 
 def _quiet_logging(settings: Settings) -> None:
@@ -165,9 +208,16 @@ def _quiet_logging(settings: Settings) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _run_with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Migrate to head, then run `work` in one transaction (committed if it returns)."""
-    migrate.upgrade(settings)
+def _run_with_session(
+    settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, may_create: bool = False
+) -> T:
+    """Migrate to head, then run `work` in one transaction (committed if it returns).
+
+    Only with `may_create` does a missing embedded database get created (see
+    require_database and _new_database_only_on_success).
+    """
+    if not may_create:
+        require_database(settings)
 
     async def run() -> T:
         engine = make_engine(settings)
@@ -177,7 +227,9 @@ def _run_with_session(settings: Settings, work: Callable[[AsyncSession], Awaitab
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    with _new_database_only_on_success(settings) if may_create else contextlib.nullcontext():
+        migrate.upgrade(settings)
+        return asyncio.run(run())
 
 
 def _now() -> float:
@@ -231,9 +283,11 @@ def serve(
 ) -> None:
     """Run the web server (and, unless --no-worker, the broker consumers in-process).
 
-    Migrates the database schema to the latest version first.
+    Migrates the database schema to the latest version first. Without TAPPROVE_PUBLIC_URL,
+    links use the address it listens on (127.0.0.1 for 0.0.0.0), recorded in the data dir
+    for the other commands.
     """
-    settings = load_settings()
+    settings = load_settings(recorded_public_url=False)
     migrate.upgrade(settings)
     from app.server import run_server
 
@@ -244,9 +298,12 @@ def serve(
 def worker(json_output: JsonFlag = False) -> None:
     """Run the broker consumers only: outbox, push retries, events.
 
-    Migrates the database schema to the latest version first.
+    Migrates the database schema to the latest version first. With the embedded default it
+    works on the database of a `tapprove serve` in the same data dir, and refuses to start
+    without one.
     """
     settings = load_settings()
+    require_database(settings)
     migrate.upgrade(settings)
     from app.worker import run_worker_forever
 
@@ -272,6 +329,7 @@ def db_downgrade(
 ) -> Result:
     """Migrate the database schema down to REVISION (for development and tests)."""
     settings = load_settings()
+    require_database(settings)
     migrate.downgrade(settings, revision)
     return Result({"revision": revision}, f"Database downgraded to {revision}.")
 
@@ -318,7 +376,7 @@ def user_add(
             {"user_id": user.id, "email": user.email}, f"Added user {user.email} ({user.id})."
         )
 
-    return _run_with_session(settings, work)
+    return _run_with_session(settings, work, may_create=True)
 
 
 @user_app.command("unlock")
@@ -363,7 +421,7 @@ def user_import(
     async def work(session: AsyncSession) -> list[accounts.ImportedUser]:
         return await accounts.import_users(session, lines, _now(), enroll_codes)
 
-    imported = _run_with_session(settings, work)
+    imported = _run_with_session(settings, work, may_create=True)
     users: list[dict[str, Any]] = []
     text_lines = [f"Imported {len(imported)} user(s)."]
     for item in imported:
@@ -435,7 +493,7 @@ def apikey_create(
         key, plaintext = await accounts.create_api_key(session, name, _now())
         return key.name, plaintext
 
-    key_name, plaintext = _run_with_session(settings, work)
+    key_name, plaintext = _run_with_session(settings, work, may_create=True)
     return Result(
         {"name": key_name, "api_key": plaintext},
         f"API key {key_name!r}: {plaintext}\nStore it now; it cannot be shown again.",
@@ -530,21 +588,28 @@ def audit_events(
     settings = load_settings()
     _quiet_logging(settings)
 
+    async def find_user(session: AsyncSession) -> str | None:
+        if user is None:
+            return None
+        found = await accounts.get_user_by_email(session, user)
+        if found is None:
+            raise accounts.UnknownUser(user.strip())
+        return found.id
+
+    # An unknown --user fails before the audit lines waiting in Redis are filed.
+    user_id = _run_with_session(settings, find_user)
+
     async def work(session: AsyncSession) -> list[tuple[AuditEvent, str | None]]:
         query = select(AuditEvent, User.email).join(
             User, col(User.id) == col(AuditEvent.user_id), isouter=True
         )
-        if user is not None:
-            found = await accounts.get_user_by_email(session, user)
-            if found is None:
-                raise accounts.UnknownUser(user.strip())
-            query = query.where(AuditEvent.user_id == found.id)
+        if user_id is not None:
+            query = query.where(AuditEvent.user_id == user_id)
         if kind is not None:
             query = query.where(AuditEvent.kind == kind)
         query = query.order_by(col(AuditEvent.at).desc(), col(AuditEvent.id).desc()).limit(limit)
         return [(event, email) for event, email in (await session.exec(query)).all()]
 
-    migrate.upgrade(settings)
     asyncio.run(_file_pending_audit_lines(settings))
     rows = _run_with_session(settings, work)
     events = [

@@ -424,8 +424,17 @@ async def dispatch(args: argparse.Namespace, out: Output) -> int:
         out.error(exc.code, exc.message)
         return EXIT_REVOKED if exc.status == 401 else EXIT_FAILED
     except httpx.HTTPError as exc:
-        out.error("unreachable", f"cannot reach the server: {exc or type(exc).__name__}")
+        reason = str(exc) or type(exc).__name__
+        out.error("unreachable", f"cannot reach the server{_tried(exc)}: {reason}")
         return EXIT_FAILED
+
+
+def _tried(exc: httpx.HTTPError) -> str:
+    """` at <URL>` for the request that failed, so a wrong server address is easy to see."""
+    try:
+        return f" at {exc.request.url}"
+    except RuntimeError:  # an error raised before any request was made
+        return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -831,6 +832,21 @@ def test_a_missing_state_file_is_a_usage_error_in_json(
 ) -> None:
     assert main(["pending", "--state", str(tmp_path / "none.json"), "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["error"] == "usage"
+
+
+def test_an_unreachable_server_is_named_in_the_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as closed:  # a port nobody listens on once the socket is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    link = f"tapprove://enroll?url=http%3A%2F%2F127.0.0.1%3A{port}&code=abc"
+
+    assert main(["enroll", link, "--state", str(tmp_path / "phone.json")]) == 1
+
+    err = capsys.readouterr().err
+    assert f"cannot reach the server at http://127.0.0.1:{port}/api/devices" in err
+    assert not (tmp_path / "phone.json").exists()
 
 
 async def test_run_auto_approve_once_reads_the_number_from_stdin(tmp_path: Path) -> None:
