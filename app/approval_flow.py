@@ -71,6 +71,7 @@ async def start_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
+    requester: str | None = None,
 ) -> PendingApproval:
     """Create a pending approval for the recipient and send it to every device at once.
 
@@ -92,6 +93,7 @@ async def start_approval(
         browser_binding=browser_binding,
         remember_browser=remember_browser,
         api_key_id=api_key_id,
+        requester=requester,
         request_id=current_request_id(),
     )
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})

@@ -89,6 +89,8 @@ class PendingApproval:
     browser_binding: str | None = None
     remember_browser: bool = False
     api_key_id: str | None = None
+    # The relying party's name (its API key's), for a phone to say who asks (kind "rp").
+    requester: str | None = None
     channels: list[str] = field(default_factory=list)
     completed: bool = False
     # The id of the request that started it, so logs can follow it across processes.
@@ -108,6 +110,11 @@ class PendingApproval:
         if self.match.mode == "choices" and self.choices is not None:
             out["number_choices"] = list(self.choices)
         out["challenge"] = self.challenge
+        # An addition to PROTOCOL §3 (docs/architecture.md, "Who asks"): a sign-in from a
+        # browser, or a relying party by name, whose context describes its own request.
+        out["requester"] = (
+            {"kind": "rp", "name": self.requester or ""} if self.kind == "rp" else {"kind": "login"}
+        )
         return out
 
     def ended(self, event: Mapping[str, object]) -> PendingApproval | None:
@@ -146,6 +153,7 @@ class PendingApproval:
             "reason": self.reason,
             "browser_binding": self.browser_binding,
             "api_key_id": self.api_key_id,
+            "requester": self.requester,
             "request_id": self.request_id,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
@@ -182,6 +190,7 @@ class PendingApproval:
             browser_binding=fields.get("browser_binding"),
             remember_browser=reader.flag("remember_browser"),
             api_key_id=fields.get("api_key_id"),
+            requester=fields.get("requester"),
             channels=_string_list("channels", reader.parsed("channels", _identity)),
             completed=reader.flag("completed"),
             request_id=fields.get("request_id"),
@@ -199,6 +208,7 @@ def new_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
+    requester: str | None = None,
     request_id: str | None = None,
     rng: random.Random | None = None,
 ) -> PendingApproval:
@@ -224,6 +234,7 @@ def new_approval(
         browser_binding=browser_binding,
         remember_browser=remember_browser,
         api_key_id=api_key_id,
+        requester=requester,
         request_id=request_id,
     )
 

@@ -145,6 +145,11 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         match=_ref("Match"),
         number_choices=_list(_STR),
         challenge={"type": "string", "description": "base64url of 32 random bytes"},
+        requester={
+            **_obj(["kind"], kind={"type": "string", "enum": ["login", "rp"]}, name=_STR),
+            "description": "who asks: a browser sign-in, or a relying party by name "
+            "(an addition to the protocol)",
+        },
     ),
     "ApprovalList": _obj(["approvals"], approvals=_list(_ref("Approval"))),
     "Decision": _obj(["status"], status={"type": "string", "enum": ["approved", "denied"]}),

@@ -81,6 +81,7 @@ async def create(request: Request) -> Response:
         context=request_context(request, given),
         ttl=body.ttl,
         api_key_id=key.id,
+        requester=key.name,
     )
     return json(
         {

@@ -105,6 +105,7 @@ def test_device_json_is_the_protocol_approval_object() -> None:
         },
         "match": {"mode": "typed", "digits": 2},
         "challenge": approval.challenge,
+        "requester": {"kind": "login"},
     }
 
 
@@ -123,6 +124,7 @@ def test_number_choices_appear_only_in_choices_mode() -> None:
         "match",
         "number_choices",
         "challenge",
+        "requester",
     ]
 
 
@@ -152,6 +154,14 @@ def test_in_choices_mode_the_number_is_only_one_of_three_choices() -> None:
 
 def test_device_json_shows_a_final_status() -> None:
     assert _approval(status=Status.DENIED).device_json()["status"] == "denied"
+
+
+def test_a_relying_partys_approval_names_it_and_the_name_survives_the_store() -> None:
+    approval = _approval(kind="rp", api_key_id="k" * 32, requester="vpn")
+    assert approval.device_json()["requester"] == {"kind": "rp", "name": "vpn"}
+    stored = PendingApproval.from_fields(approval.to_fields())
+    assert stored.requester == "vpn"
+    assert stored.device_json() == approval.device_json()
 
 
 def test_fields_are_flat_strings_without_none() -> None:
