@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 from starlette.applications import Starlette
 
 from app.logs import configure_logging
-from app.settings import Settings
+from app.settings import Settings, listening_public_url, record_public_url
 
 _WITH_WORKER_ENV = "TAPPROVE__RUN_WORKER"
+
+log = logging.getLogger("tapprove.server")
 
 
 def app_factory() -> Starlette:
@@ -40,8 +44,21 @@ def run_server(
             "--workers > 1 needs TAPPROVE_REDIS_URL and TAPPROVE_DATABASE_URL "
             "(the embedded default is a single process)"
         )
+    settings, origin = served_public_url(settings, host, port)
     os.environ[_WITH_WORKER_ENV] = "1" if with_worker else "0"
+    # The app is built from the environment (app_factory, in every uvicorn process).
+    os.environ["TAPPROVE_PUBLIC_URL"] = settings.public_url
     configure_logging(settings)
+    try:
+        record_public_url(settings)
+    except OSError as exc:
+        log.warning(
+            "cannot record the public URL in %s (%s): CLI commands that print links need "
+            "TAPPROVE_PUBLIC_URL",
+            settings.data_dir,
+            exc.strerror or exc,
+        )
+    log.info(startup_banner(settings, origin))
     uvicorn.run(
         "app.server:app_factory",
         factory=True,
@@ -60,3 +77,63 @@ def run_server(
         log_config=None,
         access_log=False,
     )
+
+
+def served_public_url(settings: Settings, host: str, port: int) -> tuple[Settings, str]:
+    """`settings` with the public URL this server runs with, and where that URL comes from.
+
+    Without TAPPROVE_PUBLIC_URL it is derived from where the server listens, so that links,
+    QR codes and the browser origin check match the address people open.
+    """
+    if settings.public_url_is_set:
+        return settings, "TAPPROVE_PUBLIC_URL"
+    if port == 0:
+        return settings, "default: --port 0 picks a free port, so set TAPPROVE_PUBLIC_URL"
+    url, note = listening_public_url(host, port)
+    origin = f"from --host {host} --port {port}; TAPPROVE_PUBLIC_URL is not set"
+    return settings.model_copy(update={"public_url": url}), origin + (f"; {note}" if note else "")
+
+
+def without_password(url: str) -> str:
+    """`url` with its password, if any, replaced by `***` (for logs and banners)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def startup_banner(settings: Settings, public_url_origin: str) -> str:
+    """What `tapprove serve` runs with, in one block: where to open it and what it uses."""
+    from app.delivery.sms import TwilioSms
+
+    data_dir = settings.data_dir.resolve()
+    database = (
+        without_password(settings.database_url)
+        if settings.database_url
+        else f"SQLite {settings.embedded_database}"
+    )
+    redis = (
+        without_password(settings.redis_url)
+        if settings.redis_url
+        else f"embedded redis-server, files in {data_dir}"
+    )
+    if settings.smtp_url:
+        smtp = urlsplit(settings.smtp_url)
+        mail = f"SMTP {smtp.hostname}" + (f":{smtp.port}" if smtp.port else "")
+    else:
+        mail = "log (TAPPROVE_SMTP_URL is not set: mail, links included, goes to this log)"
+    sms = (
+        "Twilio"
+        if TwilioSms.configured(settings)
+        else "log (TAPPROVE_TWILIO_* is not set: SMS codes go to this log)"
+    )
+    rows = [
+        ("public URL", f"{settings.public_url}  ({public_url_origin})"),
+        ("data dir", str(data_dir)),
+        ("database", database),
+        ("Redis", redis),
+        ("mail", mail),
+        ("SMS", sms),
+    ]
+    return "tapprove serve\n" + "\n".join(f"  {name:<11} {value}" for name, value in rows)

@@ -179,6 +179,14 @@ def test_a_final_approval_says_why_it_ended(
     assert _approval(status=status, reason=stored).final_reason == reason
 
 
+def test_a_relying_partys_approval_names_it_and_the_name_survives_the_store() -> None:
+    approval = _approval(kind="rp", api_key_id="k" * 32, requester_name="vpn")
+    assert approval.device_json()["requester"] == {"kind": "rp", "name": "vpn"}
+    stored = PendingApproval.from_fields(approval.to_fields())
+    assert stored.requester_name == "vpn"
+    assert stored.device_json() == approval.device_json()
+
+
 def test_fields_are_flat_strings_without_none() -> None:
     fields = _approval("typed").to_fields()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())
