@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
 from app.logs import configure_logging
 from app.settings import Settings
+from app.web.connection import RequestTimeouts, http_protocol
 
 _WITH_WORKER_ENV = "TAPPROVE__RUN_WORKER"
 
@@ -24,6 +26,24 @@ def app_factory() -> Starlette:
         run_worker=os.environ.get(_WITH_WORKER_ENV) == "1",
         freeze_startup_objects=True,
     )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for serving tapprove (tests start their servers with these too)."""
+    timeouts = RequestTimeouts(settings.request_head_timeout, settings.request_body_timeout)
+    return {
+        "http": http_protocol(timeouts),
+        "ws": "websockets-sansio",
+        "ws_max_size": 64 * 1024,
+        "ws_ping_interval": 20.0,
+        # With the 20 s interval: a socket silent for ~60 s is dropped.
+        "ws_ping_timeout": 40.0,
+        "ws_per_message_deflate": False,  # deflate costs ~40 KiB per idle socket
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": 10,
+        "log_config": None,
+        "access_log": False,
+    }
 
 
 def run_server(
@@ -49,14 +69,5 @@ def run_server(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_max_size=64 * 1024,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=40.0,  # with the 20 s interval: a socket silent for ~60 s is dropped
-        ws_per_message_deflate=False,  # deflate costs ~40 KiB per idle socket
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-        log_config=None,
-        access_log=False,
+        **server_options(settings),
     )

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     # `tapprove worker` serves its Prometheus metrics on this port (web processes: /metrics).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Seconds a client may take to send a request's line and headers, then its body.
+    request_head_timeout: float = Field(default=10.0, gt=0, le=300)
+    request_body_timeout: float = Field(default=30.0, gt=0, le=600)
 
     @field_validator("public_url")
     @classmethod
