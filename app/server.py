@@ -39,7 +39,10 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # With the 20 s interval: a socket silent for ~60 s is dropped.
         "ws_ping_timeout": 40.0,
         "ws_per_message_deflate": False,  # deflate costs ~40 KiB per idle socket
-        "proxy_headers": True,
+        # X-Forwarded-For / -Proto only from the configured proxies; without any, uvicorn
+        # would believe them from 127.0.0.1, i.e. from anyone on this host.
+        "proxy_headers": bool(settings.proxies),
+        "forwarded_allow_ips": settings.proxies,
         "timeout_graceful_shutdown": 10,
         "log_config": None,
         "access_log": False,

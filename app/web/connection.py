@@ -1,4 +1,4 @@
-"""HTTP/1.1 connections: deadlines for receiving a request.
+"""HTTP/1.1 connections: deadlines for receiving a request, and the parser's own 400.
 
 uvicorn's httptools protocol waits for a request's head and body as long as the client
 likes (its keep-alive timer only runs between requests, and any byte stops it), so a few
@@ -41,7 +41,7 @@ class RequestTimeouts:
 
 
 class TimedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with request deadlines."""
+    """uvicorn's httptools protocol with request deadlines and JSON parser errors."""
 
     def __init__(self, *args: Any, timeouts: RequestTimeouts, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -135,6 +135,11 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self._cancel()
         self._phase = "idle"
         super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request line or headers the parser refuses: 400 in the JSON error shape."""
+        self._cancel()
+        self._answer_and_close(ApiError(400, "bad_request", "the request is not valid HTTP/1.1"))
 
 
 def http_protocol(timeouts: RequestTimeouts) -> type[asyncio.Protocol]:
