@@ -9,9 +9,12 @@ import time
 
 import httpx
 import pytest
+from playwright.async_api import expect
 
+from app.db.accounts import create_enrollment_code
 from mobile_stub.cli import Output, event_printer
 from tests.fixtures.app import LiveServer
+from tests.fixtures.browser import Browsers
 from tests.security.harness import (
     add_user,
     api_key,
@@ -68,6 +71,37 @@ async def test_a_clean_context_reaches_the_phone_unchanged(server: LiveServer) -
     assert created.status_code == 201, created.text
     shown = await device_view(server, phone, created.json()["approval_id"])
     assert shown["context"] == context
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+async def test_the_phone_page_shows_markup_in_a_context_as_text(
+    server: LiveServer, browsers: Browsers
+) -> None:
+    """Printable but hostile: HTML in a context field is text on /phone, never markup."""
+    email = unique_email("rp-markup")
+    user_id = await add_user(server, email)
+    async with server.services.db() as db:
+        code, _ = await create_enrollment_code(db, user_id, now=time.time())
+        await db.commit()
+    phone = await browsers.person(server.url, "phone", phone=True)
+    await phone.goto("/phone")
+    await phone.get_by_label("Enrollment link or code").fill(code)
+    await phone.get_by_label("Device name").fill("Markup test")
+    await phone.get_by_role("button", name="Enroll").click()
+    await expect(phone.locator("#conn")).to_have_text("Connected")
+
+    markup = '<img src=x onerror="window.owned=1"><b id=injected>bold</b>'
+    context = {"browser": markup, "os": markup, "ip": "192.0.2.1", "user_agent": markup}
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {await api_key(server)}"}
+    ) as rp:
+        created = await rp.post("/api/v1/approvals", json={"user": email, "context": context})
+    assert created.status_code == 201, created.text
+    request = phone.get_by_test_id("approval-request").first
+    await expect(request).to_contain_text(markup)
+    assert await request.locator("img, #injected").count() == 0
+    assert await phone.evaluate("window.owned") is None
 
 
 def _printed(approval_context: dict[str, str], capsys: pytest.CaptureFixture[str]) -> list[str]:
