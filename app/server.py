@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
@@ -11,6 +12,7 @@ from starlette.applications import Starlette
 
 from app.logs import configure_logging
 from app.settings import Settings, listening_public_url, record_public_url
+from app.web.connection import RequestTimeouts, http_protocol
 
 _WITH_WORKER_ENV = "TAPPROVE__RUN_WORKER"
 
@@ -28,6 +30,27 @@ def app_factory() -> Starlette:
         run_worker=os.environ.get(_WITH_WORKER_ENV) == "1",
         freeze_startup_objects=True,
     )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for serving tapprove (tests start their servers with these too)."""
+    timeouts = RequestTimeouts(settings.request_head_timeout, settings.request_body_timeout)
+    return {
+        "http": http_protocol(timeouts),
+        "ws": "websockets-sansio",
+        "ws_max_size": 64 * 1024,
+        "ws_ping_interval": 20.0,
+        # With the 20 s interval: a socket silent for ~60 s is dropped.
+        "ws_ping_timeout": 40.0,
+        "ws_per_message_deflate": False,  # deflate costs ~40 KiB per idle socket
+        # X-Forwarded-For / -Proto only from the configured proxies; without any, uvicorn
+        # would believe them from 127.0.0.1, i.e. from anyone on this host.
+        "proxy_headers": bool(settings.proxies),
+        "forwarded_allow_ips": settings.proxies,
+        "timeout_graceful_shutdown": 10,
+        "log_config": None,
+        "access_log": False,
+    }
 
 
 def run_server(
@@ -66,16 +89,7 @@ def run_server(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_max_size=64 * 1024,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=40.0,  # with the 20 s interval: a socket silent for ~60 s is dropped
-        ws_per_message_deflate=False,  # deflate costs ~40 KiB per idle socket
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-        log_config=None,
-        access_log=False,
+        **server_options(settings),
     )
 
 
@@ -135,5 +149,10 @@ def startup_banner(settings: Settings, public_url_origin: str) -> str:
         ("Redis", redis),
         ("mail", mail),
         ("SMS", sms),
+        (
+            "proxies",
+            ", ".join(settings.proxies)
+            or "none trusted (X-Forwarded-For is ignored; see TAPPROVE_TRUSTED_PROXIES)",
+        ),
     ]
     return "tapprove serve\n" + "\n".join(f"  {name:<11} {value}" for name, value in rows)

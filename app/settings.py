@@ -59,11 +59,32 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     # `tapprove worker` serves its Prometheus metrics on this port (web processes: /metrics).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Reverse proxies whose X-Forwarded-For / -Proto are believed (comma-separated IPs or
+    # CIDRs); none by default, so a client cannot choose the IP that rate limits key on.
+    trusted_proxies: str | None = None
+    # Seconds a client may take to send a request's line and headers, then its body.
+    request_head_timeout: float = Field(default=10.0, gt=0, le=300)
+    request_body_timeout: float = Field(default=30.0, gt=0, le=600)
 
     @field_validator("public_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: str | None) -> str | None:
+        for entry in _entries(value):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return value
+
+    @property
+    def proxies(self) -> list[str]:
+        """The trusted reverse proxies, as IPs and CIDR networks (empty: trust none)."""
+        return _entries(self.trusted_proxies)
 
     @property
     def public_url_is_set(self) -> bool:
@@ -150,3 +171,8 @@ def with_recorded_public_url(settings: Settings) -> Settings:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return settings
     return settings.model_copy(update={"public_url": url.rstrip("/")})
+
+
+def _entries(value: str | None) -> list[str]:
+    """The non-empty items of a comma-separated setting."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]

@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -223,13 +224,24 @@ def auto_decider(mode: str, number_from: str | None, stdin: StdinLines, out: Out
 # -- event display -------------------------------------------------------------------------
 
 
+# Not shown as themselves: controls (newline, ESC, C1 CSI), format characters (bidi
+# overrides), line separators, and lone surrogates (which would not even print).
+_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def printable(value: object) -> str:
+    """`value` as text without the characters that steer a terminal or reorder a line, so a
+    field from the server or a relying party cannot forge or hide lines of the request."""
+    return "".join(char for char in str(value) if unicodedata.category(char) not in _UNSHOWN)
+
+
 def relying_party(approval: Approval) -> str | None:
     """The name of the relying party (VPN, SSH, another app) that asks, if it is one."""
     requester = approval.get("requester")
     if not isinstance(requester, dict) or requester.get("kind") != "rp":
         return None
     name = requester.get("name")
-    return name if isinstance(name, str) and name else "a relying party"
+    return printable(name) if isinstance(name, str) and name else "a relying party"
 
 
 def number_source(approval: Approval) -> str:
@@ -241,7 +253,7 @@ def number_source(approval: Approval) -> str:
 def describe_approval(approval: Approval, now: float) -> list[str]:
     """The lines a phone shows for a request: who asks (browser, OS, IP, or the relying
     party and the context it gave), time left, how to match."""
-    context = approval.get("context") or {}
+    context = {name: printable(value) for name, value in (approval.get("context") or {}).items()}
     left = seconds_left(approval, now)
     match = approval.get("match") or {}
     choices = number_choices(approval)

@@ -266,7 +266,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     # --- accounts and email verification (PROTOCOL §1)
     ("POST", "/api/register"): Operation(
-        {202: _SENT, 422: "invalid_request: malformed email or a password under 8 characters"},
+        {
+            202: _SENT,
+            422: "invalid_request: malformed email or a password under 8 characters",
+            429: "rate_limited (with Retry-After): too many for this address or this IP",
+        },
         body=RegisterBody,
     ),
     ("GET", "/verify-email"): Operation(
