@@ -126,7 +126,9 @@ def plan(svc: Services, approval: PendingApproval, recipient: Recipient) -> Deli
         d for d in recipient.devices if d.id not in recipient.connected and _pushable(svc, d)
     ]
     approval.channels = ["websocket"] if waiting else []
-    approval.channels += [p for p in ("fcm", "apns") if any(d.push_provider == p for d in away)]
+    approval.channels += [
+        p for p in ("fcm", "apns", "webpush") if any(d.push_provider == p for d in away)
+    ]
     queue = svc.jobs
     delivery = Delivery()
     for device in away:

@@ -64,9 +64,9 @@ def observe_attempt(
 
 
 class PushSender(Protocol):
-    """A push provider adapter (FCM or APNs)."""
+    """A push provider adapter (FCM, APNs or Web Push)."""
 
-    channel: str  # "fcm" | "apns"
+    channel: str  # "fcm" | "apns" | "webpush"
 
     async def send(self, token: str, message: PushMessage, *, now: float) -> PushResult: ...
 
@@ -89,18 +89,21 @@ class Providers:
     fcm: PushSender | None = None
     apns: PushSender | None = None
     sms: SmsSender | None = None
+    webpush: PushSender | None = None
 
     def push(self, provider: str) -> PushSender | None:
-        """The sender for a device's push provider name ("fcm" / "apns"), if configured."""
+        """The sender for a device's push provider name ("fcm" / "apns" / "webpush")."""
         if provider == "fcm":
             return self.fcm
         if provider == "apns":
             return self.apns
+        if provider == "webpush":
+            return self.webpush
         return None
 
     async def close(self) -> None:
         """Release the connections and pools of every adapter that holds any."""
-        for sender in (self.fcm, self.apns, self.sms):
+        for sender in (self.fcm, self.apns, self.sms, self.webpush):
             if isinstance(sender, _Closeable):
                 await sender.close()
 
@@ -114,12 +117,14 @@ async def build_providers(settings: Settings) -> Providers:
 
     SMS is never None here: without Twilio settings it goes to the log (`LogSms`), as mail
     does without SMTP, so the embedded default can still verify phones and show the SMS
-    fallback; the operator reads the codes from the log.
+    fallback; the operator reads the codes from the log. Web Push is never None either: it
+    needs no account anywhere, only the VAPID key, which is generated when not configured.
     """
     # Imported here: the adapters import this module for PushMessage / PushResult.
     from app.delivery.apns import ApnsSender
     from app.delivery.fcm import FcmSender
     from app.delivery.sms import LogSms, TwilioSms
+    from app.delivery.webpush import WebPushSender
 
     sms: SmsSender = (
         TwilioSms.from_settings(settings) if TwilioSms.configured(settings) else LogSms()
@@ -128,4 +133,5 @@ async def build_providers(settings: Settings) -> Providers:
         fcm=FcmSender.from_settings(settings) if FcmSender.configured(settings) else None,
         apns=ApnsSender.from_settings(settings) if ApnsSender.configured(settings) else None,
         sms=sms,
+        webpush=WebPushSender.from_settings(settings),
     )
