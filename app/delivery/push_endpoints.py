@@ -128,16 +128,24 @@ def _ip_literal(host: str) -> str | None:
         return None
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def public_address(address: str) -> bool:
     """Whether `address` is a public unicast address (not private, loopback, link-local,
-    shared, reserved, multicast or unspecified), IPv4-mapped IPv6 judged as its IPv4."""
+    shared, reserved, multicast or unspecified). An IPv6 address that carries an IPv4 one
+    (mapped, NAT64, 6to4, Teredo) must pass as that IPv4 address too."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    judged: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64:
+            judged.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        judged += [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
+        judged += list(ip.teredo or ())
+    return all(a.is_global and not a.is_multicast for a in judged)
 
 
 class GuardedResolver(AbstractResolver):
