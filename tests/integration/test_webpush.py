@@ -361,3 +361,29 @@ async def test_the_vapid_key_the_page_gets_is_the_one_pushes_are_signed_with(
     assert len(point) == 65 and point[0] == 4
     expected = vapid_private_key(server.settings).public_key().public_numbers()
     assert int.from_bytes(point[1:33]) == expected.x
+
+
+async def test_the_whole_chain_websocket_then_web_push_then_sms(
+    server_factory: ServerFactory, webpush_env: dict[str, str], fake_push: FakePushService
+) -> None:
+    """A connected phone that stays silent gets Web Push after 3 s; its subscription is gone
+    (410), so nothing reached anyone and the SMS code goes out."""
+    server = await webpush_server(server_factory, webpush_env)
+    user_id = await add_user_with_phone(server, "chain@example.com")
+    phone = await server.enroll_phone(user_id, platform="web")
+    await subscribe(server, phone, fake_push)
+    fake_push.reply(replies.gone())
+    socket = await device_socket(server, phone)
+    browser = server.browser()
+    try:
+        started = await start_login(server, browser, "chain@example.com")
+        assert started["channels"] == ["websocket"]
+        await next_frame(socket, "approval_request")  # never acknowledged
+        async with watch(server, browser, started["approval_id"]) as stream:
+            assert (await stream.wait_for(type="delivered"))["channel"] == "sms"
+        status = (await browser.get(f"/api/login/{started['approval_id']}")).json()
+        assert status["channels"] == ["websocket", "webpush", "sms"]
+        assert status["delivered"] == ["sms"]
+        assert await push_token(server, phone.device_id) is None
+    finally:
+        await socket.close()
