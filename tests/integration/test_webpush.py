@@ -6,10 +6,14 @@ keys a browser would hold. Dead subscriptions, retries, the SSRF guard at send t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
+import os
 import re
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -387,3 +391,33 @@ async def test_the_whole_chain_websocket_then_web_push_then_sms(
         assert await push_token(server, phone.device_id) is None
     finally:
         await socket.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TAPPROVE_WEBPUSH_TEST_ENDPOINTS": "127.0.0.1:9"}, "needs TAPPROVE_TEST_MODE"),
+        (
+            {"TAPPROVE_TEST_MODE": "true", "TAPPROVE_PUBLIC_URL": "https://mfa.example.com"},
+            "refused with an https TAPPROVE_PUBLIC_URL",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["worker"]])
+async def test_the_server_refuses_to_start_with_test_endpoints_outside_tests(
+    tmp_path: Path, env: dict[str, str], message: str, command: list[str]
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TAPPROVE_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app.cli",
+        *command,
+        env={**clean, "TAPPROVE_DATA_DIR": str(tmp_path), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 1
+    assert message in err.decode()
+    assert "invalid settings" in err.decode()
