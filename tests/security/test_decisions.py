@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from app.core.signatures import device_public_jwk
 from tests.fixtures.app import LiveServer, Phone
 from tests.security.harness import (
+    MakePerson,
     Person,
     api_key,
     assert_error,
@@ -178,11 +179,14 @@ async def _ws_answer(ws: Any, jws: str, approval_id: str) -> dict[str, Any]:
 
 
 async def test_forged_decisions_are_bad_signature_over_http_and_socket(
-    server: LiveServer,
+    server: LiveServer, make_person: MakePerson
 ) -> None:
-    who = await person(server, "forge")
-    sibling = await server.enroll_phone(who.user_id, name="tablet")
-    stranger = await person(server, "stranger")
+    who = await make_person(server, "forge")
+    # The second device joins as a person adds one: a sign-in approved on the first.
+    sibling = await server.enroll_phone(
+        who.user_id, name="tablet", via_http=True, approver=who.phone
+    )
+    stranger = await make_person(server, "stranger")
     other_login = await pending_login(server, stranger)
     other = await device_view(server, stranger.phone, other_login.approval_id)
     login = await pending_login(server, who)
@@ -317,9 +321,11 @@ async def test_an_expired_approval_answers_410(server: LiveServer) -> None:
     assert_error(done, 409, "not_approved")
 
 
-async def test_credentials_of_other_users_open_nothing(server: LiveServer) -> None:
-    alice = await person(server, "alice")
-    bob = await person(server, "bob")
+async def test_credentials_of_other_users_open_nothing(
+    server: LiveServer, make_person: MakePerson
+) -> None:
+    alice = await make_person(server, "alice")
+    bob = await make_person(server, "bob")
     login = await pending_login(server, alice)
     alice_key, bob_key = await api_key(server, "alice-rp"), await api_key(server, "bob-rp")
     async with httpx.AsyncClient(base_url=server.url) as client:

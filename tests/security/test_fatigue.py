@@ -23,13 +23,14 @@ from app.core.clock import ManualClock
 from app.store.redis import KeySpace
 from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory
 from tests.security.harness import (
+    MakePerson,
     Person,
     api_key,
+    approved_on_socket,
     assert_error,
     decide,
     device_view,
     person,
-    signed_in_browser,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,11 +69,11 @@ def backed_off(response: httpx.Response, seconds: int) -> None:
 
 
 async def test_backoff_doubles_from_10_s_to_an_hour_and_a_success_resets_it(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, make_person: MakePerson
 ) -> None:
     clock = ManualClock(time.time())
     server = await server_factory(clock=clock)
-    who = await person(server, "bombed")
+    who = await make_person(server, "bombed")
 
     # Denied: 10 s.
     started = await login(server, who)
@@ -125,12 +126,12 @@ async def test_backoff_doubles_from_10_s_to_an_hour_and_a_success_resets_it(
 
 
 async def test_the_owner_can_answer_and_sign_in_while_an_attacker_is_backed_off(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, make_person: MakePerson
 ) -> None:
     clock = ManualClock(time.time())
     server = await server_factory(clock=clock)
-    who = await person(server, "owner")
-    trusted = await signed_in_browser(server, who, remember_browser=True)
+    who = await make_person(server, "owner")
+    trusted = await approved_on_socket(server, who.email, who.phone, remember_browser=True)
 
     # The attacker knows the password: a first request, then a second that supersedes it.
     first = await login(server, who)
@@ -204,10 +205,9 @@ async def _cli(server: LiveServer, tmp_path: Path, *args: str) -> tuple[int, dic
 
 
 async def test_a_fraud_report_locks_until_an_operator_unlocks(
-    server: LiveServer,
-    tmp_path: Path,
+    server: LiveServer, tmp_path: Path, make_person: MakePerson
 ) -> None:
-    who = await person(server, "fraud")
+    who = await make_person(server, "fraud")
     key = await api_key(server)
     started = await login(server, who)
     approval = await device_view(server, who.phone, started.json()["approval_id"])
