@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import httpx
 import pytest
 
+from app.core.tokens import hash_token
 from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory, loopback_address
 from tests.security.harness import (
     CHROME,
@@ -80,6 +82,34 @@ async def test_ten_failures_lock_the_account_from_every_ip(
     # Another account is not affected.
     other = await person(server, "bystander")
     assert (await attempt(server, other.email, PASSWORD)).status_code == 202
+
+
+async def test_failures_count_over_a_15_minute_window_then_the_owner_gets_in(
+    server: LiveServer, make_person: MakePerson
+) -> None:
+    """The window is read where the server keeps it (the TTL Redis reports for each
+    counter, and Retry-After), then ended, rather than waited out."""
+    who = await make_person(server, "window")
+    ip = an_ip()
+    assert_error(await attempt(server, who.email, WRONG, ip=ip), 401, "invalid_credentials")
+    redis, limits = server.services.redis, server.services.limits
+    counters = [
+        limits.key("login-failed", "account", hash_token(who.email)),
+        limits.key("login-failed", "ip", ip),
+    ]
+    for key in counters:
+        assert 15 * 60 - 30 <= await redis.ttl(key) <= 15 * 60, key
+    for _ in range(9):
+        assert_error(await attempt(server, who.email, WRONG, ip=ip), 401, "invalid_credentials")
+    limited = await attempt(server, who.email, PASSWORD)
+    assert_limited(limited)
+    assert int(limited.headers["Retry-After"]) >= 15 * 60 - 30, limited.headers
+    # The window ends (as 15 minutes would end it): the right password is let in again.
+    await redis.pexpire(counters[0], 1)
+    deadline = time.monotonic() + 10
+    while await redis.exists(counters[0]):
+        assert time.monotonic() < deadline, "the counter outlived its TTL"
+    assert (await attempt(server, who.email, PASSWORD)).status_code == 202
 
 
 async def test_unknown_addresses_are_limited_the_same_way(server: LiveServer) -> None:
