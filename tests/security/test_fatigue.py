@@ -174,6 +174,9 @@ async def test_one_pending_approval_per_user_across_processes(
     # The first creates, the second supersedes it, and the backoff that starts refuses the
     # rest; whatever the interleaving, one approval is left pending.
     assert codes.count(202) == 2 and codes.count(429) == 2, codes
+    for refused in (a for a in answers if a.status_code == 429):
+        assert_error(refused, 429, "rate_limited")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 10, refused.headers
     async with httpx.AsyncClient(base_url=first.url, headers=who.phone.auth) as phone:
         pending = (await phone.get("/api/devices/me/approvals")).json()["approvals"]
     assert len(pending) == 1
