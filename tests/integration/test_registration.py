@@ -181,6 +181,36 @@ async def test_registration_refuses_bad_input_with_422(
     assert response.json()["message"].startswith(field)
 
 
+async def test_passwords_of_8_to_1024_characters_of_any_kind_count_exactly_as_typed(
+    mail_app: MailApp,
+) -> None:
+    """SECURITY.md: 8 to 1024 characters, no composition rules, verified exactly as received
+    (no truncation, no case change, no trimming)."""
+    longest = "ω 💩 " * 256  # 1024 characters, no ASCII letter or digit among them
+    assert len(longest) == 1024
+    for name, password, status in (
+        ("seven", "x" * 7, 422),
+        ("eight", "x" * 8, 202),
+        ("longest", longest, 202),
+        ("toolong", longest + "x", 422),
+    ):
+        response = await mail_app.client.post(
+            "/api/register", json={"email": f"{name}@example.com", "password": password}
+        )
+        assert response.status_code == status, (name, response.text)
+    mails = await mail_app.smtp.wait_for(2)
+    [mail] = [m for m in mails if m.recipients == ["longest@example.com"]]
+    confirmed = await mail_app.client.post("/api/verify-email", json={"token": token_of(mail)})
+    assert confirmed.status_code == 200, confirmed.text
+    for altered in (longest[:-1], longest.upper(), longest.strip(), longest[:72]):
+        login = {"email": "longest@example.com", "password": altered}
+        refused = await mail_app.client.post("/api/login", json=login)
+        assert refused.status_code == 401, refused.text
+    login = {"email": "longest@example.com", "password": longest}
+    allowed = await mail_app.client.post("/api/login", json=login)
+    assert allowed.json() == {"status": "enrollment_required"}, allowed.text
+
+
 async def test_an_expired_link_is_refused_like_an_unknown_one(
     mail_app_factory: MailAppFactory,
 ) -> None:

@@ -1,6 +1,7 @@
 """SECURITY.md, "Redis compromise": a copy of Redis gives no one a usable secret. Every secret
 the service hands out is kept only as its SHA-256 hash: sessions, login bindings, trust
-cookies, device tokens, enrollment codes, API keys, SMS codes, verification tokens.
+cookies, device tokens, enrollment codes, API keys, SMS codes, verification tokens. The
+database is read too, once the mail has gone: the same holds there.
 
 A whole account's life goes through the public routes of a real server (register and
 verify, sign in with the password, enroll, sign in on the phone and remember the browser,
@@ -12,6 +13,7 @@ appear in any of them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -20,9 +22,12 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import select as select_all
+from sqlmodel import SQLModel, select
 
 from app.core.tokens import hash_token
 from app.db.accounts import create_api_key
+from app.db.models import OutboxMessage
 from tests.fakes import wait_until
 from tests.fakes.twilio import FakeTwilio
 from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory
@@ -62,6 +67,17 @@ async def redis_dump(server: LiveServer) -> bytes:
     finally:
         await client.aclose()
     return b"\n".join(parts)
+
+
+async def database_dump(server: LiveServer) -> bytes:
+    """Every row of every table, as one blob."""
+    parts: list[str] = []
+    async with server.services.db() as db:
+        connection = await db.connection()
+        for table in SQLModel.metadata.sorted_tables:
+            for row in (await connection.execute(select_all(table))).all():
+                parts += [f"{table.name}: {value}" for value in row]
+    return "\n".join(parts).encode()
 
 
 def found_in(secret: str, dump: bytes) -> bool:
@@ -198,3 +214,19 @@ async def test_redis_holds_no_secret_in_plaintext_after_a_whole_account_life(
     # The dumps are real: what the service keeps instead of the secrets is in them.
     assert hash_token(secrets["session cookie"]).encode() in everything
     assert hash_token(secrets["login cookie"]).encode() in everything
+
+    # The database, once every mail is out (a queued mail holds its link until it is sent).
+    async def outbox_settled() -> bool:
+        async with server.services.db() as db:
+            rows = (await db.exec(select(OutboxMessage))).all()
+        return bool(rows) and all(row.status in ("sent", "dead") for row in rows)
+
+    deadline = time.monotonic() + 30
+    while not await outbox_settled():
+        assert time.monotonic() < deadline, "the outbox did not settle"
+        await asyncio.sleep(0.05)
+    tables = await database_dump(server)
+    leaked = [name for name, secret in secrets.items() if found_in(secret, tables)]
+    assert not leaked, f"in the database in plaintext: {leaked}"
+    assert hash_token(secrets["device token"]).encode() in tables
+    assert hash_token(secrets["API key"]).encode() in tables
