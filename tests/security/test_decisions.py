@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -15,8 +16,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from pydantic import ValidationError
 
 from app.core.signatures import device_public_jwk
+from app.settings import Settings
 from tests.fixtures.app import LiveServer, Phone
 from tests.security.harness import (
     MakePerson,
@@ -28,6 +31,7 @@ from tests.security.harness import (
     decide,
     device_socket,
     device_view,
+    forget_fatigue,
     hs256_with,
     next_frame,
     pending_login,
@@ -360,3 +364,33 @@ async def test_credentials_of_other_users_open_nothing(
         assert_error(gone, 404, "not_found")
         mine = await alice.session.get("/api/devices")
         assert [d["id"] for d in mine.json()["devices"]] == [alice.phone.device_id]
+
+
+async def test_approvals_live_120_s_and_relying_parties_choose_10_to_600_s(
+    server: LiveServer,
+) -> None:
+    """NIST SP 800-63B-4 §3.1.3.2 as SECURITY.md claims it: valid for at most 10 minutes by
+    default (120 s for sign-ins; a relying party may ask for 10 to 600 s), and the setting
+    itself stops at an hour."""
+    who = await person(server, "lifetime")
+    login = await pending_login(server, who)
+    created = await device_view(server, who.phone, login.approval_id)
+    assert _seconds(created["expires_at"]) - _seconds(created["created_at"]) == 120
+    key = await api_key(server)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {key}"}
+    ) as rp:
+        for ttl, status in ((9, 422), (10, 201), (600, 201), (601, 422)):
+            await forget_fatigue(server, who.user_id)  # each request supersedes the last
+            asked = await rp.post("/api/v1/approvals", json={"user": who.email, "ttl": ttl})
+            assert asked.status_code == status, (ttl, asked.text)
+            if status == 201:
+                seen = (await rp.get(f"/api/v1/approvals/{asked.json()['approval_id']}")).json()
+                assert _seconds(seen["expires_at"]) - _seconds(seen["created_at"]) == ttl
+    with pytest.raises(ValidationError):
+        Settings(approval_ttl=3601)
+    assert Settings(approval_ttl=3600).approval_ttl == 3600
+
+
+def _seconds(rfc3339: str) -> int:
+    return int(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp())

@@ -160,6 +160,14 @@ async def test_every_cookie_is_httponly_samesite_strict_and_secure_behind_https(
         key = server.services.keys.session(hash_token(cookie.value))
         ttl = await server.services.redis.ttl(key)
         assert TWELVE_HOURS - 60 <= ttl <= TWELVE_HOURS, (cookie.name, ttl)
+    # Sessions are server-side: the one signed out is gone, whatever its cookie says.
+    signed_out_key = server.services.keys.session(hash_token(trusted_session.value))
+    assert not await server.services.redis.exists(signed_out_key)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        cookie = {"Cookie": f"tapprove_session={trusted_session.value}"}
+        assert_error(await client.get("/api/account", headers=cookie), 401, "unauthorized")
+        cookie = {"Cookie": f"tapprove_session={session.value}"}
+        assert (await client.get("/api/account", headers=cookie)).json()["email"] == email
 
 
 async def test_a_session_ends_12_hours_after_sign_in_however_much_it_is_used(
