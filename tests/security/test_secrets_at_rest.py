@@ -87,7 +87,7 @@ def found_in(secret: str, dump: bytes) -> bool:
     return re.search(pattern, dump) is not None
 
 
-async def test_redis_holds_no_secret_in_plaintext_after_a_whole_account_life(
+async def test_no_secret_is_kept_in_plaintext_in_redis_or_the_database(
     server_factory: ServerFactory,
     smtp_server: SmtpServer,
     twilio_env: dict[str, str],
