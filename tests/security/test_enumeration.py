@@ -78,6 +78,8 @@ async def test_registering_a_taken_address_looks_like_a_new_one(server: LiveServ
             answers.append(
                 await client.post("/api/register", json={"email": email, "password": PASSWORD})
             )
+            # A clean slate on purpose: the three answers compare the account's states, not
+            # how far one IP got into its budgets (the limits have tests of their own).
             await clear_limits(server)
         for email in (unique_email("new"), taken):
             answers.append(await client.post("/api/verify-email/resend", json={"email": email}))
