@@ -23,6 +23,7 @@ import pytest
 from app.delivery.push import PushMessage
 from app.delivery.push_endpoints import EndpointPolicy
 from app.delivery.webpush import Subscription, WebPushSender, subscription_box
+from app.server import startup_banner
 from app.server_keys import vapid_private_key
 from app.settings import Settings
 from tests.fakes import wait_until
@@ -421,3 +422,18 @@ async def test_the_server_refuses_to_start_with_test_endpoints_outside_tests(
     assert proc.returncode == 1
     assert message in err.decode()
     assert "invalid settings" in err.decode()
+
+
+def test_the_start_up_block_says_where_web_push_goes_and_when_test_mode_is_on(
+    tmp_path: Path,
+) -> None:
+    plain = startup_banner(Settings(data_dir=tmp_path), "test")
+    [row] = [line for line in plain.splitlines() if line.strip().startswith("Web Push")]
+    assert "fcm.googleapis.com, push.services.mozilla.com" in row
+    assert f"VAPID key {tmp_path.resolve() / 'vapid.pem'}" in row
+    assert "only from an https public URL" in row and "TEST MODE" not in row
+    testing = startup_banner(
+        Settings(data_dir=tmp_path, test_mode=True, webpush_test_endpoints="127.0.0.1:4000"),
+        "test",
+    )
+    assert "TEST MODE, also http to 127.0.0.1:4000" in testing
