@@ -27,8 +27,8 @@ from app.core.signatures import (
     verify_decision,
 )
 from app.db import audit
-from app.db.accounts import list_active_devices
-from app.db.models import Device, User
+from app.db.models import User
+from app.delivery import dispatch, notices
 from app.logs import current_request_id
 from app.services import Services
 from app.store.approvals import Backoff, Changed, Created
@@ -55,12 +55,6 @@ class AnsweringDevice(Protocol):
     def public_jwk(self) -> str: ...
 
 
-async def active_devices(svc: Services, user_id: str) -> list[Device]:
-    """The user's enrolled, unrevoked devices, read from the database."""
-    async with svc.db() as db:
-        return await list_active_devices(db, user_id)
-
-
 async def start_approval(
     svc: Services,
     recipient: Recipient,
@@ -78,8 +72,6 @@ async def start_approval(
     checks it, and when it is out of date the view is refreshed and the plan made again.
     Raises 423 `locked` after a fraud report and 429 `rate_limited` during push-fatigue backoff.
     """
-    from app.delivery import dispatch
-
     user_id = recipient.user.id
     now = svc.clock.now()
     approval = new_approval(
@@ -348,8 +340,6 @@ async def _lock_after_fraud(
     svc: Services, db: AsyncSession, user_id: str, approval: PendingApproval, ip: str, now: float
 ) -> None:
     """A fraud report locks new approvals for the user until an operator unlocks them."""
-    from app.delivery import notices
-
     user = await db.get(User, user_id)
     if user is None:
         return

@@ -16,7 +16,8 @@ from app.core.tokens import new_id
 from app.core.ttlcache import TtlCache
 from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import ApiKey
-from app.delivery.push import Providers, build_providers
+from app.delivery.providers import build_providers
+from app.delivery.push import Providers
 from app.settings import Settings
 from app.store.approvals import ApprovalStore
 from app.store.events import EventBus

@@ -21,10 +21,10 @@ from redis.asyncio.client import Pipeline
 from sqlmodel import col, select
 
 from app.account_cache import Recipient
-from app.approval_flow import active_devices
 from app.core.approvals import PendingApproval, Status
 from app.core.tokens import new_id
 from app.db import audit
+from app.db.accounts import active_devices
 from app.db.models import Device
 from app.delivery import sms_codes
 from app.delivery.push import PushMessage, PushResult, observe_attempt
@@ -175,7 +175,7 @@ async def resend(svc: Services, approval: PendingApproval) -> None:
     acked = await svc.approvals.acked_devices(approval.id)
     silent = [
         d
-        for d in await active_devices(svc, approval.user_id)
+        for d in await active_devices(svc.db, approval.user_id)
         if d.id not in acked and _pushable(svc, d)
     ]
     await _schedule_pushes(svc, approval, silent)

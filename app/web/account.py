@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app.approval_flow import active_devices
 from app.audit_trail import recent_events
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
 from app.core.tokens import hash_token, new_numeric_code, same_secret
 from app.db import audit
+from app.db.accounts import active_devices
 from app.db.models import TrustedBrowser, User
 from app.services import Services
 from app.web.common import TRUST_COOKIE, client_ip, current_session, json, plausible_id, services
@@ -75,7 +75,7 @@ async def _account_json(svc: Services, user: User, request: Request) -> dict[str
         "phone_verified": user.phone_verified,
         "sms_fallback": user.sms_fallback,
         "locked": user.locked,
-        "devices": [device_json(d) for d in await active_devices(svc, user.id)],
+        "devices": [device_json(d) for d in await active_devices(svc.db, user.id)],
         "trusted_browsers": [
             trusted_browser_json(b, request.cookies.get(TRUST_COOKIE)) for b in browsers
         ],

@@ -29,6 +29,8 @@ from app.db.accounts import (
     normalize_email,
 )
 from app.db.models import TrustedBrowser, User
+from app.delivery import dispatch
+from app.delivery.sms_codes import check_code, request_code
 from app.services import Services
 from app.store.events import RECONNECTED
 from app.store.ratelimit import Verdict
@@ -429,8 +431,6 @@ async def complete(request: Request) -> Response:
 
 async def resend(request: Request) -> Response:
     """POST /api/login/<id>/resend: send the pending request to the devices again (3 times)."""
-    from app.delivery import dispatch
-
     svc = services(request)
     check_csrf(request, svc.settings)
     approval = await _pending_browser_approval(request)
@@ -452,8 +452,6 @@ class CodeBody(StrictBody):
 
 async def send_sms(request: Request) -> Response:
     """POST /api/login/<id>/sms: text a code to the user's verified phone."""
-    from app.delivery.sms_codes import request_code
-
     svc = services(request)
     check_csrf(request, svc.settings)
     approval = await _pending_browser_approval(request)
@@ -476,8 +474,6 @@ async def send_sms(request: Request) -> Response:
 
 async def enter_code(request: Request) -> Response:
     """POST /api/login/<id>/code: approve with the SMS code; 5 wrong codes deny."""
-    from app.delivery.sms_codes import check_code
-
     svc = services(request)
     check_csrf(request, svc.settings)
     approval = await _pending_browser_approval(request)

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from app.approval_flow import active_devices, decide_with_jws
+from app.approval_flow import decide_with_jws
 from app.core.approvals import Status
 from app.core.clock import rfc3339, to_datetime
 from app.core.enrollment import enrollment_uri
@@ -22,7 +22,7 @@ from app.core.errors import ApiError
 from app.core.signatures import parse_device_jwk
 from app.core.tokens import hash_token, new_id, new_token
 from app.db import audit
-from app.db.accounts import consume_enrollment_code, create_enrollment_code
+from app.db.accounts import active_devices, consume_enrollment_code, create_enrollment_code
 from app.db.models import Device, User
 from app.delivery import notices
 from app.services import Services
@@ -93,7 +93,7 @@ async def create_enrollment(request: Request) -> Response:
     svc = services(request)
     check_csrf(request, svc.settings)
     session = await current_session(request)
-    devices = await active_devices(svc, session.user_id)
+    devices = await active_devices(svc.db, session.user_id)
     if devices and not session.approved_with_device:
         raise ApiError(
             403,
@@ -261,7 +261,8 @@ async def list_devices(request: Request) -> Response:
     """GET /api/devices: the signed-in user's devices."""
     svc = services(request)
     session = await current_session(request)
-    return json({"devices": [device_json(d) for d in await active_devices(svc, session.user_id)]})
+    devices = await active_devices(svc.db, session.user_id)
+    return json({"devices": [device_json(d) for d in devices]})
 
 
 async def revoke_device(request: Request) -> Response:

@@ -24,7 +24,8 @@ from sqlmodel import select
 from app import metrics
 from app.db.accounts import create_user
 from app.db.models import AuditEvent, Device
-from app.delivery.push import Providers, build_providers
+from app.delivery.providers import build_providers
+from app.delivery.push import Providers
 from app.settings import Settings
 from tests.fakes import apns as apns_replies
 from tests.fakes import fcm as fcm_replies
