@@ -16,6 +16,7 @@ from redis.asyncio.client import Pipeline
 
 from app.core.clock import Clock
 from app.core.tokens import new_id
+from app.store.lua import Script
 from app.store.redis import KeySpace
 
 LEASE_SECONDS = 30
@@ -38,28 +39,6 @@ local function cancel_job(prefix, id)
   redis.call('HDEL', prefix .. 'jobs:data', id)
 end
 """
-
-# KEYS: due, leased, data. ARGV: now, lease end, max count.
-_CLAIM = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, id in ipairs(expired) do
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('ZADD', KEYS[1], ARGV[1], id)
-end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local body = redis.call('HGET', KEYS[3], id)
-  if body then
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
-    out[#out + 1] = id
-    out[#out + 1] = body
-  end
-end
-return out
-"""
-
 
 @dataclass(frozen=True)
 class Job:
@@ -98,7 +77,7 @@ class JobQueue:
         self._leased = keys("jobs", "leased")
         self._data = keys("jobs", "data")
         self.wake_channel = keys("jobs", "wake")
-        self._claim = redis.register_script(_CLAIM)
+        self._claim = Script(redis, "app.store", "jobs_claim")
 
     async def enqueue(
         self, kind: str, payload: dict[str, Any], *, run_at: float | None = None, attempt: int = 0
@@ -139,8 +118,8 @@ class JobQueue:
         """Take up to `limit` due jobs under a lease."""
         now = self._clock.now()
         flat = await self._claim(
-            keys=[self._due, self._leased, self._data],
-            args=[repr(now), repr(now + LEASE_SECONDS), limit],
+            {"due": self._due, "leased": self._leased, "data": self._data},
+            {"now": repr(now), "lease_until": repr(now + LEASE_SECONDS), "limit": limit},
         )
         jobs = []
         for i in range(0, len(flat), 2):

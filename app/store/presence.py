@@ -14,21 +14,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from app.core.tokens import new_id
+from app.store.lua import Script
 from app.store.redis import KeySpace
 
 log = logging.getLogger(__name__)
 
 PROCESS_TTL = 30
 HEARTBEAT = 10
-
-# KEYS: presence hash. ARGV: device id, process id. Deletes only our own entry.
-_LEAVE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-"""
-
 
 # Lua: snapshot(prefix, user_id) is the account version ('' before any change) followed by
 # the ids of the user's devices whose socket a live process holds, sorted (Snapshot.lua()).
@@ -88,7 +80,7 @@ class Presence:
         self._redis = redis
         self._keys = keys
         self.process_id = process_id
-        self._leave = redis.register_script(_LEAVE)
+        self._leave = Script(redis, "app.store", "presence_leave")
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -122,7 +114,10 @@ class Presence:
             await pipe.execute()
 
     async def leave(self, user_id: str, device_id: str) -> None:
-        await self._leave(keys=[self._keys.presence(user_id)], args=[device_id, self.process_id])
+        await self._leave(
+            {"presence": self._keys.presence(user_id)},
+            {"device": device_id, "process": self.process_id},
+        )
 
     async def snapshot(self, user_id: str) -> Snapshot:
         """The user's connected devices and account version, in one round trip."""
