@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "tapprove:"
+    # How many hash tags a user's keys are spread over (app.store.redis.KeySpace); more than
+    # one only matters on a Redis Cluster. Changing it orphans the approvals under way.
+    redis_shards: int = Field(default=1, ge=1, le=256)
     public_url: str = "http://127.0.0.1:8000"
     allowed_origins: str | None = None
     approval_ttl: int = Field(default=120, ge=5, le=3600)

@@ -14,8 +14,9 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from app.approval.waiting import run_expiry_sweeper
 from app.audit_trail import run_audit_writer
-from app.delivery.dispatch import run_delivery_jobs, run_expiry_sweeper
+from app.delivery.dispatch import run_delivery_jobs
 from app.delivery.outbox import run_outbox
 from app.logs import configure_logging
 from app.metrics import serve_metrics

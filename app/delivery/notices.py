@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from app.core.approvals import PendingApproval
+from app.approval.model import PendingApproval
 from app.core.clock import rfc3339
 from app.db.models import Device, User
 from app.delivery import outbox

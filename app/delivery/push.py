@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from app import metrics
 from app.core.clock import rfc3339
 
 Outcome = Literal["accepted", "invalid_token", "retry", "failed"]
@@ -42,21 +41,6 @@ class PushResult:
     retry_after: float | None = None
     detail: str = ""
     latency: float = 0.0
-
-
-def observe_attempt(
-    channel: str, result: PushResult, *, attempt: int, latency: float
-) -> dict[str, object]:
-    """Count one delivery attempt (any channel) in the metrics and return its audit detail."""
-    metrics.DELIVERY_ATTEMPTS.labels(channel, result.outcome).inc()
-    metrics.DELIVERY_LATENCY.labels(channel).observe(latency)
-    return {
-        "channel": channel,
-        "outcome": result.outcome,
-        "attempt": attempt + 1,
-        "latency_ms": round(latency * 1000, 1),
-        "detail": result.detail[:200],
-    }
 
 
 class PushSender(Protocol):

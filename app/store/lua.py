@@ -31,12 +31,13 @@ from redis.asyncio.client import Pipeline
 Arg = str | bytes | int | float
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# Lua's reserved words: not usable as the name of a key or argument.
+# Lua's reserved words and the globals scripts use: not usable as the name of an input.
 _LUA_WORDS = frozenset(
     {
         *("and", "break", "do", "else", "elseif", "end", "false", "for", "function", "goto"),
         *("if", "in", "local", "nil", "not", "or", "repeat", "return", "then", "true"),
-        *("until", "while"),
+        *("until", "while", "redis", "cjson", "table", "string", "math", "tonumber"),
+        *("tostring", "ipairs", "pairs", "unpack", "type", "next", "KEYS", "ARGV"),
     }
 )
 
@@ -70,8 +71,7 @@ def parse_header(text: str, where: str = "script") -> Header:
             break
         word, colon, rest = line[2:].strip().partition(":")
         if colon and word in ("KEYS", "ARGV", "include", "library"):
-            if word in found and word != "include":
-                raise ValueError(f"{where}: more than one {word} line")
+            # A long list may go on over several lines of the same kind.
             found.setdefault(word, []).extend(rest.split())
     library = "library" in found
     if not library and not ("KEYS" in found and "ARGV" in found):

@@ -137,8 +137,9 @@ async def eventually(check: Callable[[], Any], timeout: float = WAIT) -> None:
 
 async def deliveries_settled(server: LiveServer, approval_id: str) -> bool:
     """Whether every delivery started for the approval has ended (pushes, ack checks)."""
-    key = server.services.keys("approval", approval_id, "inflight")
-    return int(await server.services.redis.scard(key)) == 0
+    store = server.services.approvals
+    keys = store.keys.approval(approval_id, store.keys.shard_of(approval_id) or 0)
+    return int(await server.services.redis.scard(keys.inflight)) == 0
 
 
 async def decide_over_http(
@@ -495,7 +496,9 @@ async def test_a_connected_phone_that_acks_gets_no_push(
 
 async def queued_jobs_of(server: LiveServer, approval_id: str) -> list[str]:
     """Kinds of the delivery jobs still stored for the approval (due or under a lease)."""
-    bodies = await server.services.redis.hvals(server.services.keys("jobs", "data"))
+    jobs = server.services.jobs
+    shard = server.services.approvals.keys.shard_of(approval_id) or 0
+    bodies = await server.services.redis.hvals(jobs.keys(shard).data)
     jobs = [orjson.loads(body) for body in bodies]
     return [j["kind"] for j in jobs if j["payload"].get("approval_id") == approval_id]
 

@@ -28,6 +28,14 @@ def code_of(text: str) -> str:
     return re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "''", text)
 
 
+def test_there_are_scripts_and_no_lua_is_left_in_python() -> None:
+    assert len(LUA_FILES) >= 20
+    for path in APP.rglob("*.py"):
+        text = path.read_text()
+        for marker in ("redis.call(", "register_script(", "KEYS[", "ARGV["):
+            assert marker not in text or path.name == "lua.py", f"{marker} in {path}"
+
+
 @pytest.mark.parametrize("path", LUA_FILES, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
 def test_a_script_uses_its_names_and_builds_none(path: Path) -> None:
     text = path.read_text()
@@ -61,20 +69,37 @@ def script_calls(tree: ast.AST) -> tuple[dict[str, tuple[str, str]], list[ast.Ca
     return scripts, calls
 
 
+def names_of(argument: ast.expr, tree: ast.AST) -> tuple[str, ...]:
+    """The names a call passes: a dict literal, or a call of a method of the same module
+    that returns one (`self._create_keys(...)`)."""
+    if isinstance(argument, ast.Call) and isinstance(argument.func, ast.Attribute):
+        method = argument.func.attr
+        defined = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.name == method
+        ]
+        assert len(defined) == 1, method
+        returned = [node.value for node in ast.walk(defined[0]) if isinstance(node, ast.Return)]
+        assert len(returned) == 1 and returned[0] is not None, method
+        argument = returned[0]
+    assert isinstance(argument, ast.Dict), f"pass a dict literal: {ast.unparse(argument)[:60]}"
+    return tuple(ast.literal_eval(key) for key in argument.keys if key is not None)
+
+
 def test_every_caller_passes_the_names_its_script_declares() -> None:
     used: set[tuple[str, str]] = set()
     for path in APP.rglob("*.py"):
-        scripts, calls = script_calls(ast.parse(path.read_text()))
+        tree = ast.parse(path.read_text())
+        scripts, calls = script_calls(tree)
         for call in calls:
             if not isinstance(call.func, ast.Attribute) or call.func.attr not in scripts:
                 continue
             package, name = scripts[call.func.attr]
             header = read(package, name).header
-            keys, args = call.args[:2]
             where = f"{path.name}: {ast.unparse(call)[:80]}"
-            assert isinstance(keys, ast.Dict) and isinstance(args, ast.Dict), where
-            assert tuple(ast.literal_eval(k) for k in keys.keys if k) == header.keys, where
-            assert tuple(ast.literal_eval(k) for k in args.keys if k) == header.argv, where
+            assert names_of(call.args[0], tree) == header.keys, where
+            assert names_of(call.args[1], tree) == header.argv, where
             used.add((package, name))
     scripts_on_disk = {
         package_and_name(path)
