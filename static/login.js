@@ -67,6 +67,12 @@ function endingForError(res, email) {
         message: "Open the link we emailed you when you registered, then sign in again.",
         resendVerificationTo: email,
       };
+    case "recovery_required":
+      return {
+        title: "Your account has no phone any more",
+        message:
+          "Every phone on this account was removed, and a password alone cannot add a new one. Ask your administrator for a link to add your new phone.",
+      };
     case "locked":
       return {
         title: "Sign-in is locked",
@@ -422,6 +428,13 @@ function finish(status, info = {}) {
     } else {
       showEnding({ title: "Sign-in denied", message: "The request was denied on your phone." });
     }
+    return;
+  }
+  if (info.reason === "superseded") {
+    showEnding({
+      title: "Replaced by a newer sign-in",
+      message: "A newer sign-in to this account (in another tab or browser) replaced this request. Start again here to send a new one.",
+    });
     return;
   }
   showEnding({ title: "Request expired", message: "The request wasn't answered in time. Start again to send a new one." });

@@ -163,5 +163,5 @@ async def _lock_after_fraud(
         },
         now=now,
     )
-    await notices.fraud_reported(svc, db, user, approval, now)
+    notices.fraud_reported(svc.settings, db, user, approval, now)
     await svc.sessions.revoke_user(user_id)

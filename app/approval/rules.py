@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.approval.errors import AlreadyDecided, Ended, Expired
-from app.approval.model import PendingApproval, Status
+from app.approval.model import DEFAULT_REASONS, PendingApproval, Status
 from app.core.matching import number_matches
 from app.core.signatures import DecisionClaims
 from app.core.tokens import hash_token, same_secret
@@ -64,6 +64,14 @@ def answer_outcome(approval: PendingApproval, claims: DecisionClaims) -> Outcome
 
 CODE_APPROVES = Outcome(Status.APPROVED, "sms_code")
 TOO_MANY_CODES = Outcome(Status.DENIED, "too_many_codes")
+TIMED_OUT = Outcome(Status.EXPIRED)  # nobody answered before the deadline
+SUPERSEDED = Outcome(Status.EXPIRED, "superseded")  # a newer approval for the user replaced it
+
+
+def end_reason(outcome: Outcome) -> str:
+    """The reason an end is stored and announced with: the outcome's own, else its
+    status's default (`device`, `denied`, `timeout`): every final status says why."""
+    return outcome.reason or DEFAULT_REASONS[outcome.status]
 
 
 def ended_error(status: Status) -> Ended:

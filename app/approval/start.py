@@ -39,6 +39,7 @@ async def start_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
+    requester_name: str | None = None,
 ) -> PendingApproval:
     """Create a pending approval for the recipient and send it to every device at once.
 
@@ -58,6 +59,7 @@ async def start_approval(
         remember_browser=remember_browser,
         api_key_id=api_key_id,
         request_id=current_request_id(),
+        requester_name=requester_name,
         shard=svc.approvals.shard_for(user_id),
     )
     if recipient.user.locked:

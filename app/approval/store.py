@@ -17,7 +17,15 @@ import redis.asyncio as aioredis
 from app import metrics
 from app.approval.keys import ApprovalKeys, ApprovalKeySet
 from app.approval.model import PendingApproval, Status
-from app.approval.rules import FINAL_STATE_KEEP, Outcome, backoff_schedule, keep_seconds
+from app.approval.rules import (
+    FINAL_STATE_KEEP,
+    SUPERSEDED,
+    TIMED_OUT,
+    Outcome,
+    backoff_schedule,
+    end_reason,
+    keep_seconds,
+)
 from app.core.clock import Clock
 from app.store.jobs import JobQueue, PreparedJob
 from app.store.lua import Script
@@ -218,6 +226,8 @@ class ApprovalStore:
             "audit_line": audit_line,
             "superseded_line": superseded_line,
             "wake": self._jobs.wake_channel,
+            "timeout_reason": end_reason(TIMED_OUT),
+            "superseded_reason": end_reason(SUPERSEDED),
         }
 
     # --- reading -------------------------------------------------------------------------
@@ -312,12 +322,13 @@ class ApprovalStore:
                 "challenge": approval.challenge,
                 "status": outcome.status.value,
                 "decided_by": decided_by,
-                "reason": outcome.reason,
+                "reason": end_reason(outcome),
                 "now": repr(now),
                 "keep": FINAL_STATE_KEEP,
                 "backoff_schedule": _BACKOFF_SCHEDULE,
                 "user_channel": self._space.user_channel(approval.user_id),
                 "audit_line": audit_line,
+                "timeout_reason": end_reason(TIMED_OUT),
             },
         )
         if ended_created_at:
@@ -346,6 +357,7 @@ class ApprovalStore:
                 "keep": FINAL_STATE_KEEP,
                 "backoff_schedule": _BACKOFF_SCHEDULE,
                 "user_channel": self._space.user_channel(approval.user_id),
+                "reason": end_reason(TIMED_OUT),
             },
         )
         if ended:

@@ -8,6 +8,7 @@ injected clock and are stored as naive UTC datetimes.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,13 +16,14 @@ import phonenumbers
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import Argon2Error
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import SystemClock, to_datetime
+from app.core.enrollment import EnrollmentKind
 from app.core.tokens import hash_token, new_id, new_token
 from app.db.hashing import run_hashing
 from app.db.models import ApiKey, Device, EnrollmentCode, User
@@ -114,10 +116,14 @@ class UserImportError(InvalidAccountData):
 
 
 def normalize_email(email: str) -> str:
-    """The canonical, lowercased form of an email address; InvalidAccountData if malformed."""
+    """The canonical, lowercased form of an email address; InvalidAccountData if malformed.
+
+    NFKC first, so compatibility spellings (full-width letters and @, ligatures) are the
+    address they look like: one account, one guess budget, one registration.
+    """
     if not isinstance(email, str):
         raise InvalidAccountData("email", "email must be a string")
-    candidate = email.strip()
+    candidate = unicodedata.normalize("NFKC", email).strip()
     if not candidate or len(candidate) > MAX_EMAIL_LENGTH:
         raise InvalidAccountData("email", "email must be 1 to 320 characters")
     try:
@@ -307,6 +313,17 @@ async def active_devices(db: async_sessionmaker[AsyncSession], user_id: str) -> 
         return await list_active_devices(session, user_id)
 
 
+async def revoke_all_devices(session: AsyncSession, user_id: str, *, now: float) -> list[Device]:
+    """Revoke every live device of the user (an operator's reset); the ones revoked."""
+    devices = await list_active_devices(session, user_id)
+    for device in devices:
+        device.revoked_at = to_datetime(now)
+        device.push_token = None
+        session.add(device)
+    await session.flush()
+    return devices
+
+
 async def set_locked(
     session: AsyncSession, email: str, locked: bool, *, now: float | None = None
 ) -> User:
@@ -359,15 +376,30 @@ async def _stored_password_hash(password: str | None, password_hash: str | None)
 
 
 async def create_enrollment_code(
-    session: AsyncSession, user_id: str, now: float, ttl: int = ENROLLMENT_CODE_TTL
+    session: AsyncSession,
+    user_id: str,
+    now: float,
+    ttl: int = ENROLLMENT_CODE_TTL,
+    *,
+    kind: EnrollmentKind = "operator",
+    enrollments_seen: int | None = None,
 ) -> tuple[str, float]:
-    """A new single-use code that enrolls one device for the user: (code, expires_at seconds)."""
+    """A new single-use code that enrolls one device for the user: (code, expires_at seconds).
+
+    `kind` says who vouched for it (app.core.enrollment); the default is the operator's (the
+    CLI). A recovery code needs `enrollments_seen`, the user's `device_enrollments` as read
+    when the session was allowed to make it.
+    """
+    if kind == "recovery" and enrollments_seen is None:
+        raise ValueError("a recovery code needs the user's device_enrollments")
     code = new_token(ENROLLMENT_CODE_BYTES)
     expires_at = now + ttl
     session.add(
         EnrollmentCode(
             code_hash=hash_token(code),
             user_id=user_id,
+            kind=kind,
+            enrollments_seen=enrollments_seen if kind == "recovery" else None,
             created_at=to_datetime(now),
             expires_at=to_datetime(expires_at),
         )
@@ -376,37 +408,81 @@ async def create_enrollment_code(
     return code, expires_at
 
 
-async def consume_enrollment_code(session: AsyncSession, code: str, now: float) -> str | None:
-    """Use up an enrollment code and return its user id; None if unknown, used or expired.
+async def expire_enrollment_codes(session: AsyncSession, user_id: str, *, now: float) -> int:
+    """End every live enrollment code of the user now (an operator's reset); how many."""
+    at = to_datetime(now)
+    result = await session.exec(
+        update(EnrollmentCode)
+        .where(
+            col(EnrollmentCode.user_id) == user_id,
+            col(EnrollmentCode.used_at).is_(None),
+            col(EnrollmentCode.expires_at) > at,
+        )
+        .values(expires_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    count: int = result.rowcount
+    return count
 
-    One conditional UPDATE claims the code, so of two concurrent requests exactly one wins.
+
+async def consume_enrollment_code(session: AsyncSession, code: str, now: float) -> str | None:
+    """Use up an enrollment code and return its user id; None if unknown, used, expired, or
+    no longer allowed (a first-device or recovery code after another device was enrolled).
+
+    Two conditional UPDATEs in the caller's transaction. The first claims the code, so of two
+    requests with one code exactly one wins. The second counts the enrollment on the user row,
+    under the code's condition; two requests with two codes of one user queue on that row's
+    lock (PostgreSQL re-checks the condition after the first commits; SQLite has one writer),
+    so of two first-device codes used at once exactly one enrolls. On None the caller must not
+    add a device (and need not commit: the code could never be used again anyway).
     """
     if not isinstance(code, str):
         return None
     code = code.strip()
     if not code or len(code) > 200:
         return None
-    code_hash = hash_token(code)
     at = to_datetime(now)
     claim = (
         update(EnrollmentCode)
         .where(
-            col(EnrollmentCode.code_hash) == code_hash,
+            col(EnrollmentCode.code_hash) == hash_token(code),
             col(EnrollmentCode.used_at).is_(None),
             col(EnrollmentCode.expires_at) > at,
         )
         .values(used_at=at)
+        .returning(
+            col(EnrollmentCode.user_id),
+            col(EnrollmentCode.kind),
+            col(EnrollmentCode.enrollments_seen),
+        )
+    )
+    claimed = (await session.exec(claim)).first()
+    if claimed is None:
+        return None
+    user_id, kind, seen = claimed
+    # The condition is on the user row itself, so checking and counting are one statement.
+    condition: list[ColumnElement[bool]] = []
+    if kind == "first_device":
+        condition.append(col(User.second_factor_at).is_(None))
+    elif kind == "recovery" and seen is not None:
+        condition.append(col(User.device_enrollments) == seen)
+    elif kind not in ("device", "operator"):
+        return None  # a kind this version does not know (or a malformed row) vouches for nothing
+    counted = await session.exec(
+        update(User)
+        .where(col(User.id) == user_id, *condition)
+        .values(
+            device_enrollments=col(User.device_enrollments) + 1,
+            second_factor_at=func.coalesce(col(User.second_factor_at), at),
+        )
         # Plain UPDATE: rows already loaded in this session are not refreshed, and rowcount
         # stays the database's own count.
         .execution_options(synchronize_session=False)
     )
-    result = await session.exec(claim)
-    if result.rowcount != 1:
+    if counted.rowcount != 1:
         return None
-    found = await session.exec(
-        select(EnrollmentCode.user_id).where(EnrollmentCode.code_hash == code_hash)
-    )
-    return found.one()
+    found: str = user_id
+    return found
 
 
 # --- API keys -----------------------------------------------------------------------------

@@ -32,6 +32,12 @@ class User(SQLModel, table=True):
     locked_at: NaiveDatetime | None = None
     created_at: NaiveDatetime
     verified_at: NaiveDatetime | None = None
+    # When the account first had a second factor (a device). Never cleared: once set, losing
+    # every device does not make the password alone enough to enroll one again.
+    second_factor_at: NaiveDatetime | None = None
+    # Devices ever enrolled. A first-device or recovery code is used only if this has not
+    # moved since the code was made, so two such codes used at once give one device.
+    device_enrollments: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class Device(SQLModel, table=True):
@@ -55,6 +61,10 @@ class EnrollmentCode(SQLModel, table=True):
 
     code_hash: str = Field(primary_key=True, max_length=64)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=32)
+    # Who vouched for it (app.core.enrollment.EnrollmentKind), which decides what its use checks.
+    kind: str = Field(max_length=16)
+    # The user's `device_enrollments` when it was made (recovery codes).
+    enrollments_seen: int | None = None
     created_at: NaiveDatetime
     expires_at: NaiveDatetime
     used_at: NaiveDatetime | None = None

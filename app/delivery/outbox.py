@@ -40,7 +40,14 @@ from app import metrics
 from app.core.clock import to_datetime
 from app.core.tokens import new_id
 from app.db.models import OutboxMessage
-from app.delivery.mail import Mailer, MailError, MailRenderer, build_mailer, message_id_for
+from app.delivery.mail import (
+    SECURITY_NOTICES,
+    Mailer,
+    MailError,
+    MailRenderer,
+    build_mailer,
+    message_id_for,
+)
 from app.delivery.retry import next_attempt_at
 from app.services import Services
 from app.store.streams import Entry, StreamGroup
@@ -97,6 +104,12 @@ def enqueue(
     )
     session.add(message)
     return message
+
+
+def dead_letter_level(template: str) -> int:
+    """How loudly a message that will never be sent is logged: a lost security notice means
+    an owner was not warned (ERROR); any other lost mail is still worth a WARNING."""
+    return logging.ERROR if template in SECURITY_NOTICES else logging.WARNING
 
 
 def _seconds(at: datetime) -> float:
@@ -165,24 +178,37 @@ class OutboxWorker:
         at = to_datetime(now)
         row = OutboxMessage
         async with self.svc.db() as db:
-            await db.exec(
+            ended = await db.exec(
                 update(row)
                 .where(col(row.status).in_(LIVE), col(row.expires_at) <= at)
                 .values(status="dead", last_error="expired before it could be sent", payload="{}")
+                .returning(col(row.id), col(row.template), col(row.last_error))
             )
+            dead = list(ended.all())
             # A processing row past its lease lost its worker mid-send (crash, SIGKILL).
             abandoned = (col(row.status) == "processing", col(row.next_attempt_at) <= at)
-            await db.exec(
+            ended = await db.exec(
                 update(row)
                 .where(*abandoned, col(row.attempts) >= self.policy.max_attempts)
                 .values(status="dead", last_error="worker lost in the last attempt", payload="{}")
+                .returning(col(row.id), col(row.template), col(row.last_error))
             )
+            dead += ended.all()
             await db.exec(
                 update(row)
                 .where(*abandoned)
                 .values(status="queued", next_attempt_at=at, last_error="worker lost mid-send")
             )
             await db.commit()
+            for message_id, template, why in dead:
+                log.log(
+                    dead_letter_level(template),
+                    "outbox message %s (%s): dead (%s)",
+                    message_id,
+                    template,
+                    why,
+                    extra={"outbox_id": message_id, "outcome": "dead", "template": template},
+                )
 
             due = await db.exec(
                 select(row.id, row.attempts, row.expires_at)
@@ -283,13 +309,15 @@ class OutboxWorker:
         metrics.DELIVERY_LATENCY.labels("email").observe(time.monotonic() - started)
         outcome = await self._record(message, error)
         metrics.OUTBOX_SENDS.labels(message.channel, outcome).inc()
-        log.info(
-            "outbox message %s attempt %d: %s%s",
+        log.log(
+            dead_letter_level(message.template) if outcome == "dead" else logging.INFO,
+            "outbox message %s (%s) attempt %d: %s%s",
             message.id,
+            message.template,
             message.attempts,
             outcome,
             f" ({error.reason})" if error else "",
-            extra={"outbox_id": message.id, "outcome": outcome},
+            extra={"outbox_id": message.id, "outcome": outcome, "template": message.template},
         )
         return outcome
 

@@ -25,6 +25,9 @@ class Session:
     # True when this sign-in was approved on an enrolled device (needed to add another one).
     approved_with_device: bool = False
     approval_id: str | None = None
+    # True when this sign-in was approved with an SMS code to the verified number: with every
+    # device gone, such a session may enroll one (app.core.enrollment).
+    approved_with_sms: bool = False
 
 
 class SessionStore:
@@ -42,10 +45,18 @@ class SessionStore:
         restricted: bool = False,
         approved_with_device: bool = False,
         approval_id: str | None = None,
+        approved_with_sms: bool = False,
     ) -> str:
         """Start a session and return the cookie value."""
         token = new_token()
-        session = Session(user_id, self._clock.now(), restricted, approved_with_device, approval_id)
+        session = Session(
+            user_id,
+            self._clock.now(),
+            restricted,
+            approved_with_device,
+            approval_id,
+            approved_with_sms,
+        )
         token_hash = hash_token(token)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.session(token_hash), orjson.dumps(asdict(session)), ex=SESSION_TTL)

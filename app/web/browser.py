@@ -31,6 +31,7 @@ from app.db.accounts import (
     normalize_email,
 )
 from app.db.models import TrustedBrowser, User
+from app.delivery.sms_codes import sms_phone
 from app.services import Services
 from app.store.ratelimit import Verdict
 from app.web.common import (
@@ -148,14 +149,30 @@ async def login(request: Request) -> Response:
 
     recipient = await svc.accounts.for_user(user)
     if not recipient.devices:
-        token = await svc.sessions.create(user.id, restricted=True)
-        async with svc.db() as db:
-            await audit.record(db, "login.enrollment_required", user_id=user.id, ip=ip, now=now)
-            await db.commit()
-        response = json({"status": "enrollment_required"})
-        set_cookie(response, request, SESSION_COOKIE, token, None)
-        metrics.LOGINS.labels("enrollment_required").inc()
-        return response
+        if user.second_factor_at is None:
+            # Never had a second factor: the password may enroll the very first device.
+            token = await svc.sessions.create(user.id, restricted=True)
+            async with svc.db() as db:
+                await audit.record(
+                    db, "login.enrollment_required", user_id=user.id, ip=ip, now=now
+                )
+                await db.commit()
+            response = json({"status": "enrollment_required"})
+            set_cookie(response, request, SESSION_COOKIE, token, None)
+            metrics.LOGINS.labels("enrollment_required").inc()
+            return response
+        # Every device is gone. The password alone is not enough any more: an approval that
+        # only an SMS code can answer (no device can), or a refusal that names the ways back.
+        if await sms_phone(svc, user.id) is None:
+            async with svc.db() as db:
+                await audit.record(db, "login.recovery_required", user_id=user.id, ip=ip, now=now)
+                await db.commit()
+            raise ApiError(
+                403,
+                "recovery_required",
+                "no phone is enrolled on this account any more, and a password alone cannot "
+                "add one: ask your administrator for a reset link",
+            )
 
     login_token = new_token()
     approval = await start_approval(
@@ -221,7 +238,7 @@ async def login_status(request: Request) -> Response:
             "channels": approval.channels,
             "delivered": delivered,
             "expires_at": rfc3339(approval.expires_at),
-            "reason": approval.reason,
+            "reason": approval.final_reason,
         }
     )
 
@@ -281,7 +298,9 @@ async def _stream(svc: Services, websocket: WebSocket, watch: Watch, closed: asy
 
 async def _send_result(websocket: WebSocket, ended: PendingApproval) -> None:
     if websocket.client_state is WebSocketState.CONNECTED:
-        await websocket.send_json({"type": "result", "status": ended.status.value})
+        await websocket.send_json(
+            {"type": "result", "status": ended.status.value, "reason": ended.final_reason}
+        )
         await websocket.close(1000)
 
 
@@ -294,8 +313,10 @@ async def complete(request: Request) -> Response:
     )
     token = await svc.sessions.create(
         approval.user_id,
-        # An SMS code is not a device: such a session may not add another device.
+        # An SMS code is not a device: such a session may not add another device, only
+        # replace the last one once every device is gone (app.core.enrollment).
         approved_with_device=approval.decided_by is not None,
+        approved_with_sms=approval.reason == "sms_code",
         approval_id=approval.id,
     )
     now = svc.clock.now()

@@ -18,14 +18,19 @@ from app.approval.answer import decide
 from app.approval.errors import NotFound
 from app.approval.waiting import as_of_now
 from app.core.clock import rfc3339, to_datetime
-from app.core.enrollment import enrollment_uri
+from app.core.enrollment import EnrollmentRefused, enrollment_kind, enrollment_uri
 from app.core.errors import ApiError
 from app.core.signatures import parse_device_jwk
 from app.core.tokens import hash_token, new_id, new_token
 from app.db import audit
-from app.db.accounts import active_devices, consume_enrollment_code, create_enrollment_code
-from app.db.models import Device, User
-from app.delivery import notices
+from app.db.accounts import (
+    active_devices,
+    consume_enrollment_code,
+    create_enrollment_code,
+    list_active_devices,
+)
+from app.db.models import Device, OutboxMessage, User
+from app.delivery import notices, outbox
 from app.services import Services
 from app.store.presence import account_changed
 from app.web.common import (
@@ -34,6 +39,7 @@ from app.web.common import (
     current_session,
     json,
     plausible_id,
+    request_context,
     services,
 )
 from app.web.device_socket import PATH as DEVICE_SOCKET_PATH
@@ -90,24 +96,49 @@ def _qr_svg(uri: str) -> str:
 
 
 async def create_enrollment(request: Request) -> Response:
-    """POST /api/devices/enrollments: a one-time code (and QR) to add a phone."""
+    """POST /api/devices/enrollments: a one-time code (and QR) to add a phone.
+
+    Which sessions may make one is app.core.enrollment's rule; the code records the kind, and
+    using it checks the rule again, atomically (app.db.accounts.consume_enrollment_code).
+    """
     svc = services(request)
     check_csrf(request, svc.settings)
     session = await current_session(request)
-    devices = await active_devices(svc.db, session.user_id)
-    if devices and not session.approved_with_device:
-        raise ApiError(
-            403,
-            "not_allowed",
-            "adding another device needs a sign-in approved on one of your devices",
-        )
     now = svc.clock.now()
+    ip = client_ip(request)
+    notice: OutboxMessage | None = None
     async with svc.db() as db:
-        code, expires_at = await create_enrollment_code(db, session.user_id, now=now)
-        await audit.record(
-            db, "device.enrollment_started", user_id=session.user_id, ip=client_ip(request), now=now
+        user = await db.get(User, session.user_id)
+        if user is None:
+            raise ApiError(401, "unauthorized", "sign in first")
+        try:
+            kind = enrollment_kind(
+                has_device=bool(await list_active_devices(db, user.id)),
+                had_second_factor=user.second_factor_at is not None,
+                restricted=session.restricted,
+                approved_with_device=session.approved_with_device,
+                approved_with_sms=session.approved_with_sms,
+            )
+        except EnrollmentRefused as refused:
+            raise ApiError(403, "not_allowed", refused.message) from None
+        code, expires_at = await create_enrollment_code(
+            db, user.id, now=now, kind=kind, enrollments_seen=user.device_enrollments
         )
+        await audit.record(
+            db,
+            "device.enrollment_started",
+            user_id=user.id,
+            ip=ip,
+            detail={"kind": kind},
+            now=now,
+        )
+        if kind == "recovery":
+            notice = notices.account_recovery(
+                svc.settings, db, user, method="sms", context=request_context(request), now=now
+            )
         await db.commit()
+    if notice is not None:
+        await outbox.kick(svc, notice.id)
     uri = enrollment_uri(svc.settings.public_url, code)
     qr_svg = _qr_svg(uri)
     return json(
@@ -146,18 +177,20 @@ async def enroll_device(request: Request) -> Response:
             created_at=to_datetime(now),
         )
         db.add(device)
+        context = request_context(request)
         await audit.record(
             db,
             "device.added",
             user_id=user_id,
             device_id=device.id,
-            ip=client_ip(request),
+            ip=context.ip,
             detail={"name": device.name, "platform": device.platform},
             now=now,
         )
-        await notices.device_added(svc, db, user, device, now)
+        notice = notices.device_added(svc.settings, db, user, device, context=context, now=now)
         await db.commit()
     await account_changed(svc.redis, svc.keys, user_id)
+    await outbox.kick(svc, notice.id)
     return json(
         {"device_id": device.id, "device_token": token, "user": {"email": user.email}},
         status=201,

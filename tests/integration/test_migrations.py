@@ -6,12 +6,13 @@ import asyncio
 import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import DateTime, column, inspect, select, table, text
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
@@ -146,3 +147,81 @@ async def test_sqlite_upgrade_creates_the_data_directory(tmp_path: Path) -> None
     assert (data_dir / "tapprove.sqlite3").is_file()
     _, diff, _ = await _inspect(settings.sqlalchemy_url)
     assert diff == []
+
+
+async def test_0003_remembers_every_device_an_account_ever_had(any_db_url: str) -> None:
+    # An account whose devices were all revoked before the upgrade must not look brand new:
+    # the first-device rule reads `second_factor_at`.
+    settings = Settings(database_url=any_db_url)
+    await migrate.upgrade_async(settings, "0002")
+    # The tables as revision 0002 has them.
+    user = table(
+        "user",
+        *(column(c) for c in ("id", "email", "password_hash", "email_verified")),
+        *(column(c) for c in ("phone_verified", "sms_fallback", "locked", "created_at")),
+    )
+    device = table(
+        "device",
+        *(column(c) for c in ("id", "user_id", "name", "platform", "public_jwk")),
+        *(column(c) for c in ("token_hash", "created_at", "revoked_at")),
+    )
+    code = table(
+        "enrollmentcode", *(column(c) for c in ("code_hash", "user_id", "created_at", "expires_at"))
+    )
+    day = datetime(2026, 1, 1)
+    engine = engine_from_url(any_db_url, pooled=False)
+    try:
+        async with engine.begin() as conn:
+            for user_id in ("lost", "kept", "new"):
+                await conn.execute(
+                    user.insert().values(
+                        id=user_id,
+                        email=f"{user_id}@example.com",
+                        password_hash="x",
+                        email_verified=True,
+                        phone_verified=False,
+                        sms_fallback=True,
+                        locked=False,
+                        created_at=day,
+                    )
+                )
+            for device_id, user_id, created_at, revoked_at in (
+                ("d1", "lost", datetime(2026, 2, 1), datetime(2026, 3, 1)),
+                ("d2", "kept", datetime(2026, 2, 2), datetime(2026, 3, 1)),
+                ("d3", "kept", datetime(2026, 4, 1), None),
+            ):
+                await conn.execute(
+                    device.insert().values(
+                        id=device_id,
+                        user_id=user_id,
+                        name="Pixel",
+                        platform="android",
+                        public_jwk="{}",
+                        token_hash=device_id,
+                        created_at=created_at,
+                        revoked_at=revoked_at,
+                    )
+                )
+            await conn.execute(
+                code.insert().values(code_hash="h", user_id="new", created_at=day, expires_at=day)
+            )
+
+        await migrate.upgrade_async(settings)
+
+        async with engine.connect() as conn:
+            upgraded = table(
+                "user",
+                column("id"),
+                column("second_factor_at", DateTime()),
+                column("device_enrollments"),
+            )
+            found = {row[0]: (row[1], row[2]) for row in await conn.execute(select(upgraded))}
+            kind = (await conn.execute(text("SELECT kind FROM enrollmentcode"))).scalar_one()
+    finally:
+        await engine.dispose()
+    assert found == {
+        "kept": (datetime(2026, 2, 2), 2),
+        "lost": (datetime(2026, 2, 1), 1),
+        "new": (None, 0),
+    }
+    assert kind == "first_device"  # a code in flight is held to the strictest rule

@@ -371,6 +371,8 @@ async def test_device_added_and_fraud_notices_render_safely(
                 "platform": "android",
                 "at": "2026-11-22T10:00:00Z",
                 "ip": "203.0.113.5",
+                "browser": "okhttp 4",
+                "os": "Android",
             },
         ),
         (

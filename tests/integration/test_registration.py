@@ -39,6 +39,13 @@ async def register(app: MailApp, email: str, password: str = PASSWORD, **kwargs:
     assert response.json() == {"status": "verification_sent"}
 
 
+async def forget_registration_limits(app: MailApp) -> None:
+    """What an hour's wait does to the registration limits (per address and per IP)."""
+    redis = app.services.redis
+    async for key in redis.scan_iter(match=app.services.limits.key("register", "*")):
+        await redis.delete(key)
+
+
 def token_of(mail: Received) -> str:
     return parse_qs(urlsplit(mail.link()).query)["token"][0]
 
@@ -259,6 +266,7 @@ async def test_a_taken_address_answers_in_the_same_time_as_a_new_one(mail_app: M
         # Interleaved, so drift in machine load hits both sides alike.
         for kind in ("new", "taken"):
             email = "taken@example.com" if kind == "taken" else f"new{i}@example.com"
+            await forget_registration_limits(mail_app)  # 25 calls: past both limits
             started = time.perf_counter()
             await register(mail_app, email)
             samples[kind].append(time.perf_counter() - started)

@@ -13,6 +13,7 @@ import pytest
 
 from app.approval.model import ApprovalContext, PendingApproval, Status, new_approval
 from app.approval.rules import Outcome
+from app.approval.store import Created, StillPending
 from app.approval.waiting import wait_for_end
 from app.core.matching import MatchPolicy
 from app.db import audit
@@ -36,7 +37,12 @@ async def pending(svc: Services) -> PendingApproval:
         shard=svc.approvals.shard_for("u" * 32),
     )
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
-    await svc.approvals.create(approval, event, audit.line("approval.created", now=time.time()))
+    line = audit.line("approval.created", now=time.time())
+    created = await svc.approvals.create(approval, event, line)
+    if isinstance(created, StillPending):  # the user's previous one: supersede it
+        replaced = (created.approval_id, audit.line("approval.superseded", now=time.time()))
+        created = await svc.approvals.create(approval, event, line, superseding=replaced)
+    assert isinstance(created, Created), created
     return approval
 
 

@@ -275,6 +275,7 @@ ROUTES: list[RouteSpec] = [
     RouteSpec("GET", "/register", "none"),
     RouteSpec("GET", "/account", "none"),
     RouteSpec("GET", "/phone", "none"),
+    RouteSpec("GET", "/favicon.ico", "none"),
     RouteSpec("MOUNT", "/static", "none"),
 ]
 

@@ -146,7 +146,7 @@ async def test_the_login_stream_ignores_what_the_browser_sends(server: LiveServe
         frames = [json.loads(await asyncio.wait_for(stream.recv(), 10))]
         while frames[-1]["type"] != "result":
             frames.append(json.loads(await asyncio.wait_for(stream.recv(), 10)))
-        assert frames[-1] == {"type": "result", "status": "approved"}
+        assert frames[-1] == {"type": "result", "status": "approved", "reason": "device"}
     other = await pending_login(server, who)
     async with login_stream(
         server,

@@ -127,13 +127,19 @@ async def test_many_decisions_from_two_processes_have_one_winner(
         )
         assert all(r == "already_decided" for r in ws_answers if not r.startswith("won:"))
         final = json.loads(await asyncio.wait_for(stream.recv(), 10))
-        assert final == {"type": "result", "status": winners[0]}
+        reason = {"approved": "device", "denied": "denied"}[winners[0]]
+        assert final == {"type": "result", "status": winners[0], "reason": reason}
     for ws, (_, seen) in zip(sockets, ws_results, strict=True):
         resolved = [f for f in seen if f["type"] == "approval_resolved"]
         if not resolved:
             resolved = [await next_frame(ws, "approval_resolved")]
         assert resolved == [
-            {"type": "approval_resolved", "id": login.approval_id, "status": winners[0]}
+            {
+                "type": "approval_resolved",
+                "id": login.approval_id,
+                "status": winners[0],
+                "reason": reason,
+            }
         ]
         await ws.close()
     assert (await audit_kinds(first, login.approval_id)).count("approval.decided") == 1
@@ -236,7 +242,12 @@ async def test_two_logins_supersede_each_other_cleanly(server_factory: ServerFac
             seen["resolved"] = frame
         elif frame["type"] == "approval_request" and frame["approval"]["id"] == new:
             seen["request"] = frame
-    assert seen["resolved"] == {"type": "approval_resolved", "id": old, "status": "expired"}
+    assert seen["resolved"] == {
+        "type": "approval_resolved",
+        "id": old,
+        "status": "expired",
+        "reason": "superseded",
+    }
     old_approval = await device_view(first, who.phone, old)
     late = await decide(
         second, who.phone, old, who.phone.sign(old_approval, "approve", number="00")
@@ -246,7 +257,11 @@ async def test_two_logins_supersede_each_other_cleanly(server_factory: ServerFac
     async with login_stream(
         first, old, cookie=old_browser.cookies["tapprove_login"], origin=first.origin
     ) as stream:
-        assert json.loads(await stream.recv()) == {"type": "result", "status": "expired"}
+        assert json.loads(await stream.recv()) == {
+            "type": "result",
+            "status": "expired",
+            "reason": "superseded",
+        }
     number = started[ids.index(new)].json()["number"]
     right = await decide(
         first, who.phone, new, who.phone.sign(seen["request"]["approval"], number=number)

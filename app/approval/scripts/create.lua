@@ -14,7 +14,7 @@
 -- KEYS: jobs_due jobs_data audit old_approval old_acks old_waiters
 -- ARGV: id old_id now expires_at keep fields tickets jobs planned_with process_ttl
 -- ARGV: backoff_schedule final_keep user_channel request_event audit_line superseded_line
--- ARGV: wake
+-- ARGV: wake timeout_reason superseded_reason
 -- include: app.approval/finalize app.store/snapshot app.store/schedule app.store/audit
 local old = redis.call('GET', pending)
 if old == id then return {'created', '', ''} end
@@ -31,7 +31,8 @@ if old then
   local found = redis.call('HMGET', old_approval, 'status', 'expires_at')
   old_status = found[1]
   if old_status == 'pending' and tonumber(found[2]) <= at then
-    finalize(ending, old, 'expired', now, '', '', final_keep, backoff_schedule, user_channel)
+    finalize(ending, old, 'expired', now, '', timeout_reason, final_keep, backoff_schedule,
+      user_channel)
     old_status, expired_old = 'expired', old
   end
 end
@@ -39,7 +40,7 @@ local next_at = tonumber(redis.call('HGET', fatigue, 'next_at') or '0')
 if next_at > at then return {'backoff', tostring(math.ceil(next_at - at)), expired_old} end
 local superseded = ''
 if old_status == 'pending' then
-  finalize(ending, old, 'expired', now, '', 'superseded', final_keep, backoff_schedule,
+  finalize(ending, old, 'expired', now, '', superseded_reason, final_keep, backoff_schedule,
     user_channel)
   append_audit(audit, superseded_line)
   superseded = old

@@ -1,15 +1,15 @@
 -- library: finalize
 -- finalize(k, id, status, now, decided_by, reason, keep, backoff_schedule, user_channel)
--- ends the pending approval `id` with `status`. `k` holds its keys (approval, acks,
+-- ends the pending approval `id` with `status`, for `reason` (never '': the caller gives the
+-- status's default, app.approval.rules.end_reason). `k` holds its keys (approval, acks,
 -- waiters) and its user's and shard's (pending, fatigue, deadlines); the final state stays
 -- readable `keep` seconds. Any end but `approved` counts as a failure for push-fatigue
 -- backoff: the user's next approval waits the schedule's entry for the failures counted so
 -- far (app.approval.rules computes the schedule; this only looks it up); `approved` forgets
 -- them. Each waiting process hears the end in its inbox, the user's devices on `user_channel`.
 local function finalize(k, id, status, now, decided_by, reason, keep, backoff_schedule, user_channel)
-  redis.call('HSET', k.approval, 'status', status, 'decided_at', now)
+  redis.call('HSET', k.approval, 'status', status, 'decided_at', now, 'reason', reason)
   if decided_by ~= '' then redis.call('HSET', k.approval, 'decided_by', decided_by) end
-  if reason ~= '' then redis.call('HSET', k.approval, 'reason', reason) end
   redis.call('EXPIRE', k.approval, keep)
   redis.call('EXPIRE', k.acks, keep)
   redis.call('ZREM', k.deadlines, id)
@@ -25,11 +25,12 @@ local function finalize(k, id, status, now, decided_by, reason, keep, backoff_sc
     redis.call('EXPIRE', k.fatigue, 86400)
   end
   -- decided_at travels as the string stored above, so every waiter renders the same time.
-  local ended = cjson.encode({type = 'result', id = id, status = status, decided_at = now})
+  local ended = cjson.encode({type = 'result', id = id, status = status, decided_at = now,
+    reason = reason})
   for _, inbox in ipairs(redis.call('SMEMBERS', k.waiters)) do
     redis.call('PUBLISH', inbox, ended)
   end
   redis.call('DEL', k.waiters)
   redis.call('PUBLISH', user_channel,
-    cjson.encode({type = 'approval_resolved', id = id, status = status}))
+    cjson.encode({type = 'approval_resolved', id = id, status = status, reason = reason}))
 end

@@ -1,0 +1,55 @@
+"""The secret box: sealed values open only with the same key, purpose and record."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from app.server_keys import SealError, SecretBox, new_secret_key, secret_key
+from app.settings import Settings
+
+
+def test_a_sealed_value_opens_for_its_record_only() -> None:
+    box = SecretBox(os.urandom(32), "duo-skey")
+    sealed = box.seal(b"the secret", record="row-1")
+    assert b"the secret" not in sealed.encode()
+    assert box.open(sealed, record="row-1") == b"the secret"
+    with pytest.raises(SealError):
+        box.open(sealed, record="row-2")
+
+
+def test_another_purpose_or_key_does_not_open_it() -> None:
+    key = os.urandom(32)
+    sealed = SecretBox(key, "duo-skey").seal(b"x", record="r")
+    with pytest.raises(SealError):
+        SecretBox(key, "totp-seed").open(sealed, record="r")
+    with pytest.raises(SealError):
+        SecretBox(os.urandom(32), "duo-skey").open(sealed, record="r")
+
+
+def test_a_damaged_value_does_not_open() -> None:
+    box = SecretBox(os.urandom(32), "p")
+    sealed = box.seal(b"x", record="r")
+    damaged = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    for bad in (damaged, "v0." + sealed[3:], "v1.!!!"):
+        with pytest.raises(SealError):
+            box.open(bad, record="r")
+
+
+def test_the_embedded_default_makes_one_key_and_keeps_it(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    first = secret_key(settings)
+    assert secret_key(settings) == first
+    key_file = tmp_path / "data" / "secret.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_the_setting_wins_and_a_malformed_one_is_refused(tmp_path: Path) -> None:
+    chosen = new_secret_key()
+    assert len(secret_key(Settings(data_dir=tmp_path, secret_key=chosen))) == 32
+    assert not (tmp_path / "secret.key").exists()
+    with pytest.raises(ValueError, match="TAPPROVE_SECRET_KEY"):
+        secret_key(Settings(data_dir=tmp_path, secret_key="dG9vIHNob3J0"))
