@@ -20,6 +20,7 @@ from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import ApiKey
 from app.delivery.providers import build_providers
 from app.delivery.push import Providers
+from app.server_keys import KeyedHash, secret_key
 from app.settings import Settings
 from app.store.codes import OneTimeCodes
 from app.store.events import EventBus
@@ -116,6 +117,8 @@ async def build_services(
         accounts=AccountCache(sessions, presence, clock),
         waiters=Waiters(events, approvals, keys, process_id),
         jobs=jobs,
-        codes=OneTimeCodes(handle.client, keys, clock),
+        codes=OneTimeCodes(
+            handle.client, keys, clock, KeyedHash(secret_key(settings), "one-time-codes")
+        ),
     )
     return services

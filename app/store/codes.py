@@ -1,9 +1,11 @@
 """One-time codes a person types: SMS sign-in codes and phone-number verification codes.
 
-Only a hash of a live code is kept (of the code and its subject, so equal codes of two
-subjects differ). Each check counts an attempt in the same atomic step as the read, and a
-code is right only before its expiry and within the allowed attempts, compared in constant
-time. Whether a new code brings a new budget of attempts is the issuer's choice.
+Only a keyed hash of a live code is kept: HMAC under a key derived from the server's secret
+key (app.server_keys.KeyedHash), of the code and its subject so equal codes of two subjects
+differ; a 6-digit code's plain hash would be undone by trying a million codes. Each check
+counts an attempt in the same atomic step as the read, and a code is right only before its
+expiry and within the allowed attempts, compared in constant time. Whether a new code
+brings a new budget of attempts is the issuer's choice.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from app.core.clock import Clock
-from app.core.tokens import hash_token, same_secret
+from app.core.tokens import same_secret
+from app.server_keys import KeyedHash
 from app.store.lua import Script
 from app.store.redis import KeySpace
 
@@ -28,19 +31,21 @@ class CodeCheck:
     data: str  # what the issuer kept with the code
 
 
-def _code_hash(subject: str, code: str) -> str:
-    return hash_token(f"{subject}:{code}")
-
-
 class OneTimeCodes:
     """Issue and check codes; `purpose` keeps kinds of codes apart, `subject` names whose."""
 
-    def __init__(self, redis: aioredis.Redis, keys: KeySpace, clock: Clock) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: KeySpace, clock: Clock, mac: KeyedHash
+    ) -> None:
         self._redis = redis
+        self._mac = mac
         self._keys = keys
         self._clock = clock
         self._issue = Script(redis, "app.store", "code_issue")
         self._check = Script(redis, "app.store", "code_check")
+
+    def _code_hash(self, subject: str, code: str) -> str:
+        return self._mac(f"{subject}:{code}")
 
     def _key(self, purpose: str, subject: str) -> str:
         return self._keys("code", purpose, subject)
@@ -61,7 +66,7 @@ class OneTimeCodes:
         await self._issue(
             {"code": self._key(purpose, subject)},
             {
-                "code_hash": _code_hash(subject, code),
+                "code_hash": self._code_hash(subject, code),
                 "expires_at": repr(self._clock.now() + life),
                 "data": data,
                 "keep": keep,
@@ -80,7 +85,7 @@ class OneTimeCodes:
         right = (
             fresh
             and int(attempts) <= max_attempts
-            and same_secret(_code_hash(subject, code), str(stored))
+            and same_secret(self._code_hash(subject, code), str(stored))
         )
         exhausted = not right and int(attempts) >= max_attempts
         return CodeCheck(issued=bool(stored), right=right, exhausted=exhausted, data=str(data))
