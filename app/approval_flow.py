@@ -333,6 +333,31 @@ async def _decided(
     return status
 
 
+async def end_by_passcode(
+    svc: Services, approval: PendingApproval, *, device_id: str | None, ip: str
+) -> None:
+    """End a pending approval by passcode: approved by the code of `device_id` (reason
+    `passcode`), or, with None, denied after too many wrong ones (`too_many_codes`, which
+    counts toward the backoff like a wrong number). 409/410 if an approval to approve had
+    already ended; a denial that loses the race is the code's own answer anyway."""
+    status = Status.APPROVED if device_id is not None else Status.DENIED
+    reason = "passcode" if device_id is not None else "too_many_codes"
+    line = audit.line(
+        "approval.decided",
+        user_id=approval.user_id,
+        device_id=device_id,
+        approval_id=approval.id,
+        ip=ip,
+        detail={"status": status.value, "reason": reason, "via": "passcode"},
+        now=svc.clock.now(),
+    )
+    result = await svc.approvals.decide(
+        approval.id, status, audit_line=line, device_id=device_id or "", reason=reason
+    )
+    if status is Status.APPROVED and result.kind != "decided":
+        raise_if_final(result.status or Status.EXPIRED)
+
+
 def raise_if_final(status: Status) -> None:
     """409 `already_decided` or 410 `expired` (with the final status) unless still pending."""
     if status is Status.EXPIRED:

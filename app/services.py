@@ -17,6 +17,7 @@ from app.core.ttlcache import TtlCache
 from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import ApiKey
 from app.delivery.push import Providers, build_providers
+from app.server_keys import SecretBox, secret_key
 from app.settings import Settings
 from app.store.approvals import ApprovalStore
 from app.store.events import EventBus
@@ -54,10 +55,19 @@ class Services:
     jobs: JobQueue  # delivery jobs (push, ack checks, SMS)
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    _boxes: dict[str, SecretBox] = field(default_factory=dict)
 
     @property
     def redis(self) -> aioredis.Redis:
         return self.redis_handle.client
+
+    def secret_box(self, purpose: str) -> SecretBox:
+        """The box sealing this purpose's secrets (app.server_keys), made on first use: the
+        embedded default writes its key file only when something needs it."""
+        box = self._boxes.get(purpose)
+        if box is None:
+            box = self._boxes[purpose] = SecretBox(secret_key(self.settings), purpose)
+        return box
 
     def spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
         """Run a fire-and-forget coroutine that must not be garbage-collected mid-flight."""

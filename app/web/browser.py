@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from app import metrics
+from app import metrics, passcodes
 from app.approval_flow import raise_if_final, start_approval
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import rfc3339, to_datetime
@@ -536,6 +536,16 @@ async def enter_code(request: Request) -> Response:
     return json({"status": "approved"})
 
 
+async def enter_passcode(request: Request) -> Response:
+    """POST /api/login/<id>/passcode: approve with an offline passcode from the phone."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    approval = await _pending_browser_approval(request)
+    body = await read_body(request, CodeBody)
+    await passcodes.approve_with_passcode(svc, approval, body.code, ip=client_ip(request))
+    return json({"status": "approved"})
+
+
 async def logout(request: Request) -> Response:
     """POST /api/logout: end the server-side session."""
     svc = services(request)
@@ -566,6 +576,7 @@ routes: list[BaseRoute] = [
     Route("/api/login/{approval_id}/resend", resend, methods=["POST"]),
     Route("/api/login/{approval_id}/sms", send_sms, methods=["POST"]),
     Route("/api/login/{approval_id}/code", enter_code, methods=["POST"]),
+    Route("/api/login/{approval_id}/passcode", enter_passcode, methods=["POST"]),
     Route("/api/logout", logout, methods=["POST"]),
     WebSocketRoute("/ws/login/{approval_id}", login_stream),
 ]

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from app import passcodes
 from app.approval_flow import active_devices, decide_with_jws
 from app.core.approvals import Status
 from app.core.clock import rfc3339, to_datetime
@@ -163,8 +164,11 @@ async def enroll_device(request: Request) -> Response:
             )
         user = await db.get(User, user_id)
         assert user is not None
+        device_id = new_id()
+        # The offline-passcode seed travels in this answer: the device confirms it by having it.
+        sealed_seed, passcode = passcodes.new_device_seed(svc, device_id)
         device = Device(
-            id=new_id(),
+            id=device_id,
             user_id=user_id,
             name=body.name.strip() or "Phone",
             platform=body.platform,
@@ -173,6 +177,8 @@ async def enroll_device(request: Request) -> Response:
             push_provider=body.push.provider if body.push else None,
             push_token=body.push.token if body.push else None,
             created_at=to_datetime(now),
+            passcode_seed=sealed_seed,
+            passcode_confirmed_at=to_datetime(now),
         )
         db.add(device)
         context = request_context(request)
@@ -190,7 +196,12 @@ async def enroll_device(request: Request) -> Response:
     await account_changed(svc.redis, svc.keys, user_id)
     await outbox.kick(svc, notice.id)
     return json(
-        {"device_id": device.id, "device_token": token, "user": {"email": user.email}},
+        {
+            "device_id": device.id,
+            "device_token": token,
+            "user": {"email": user.email},
+            "passcode": passcode,
+        },
         status=201,
     )
 

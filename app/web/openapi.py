@@ -22,7 +22,7 @@ from app.web.account import AccountUpdate, PhoneBody, PhoneCode
 from app.web.browser import CodeBody, LoginBody
 from app.web.devices import DecisionBody, DeviceUpdate, EnrollBody
 from app.web.registration import EmailBody, RegisterBody, TokenBody
-from app.web.relying_party import CreateApproval
+from app.web.relying_party import CreateApproval, PasscodeBody
 
 _PARAM = re.compile(r"{(\w+)(?::\w+)?}")
 _REF = "#/components/schemas/{model}"
@@ -95,7 +95,8 @@ _CHANNELS: Schema = _list({"type": "string", "enum": ["websocket", "fcm", "apns"
 _REASON: Schema = {
     "type": ["string", "null"],
     "enum": [*END_REASONS, None],
-    "description": "Why the approval ended; null while pending. approved: device, sms_code; "
+    "description": "Why the approval ended; null while pending. approved: device, sms_code, "
+    "passcode; "
     "denied: denied, fraud, wrong_number, too_many_codes; expired: timeout (nobody answered "
     "in time), superseded (a newer approval for the same user replaced it). "
     "See docs/protocol-additions.md.",
@@ -189,7 +190,18 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         device_id=_STR,
         device_token=_STR,
         user=_obj(["email"], email=_STR),
+        passcode=_ref("PasscodeSeed"),
     ),
+    "PasscodeSeed": {
+        **_obj(
+            ["secret", "digits", "period", "algorithm"],
+            secret={"type": "string", "description": "RFC 4648 base32 of a 160-bit seed"},
+            digits={"const": 6},
+            period={"const": 30},
+            algorithm={"const": "SHA1"},
+        ),
+        "description": "The device's offline-passcode (TOTP, RFC 6238) seed; keep it secret",
+    },
     "TrustedBrowser": _obj(
         ["id", "browser", "os", "ip", "created_at", "expires_at"],
         id=_STR,
@@ -358,6 +370,20 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         body=CodeBody,
         auth=LOGIN,
     ),
+    ("POST", "/api/login/{approval_id}/passcode"): Operation(
+        {
+            200: Reply("Approved with an offline passcode from the phone", "Decision"),
+            400: "invalid_code (the same for every wrong code, and for a user without a "
+            "device; after 5 on one approval it is denied, with status denied)",
+            403: "not_allowed",
+            404: "not_found",
+            409: "already_decided",
+            410: "expired",
+            429: "rate_limited: 10 wrong passcodes per user in 15 minutes (with Retry-After)",
+        },
+        body=CodeBody,
+        auth=LOGIN,
+    ),
     ("POST", "/api/logout"): Operation({200: Reply("The session has ended", "Status")}),
     # --- account (session)
     ("GET", "/api/account"): Operation(
@@ -473,6 +499,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 {"type": "number", "minimum": 0, "maximum": 30},
             ),
         ),
+    ),
+    ("POST", "/api/v1/approvals/{approval_id}/passcode"): Operation(
+        {
+            200: Reply("Approved with an offline passcode the person typed", "Decision"),
+            400: "invalid_code (after 5 on one approval it is denied, with status denied)",
+            401: "unauthorized",
+            404: "not_found (also another key's approval)",
+            409: "already_decided",
+            410: "expired",
+            429: "rate_limited: 10 wrong passcodes per user in 15 minutes (with Retry-After)",
+        },
+        body=PasscodeBody,
+        auth=RP_KEY,
     ),
     # --- pages
     ("GET", "/"): _PAGE,

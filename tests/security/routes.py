@@ -115,6 +115,10 @@ async def _code(t: Target) -> dict[str, Any]:
     return {"code": "123456"}
 
 
+async def _passcode(t: Target) -> dict[str, Any]:
+    return {"passcode": "123456"}
+
+
 async def _sms_fallback(t: Target) -> dict[str, Any]:
     return {"sms_fallback": True}
 
@@ -194,6 +198,15 @@ ROUTES: list[RouteSpec] = [
         outcomes=frozenset({400, 409, 410}),
         csrf=True,
     ),
+    RouteSpec(
+        "POST",
+        "/api/login/{approval_id}/passcode",
+        "login",
+        _code,
+        ok=400,
+        outcomes=frozenset({400, 409, 410, 429}),
+        csrf=True,
+    ),
     RouteSpec("POST", "/api/logout", "session", csrf=True),
     RouteSpec("WS", "/ws/login/{approval_id}", "login"),
     RouteSpec("GET", "/api/account", "session"),
@@ -270,6 +283,14 @@ ROUTES: list[RouteSpec] = [
         outcomes=frozenset({201, 404}),
     ),
     RouteSpec("GET", "/api/v1/approvals/{approval_id}", "api_key"),
+    RouteSpec(
+        "POST",
+        "/api/v1/approvals/{approval_id}/passcode",
+        "api_key",
+        _passcode,
+        ok=400,
+        outcomes=frozenset({400, 409, 410, 429}),
+    ),
     # pages and their static files
     RouteSpec("GET", "/", "none"),
     RouteSpec("GET", "/register", "none"),
