@@ -465,7 +465,7 @@ async def consume_enrollment_code(session: AsyncSession, code: str, now: float) 
         condition.append(col(User.second_factor_at).is_(None))
     elif kind == "recovery" and seen is not None:
         condition.append(col(User.device_enrollments) == seen)
-    elif kind not in ("device", "operator"):
+    elif kind not in ("device", "passkey", "operator"):
         return None  # a kind this version does not know (or a malformed row) vouches for nothing
     counted = await session.exec(
         update(User)

@@ -19,8 +19,8 @@ from app.settings import Settings
 NOTICE_TTL = 24 * 3600
 
 # How the owner got back into an account after losing every device (app.core.enrollment's
-# `recovery` and `operator` codes); a recovery code will be the next way.
-RecoveryMethod = Literal["sms", "operator"]
+# `recovery` and `operator` codes, and a sign-in with a recovery code).
+RecoveryMethod = Literal["sms", "operator", "recovery_code"]
 
 
 def _notice(
@@ -80,15 +80,18 @@ def account_recovery(
     method: RecoveryMethod,
     context: ApprovalContext | None = None,
     revoked_devices: int = 0,
+    codes_left: int = 0,
     now: float,
 ) -> OutboxMessage:
     """'A way back into your account was used': a sign-in with an SMS code is adding a device,
-    or an operator issued a reset link (and revoked `revoked_devices`)."""
+    an operator issued a reset link (and revoked `revoked_devices`), or someone signed in with
+    a recovery code (`codes_left` remain)."""
     phone = user.phone or ""
     payload: dict[str, object] = {
         "method": method,
         # The last two digits are enough for the owner to recognise the number.
         "phone_ending": phone[-2:] if method == "sms" else "",
         "revoked_devices": revoked_devices,
+        "codes_left": codes_left,
     }
     return _notice(settings, db, user, "account_recovery", {**payload, **_where(context)}, now)

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from app import metrics, passcodes
+from app import metrics, passcodes, recovery
 from app.approval_flow import raise_if_final, start_approval
 from app.core.approvals import PendingApproval, Status
 from app.core.clock import rfc3339, to_datetime
@@ -61,6 +61,12 @@ class LoginBody(StrictBody):
     remember_browser: bool = False
 
 
+class RecoveryLoginBody(StrictBody):
+    email: str = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+    code: str = Field(min_length=1, max_length=64)
+
+
 async def _trusted_browser(svc: Services, request: Request) -> TrustedBrowser | None:
     token = request.cookies.get(TRUST_COOKIE)
     if not token or len(token) > 128:
@@ -77,18 +83,17 @@ async def _trusted_browser(svc: Services, request: Request) -> TrustedBrowser | 
         return result.first()
 
 
-async def login(request: Request) -> Response:
-    """POST /api/login: password check, then a trusted skip, enrollment, or an approval."""
-    svc = services(request)
-    check_csrf(request, svc.settings)
-    body = await read_body(request, LoginBody)
+async def _password_checked(
+    svc: Services, request: Request, given_email: str, password: str, trusted: TrustedBrowser | None
+) -> User:
+    """The user whose email and password these are, past the failed-sign-in budgets, with
+    a verified email and not locked; else the refusal (401, 403, 423 or 429)."""
     ip = client_ip(request)
     try:
         # The canonical form, so `A@EXAMPLE.com` and full-width spellings share one budget.
-        email = normalize_email(body.email)
+        email = normalize_email(given_email)
     except InvalidAccountData:
-        email = body.email.strip().lower()
-    trusted = await _trusted_browser(svc, request)
+        email = given_email.strip().lower()
     async with svc.db() as db:
         user = await get_user_by_email(db, email)
 
@@ -127,7 +132,7 @@ async def login(request: Request) -> Response:
             )
 
     # Unknown emails spend the same argon2 work as known ones (no timing oracle).
-    password_ok = await check_password(user, body.password)
+    password_ok = await check_password(user, password)
     now = svc.clock.now()
     if user is None or not password_ok:
         async with svc.db() as db:
@@ -142,6 +147,18 @@ async def login(request: Request) -> Response:
         raise ApiError(403, "email_not_verified", "confirm your email address first")
     if user.locked:
         raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
+    return user
+
+
+async def login(request: Request) -> Response:
+    """POST /api/login: password check, then a trusted skip, enrollment, or an approval."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    body = await read_body(request, LoginBody)
+    ip = client_ip(request)
+    trusted = await _trusted_browser(svc, request)
+    user = await _password_checked(svc, request, body.email, body.password, trusted)
+    now = svc.clock.now()
 
     if trusted is not None and trusted.user_id == user.id:
         trusted_response = await _trusted_sign_in(svc, request, user, trusted)
@@ -172,7 +189,8 @@ async def login(request: Request) -> Response:
                 403,
                 "recovery_required",
                 "no phone is enrolled on this account any more, and a password alone cannot "
-                "add one: ask your administrator for a reset link",
+                "add one: sign in with a recovery code, or ask your administrator for a reset "
+                "link",
             )
 
     login_token = new_token()
@@ -202,6 +220,29 @@ async def login(request: Request) -> Response:
     )
     set_cookie(response, request, LOGIN_COOKIE, login_token, svc.settings.approval_ttl + 300)
     metrics.LOGINS.labels("approval_required").inc()
+    return response
+
+
+async def recovery_login(request: Request) -> Response:
+    """POST /api/login/recovery: the password and a recovery code sign in, once per code.
+
+    The way back after losing every phone: no approval is asked for (the lost phone must
+    not be the one to answer), the session lands on the account page to add a new phone,
+    and the owner is mailed. Limits: the sign-in budgets of `POST /api/login`, then
+    app.recovery's own for wrong codes.
+    """
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    body = await read_body(request, RecoveryLoginBody)
+    trusted = await _trusted_browser(svc, request)
+    user = await _password_checked(svc, request, body.email, body.password, trusted)
+    left = await recovery.sign_in_with_code(
+        svc, user, body.code, context=request_context(request)
+    )
+    token = await svc.sessions.create(user.id, approved_with_recovery_code=True)
+    response = json({"status": "authenticated", "recovery_codes_left": left})
+    set_cookie(response, request, SESSION_COOKIE, token, None)
+    metrics.LOGINS.labels("recovery_code").inc()
     return response
 
 
@@ -571,6 +612,7 @@ async def logout(request: Request) -> Response:
 
 routes: list[BaseRoute] = [
     Route("/api/login", login, methods=["POST"]),
+    Route("/api/login/recovery", recovery_login, methods=["POST"]),
     Route("/api/login/{approval_id}", login_status, methods=["GET"]),
     Route("/api/login/{approval_id}/complete", complete, methods=["POST"]),
     Route("/api/login/{approval_id}/resend", resend, methods=["POST"]),

@@ -117,6 +117,8 @@ async def create_enrollment(request: Request) -> Response:
                 restricted=session.restricted,
                 approved_with_device=session.approved_with_device,
                 approved_with_sms=session.approved_with_sms,
+                approved_with_recovery_code=session.approved_with_recovery_code,
+                signed_in_with_passkey=session.signed_in_with_passkey,
             )
         except EnrollmentRefused as refused:
             raise ApiError(403, "not_allowed", refused.message) from None
@@ -131,7 +133,8 @@ async def create_enrollment(request: Request) -> Response:
             detail={"kind": kind},
             now=now,
         )
-        if kind == "recovery":
+        # A recovery code was mailed about when it was used; an SMS code is mailed about here.
+        if kind == "recovery" and session.approved_with_sms:
             notice = notices.account_recovery(
                 svc.settings, db, user, method="sms", context=request_context(request), now=now
             )

@@ -19,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from app.core.approvals import END_REASONS
 from app.web.account import AccountUpdate, PhoneBody, PhoneCode
-from app.web.browser import CodeBody, LoginBody
+from app.web.browser import CodeBody, LoginBody, RecoveryLoginBody
 from app.web.devices import DecisionBody, DeviceUpdate, EnrollBody
 from app.web.registration import EmailBody, RegisterBody, TokenBody
 from app.web.relying_party import CreateApproval, PasscodeBody
@@ -223,6 +223,29 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         restricted={"type": "boolean"},
         devices=_list(_ref("Device")),
         trusted_browsers=_list(_ref("TrustedBrowser")),
+        recovery_codes_left={"type": "integer", "minimum": 0, "maximum": 10},
+        signed_in_with={
+            "type": "string",
+            "enum": [
+                "password",
+                "device",
+                "sms_code",
+                "recovery_code",
+                "passkey",
+                "trusted_browser",
+            ],
+            "description": "How this session was proven (GET only)",
+        },
+    ),
+    "RecoveryCodes": _obj(
+        ["codes", "created_at"],
+        codes={**_list({"type": "string", "pattern": "^[0-9a-z]{5}-[0-9a-z]{5}$"}), "minItems": 10},
+        created_at=_TIME,
+    ),
+    "RecoverySignIn": _obj(
+        ["status", "recovery_codes_left"],
+        status={"const": "authenticated"},
+        recovery_codes_left={"type": "integer", "minimum": 0},
     ),
     "AuditEvent": _obj(
         ["at", "kind"],
@@ -319,6 +342,22 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         },
         body=LoginBody,
     ),
+    ("POST", "/api/login/recovery"): Operation(
+        {
+            200: Reply(
+                "Signed in with the password and a recovery code (used up now); the session "
+                "may add a phone once every phone is gone",
+                "RecoverySignIn",
+                headers=("Set-Cookie",),
+            ),
+            400: "invalid_code (wrong, used or malformed recovery code)",
+            401: "invalid_credentials (unknown email and wrong password alike)",
+            403: "email_not_verified, or csrf",
+            423: "locked after a fraud report",
+            429: "rate_limited: the sign-in budgets, or 10 wrong codes per account an hour",
+        },
+        body=RecoveryLoginBody,
+    ),
     ("GET", "/api/login/{approval_id}"): Operation(
         {
             200: Reply("The approval's status, for clients without sockets", "LoginStatus"),
@@ -401,6 +440,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {
             200: Reply("The user's recent audit events, newest first", "Activity"),
             401: "unauthorized",
+        },
+        auth=SESSION,
+    ),
+    ("POST", "/api/account/recovery-codes"): Operation(
+        {
+            201: Reply("A new set of codes, shown only in this answer", "RecoveryCodes"),
+            401: "unauthorized",
+            403: "not_allowed: needs a sign-in approved on a phone, or with a passkey",
         },
         auth=SESSION,
     ),

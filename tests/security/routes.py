@@ -111,6 +111,10 @@ async def _login(t: Target) -> dict[str, Any]:
     return {"email": t.who.email, "password": PASSWORD, "remember_browser": False}
 
 
+async def _recovery_login(t: Target) -> dict[str, Any]:
+    return {"email": t.who.email, "password": PASSWORD, "code": "abcde-fghjk"}
+
+
 async def _code(t: Target) -> dict[str, Any]:
     return {"code": "123456"}
 
@@ -185,6 +189,15 @@ ROUTES: list[RouteSpec] = [
         outcomes=frozenset({202, 401, 429}),
         csrf=True,
     ),
+    RouteSpec(
+        "POST",
+        "/api/login/recovery",
+        "none",
+        _recovery_login,
+        ok=400,
+        outcomes=frozenset({400, 401, 429}),
+        csrf=True,
+    ),
     RouteSpec("GET", "/api/login/{approval_id}", "login"),
     RouteSpec("POST", "/api/login/{approval_id}/complete", "login", ok=409, csrf=True),
     RouteSpec("POST", "/api/login/{approval_id}/resend", "login", ok=202, csrf=True),
@@ -220,6 +233,7 @@ ROUTES: list[RouteSpec] = [
     ),
     RouteSpec("DELETE", "/api/account/trusted-browsers/{browser_id}", "session", ok=404, csrf=True),
     RouteSpec("GET", "/api/account/activity", "session"),
+    RouteSpec("POST", "/api/account/recovery-codes", "session", ok=201, csrf=True),
     RouteSpec(
         "POST",
         "/api/account/phone",
