@@ -27,6 +27,7 @@ from app.store.ratelimit import RateLimiter
 from app.store.redis import KeySpace, RedisHandle, connect
 from app.store.sessions import SessionStore
 from app.store.waiters import Waiters
+from app.store.webauthn import WebAuthnChallenges
 
 # How long a revoked API key may still be accepted by a process that saw it live.
 API_KEY_CACHE_SECONDS = 10.0
@@ -53,6 +54,7 @@ class Services:
     accounts: AccountCache
     waiters: Waiters
     jobs: JobQueue  # delivery jobs (push, ack checks, SMS)
+    webauthn: WebAuthnChallenges  # passkey challenges
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     _boxes: dict[str, SecretBox] = field(default_factory=dict)
@@ -122,5 +124,6 @@ async def build_services(
         accounts=AccountCache(sessions, presence, clock),
         waiters=Waiters(events, approvals, keys, process_id),
         jobs=JobQueue(handle.client, keys, clock),
+        webauthn=WebAuthnChallenges(handle.client, keys),
     )
     return services

@@ -12,7 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.approvals import ApprovalContext, PendingApproval
 from app.core.clock import rfc3339
-from app.db.models import Device, OutboxMessage, User
+from app.db.models import Device, OutboxMessage, Passkey, User
 from app.delivery import outbox
 from app.settings import Settings
 
@@ -63,6 +63,20 @@ def device_added(
     with where the enrolling request came from."""
     payload: dict[str, object] = {"device_name": device.name, "platform": device.platform}
     return _notice(settings, db, user, "device_added", {**payload, **_where(context)}, now)
+
+
+def passkey_added(
+    settings: Settings,
+    db: AsyncSession,
+    user: User,
+    passkey: Passkey,
+    *,
+    context: ApprovalContext,
+    now: float,
+) -> OutboxMessage:
+    """'A passkey was added to your account; it signs in on its own; not you? remove it.'"""
+    payload: dict[str, object] = {"passkey_name": passkey.name}
+    return _notice(settings, db, user, "passkey_added", {**payload, **_where(context)}, now)
 
 
 def fraud_reported(

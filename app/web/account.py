@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app import recovery
+from app import passkeys, recovery
 from app.approval_flow import active_devices
 from app.audit_trail import recent_events
 from app.core.clock import rfc3339, to_datetime
@@ -20,6 +20,7 @@ from app.core.errors import ApiError
 from app.core.tokens import hash_token, new_numeric_code, same_secret
 from app.db import audit
 from app.db.models import TrustedBrowser, User
+from app.db.passkeys import user_passkeys
 from app.db.recovery_codes import codes_left
 from app.services import Services
 from app.web.common import TRUST_COOKIE, client_ip, current_session, json, plausible_id, services
@@ -72,6 +73,7 @@ async def _account_json(svc: Services, user: User, request: Request) -> dict[str
         )
         browsers = list(result.all())
         recovery_codes_left = await codes_left(db, user.id)
+        own_passkeys = await user_passkeys(db, user.id)
     return {
         "email": user.email,
         "phone": user.phone,
@@ -83,6 +85,8 @@ async def _account_json(svc: Services, user: User, request: Request) -> dict[str
             trusted_browser_json(b, request.cookies.get(TRUST_COOKIE)) for b in browsers
         ],
         "recovery_codes_left": recovery_codes_left,
+        "passkeys": [passkeys.passkey_json(p) for p in own_passkeys],
+        "passkeys_enabled": svc.settings.passkey_login,
     }
 
 

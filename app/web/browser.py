@@ -30,6 +30,7 @@ from app.db.accounts import (
     normalize_email,
 )
 from app.db.models import TrustedBrowser, User
+from app.db.passkeys import has_passkey
 from app.delivery.sms_codes import sms_phone
 from app.services import Services
 from app.store.events import RECONNECTED
@@ -165,6 +166,16 @@ async def login(request: Request) -> Response:
         metrics.LOGINS.labels("authenticated").inc()  # refusals are counted in web.errors
         return trusted_response
 
+    if await _passkey_required(svc, user):
+        async with svc.db() as db:
+            await audit.record(db, "login.passkey_required", user_id=user.id, ip=ip, now=now)
+            await db.commit()
+        raise ApiError(
+            403,
+            "passkey_required",
+            "this account signs in with its passkey; without it, use a recovery code",
+        )
+
     recipient = await svc.accounts.for_user(user)
     if not recipient.devices:
         if user.second_factor_at is None:
@@ -221,6 +232,17 @@ async def login(request: Request) -> Response:
     set_cookie(response, request, LOGIN_COOKIE, login_token, svc.settings.approval_ttl + 300)
     metrics.LOGINS.labels("approval_required").inc()
     return response
+
+
+async def _passkey_required(svc: Services, user: User) -> bool:
+    """Whether the password may not lead to the phone for this user: passkeys may sign in
+    on their own, an account with one must use it (TAPPROVE_PASSKEY_ALLOWS_PUSH=false), and
+    this one has one. Only then is the database asked."""
+    settings = svc.settings
+    if settings.passkey_allows_push or not settings.passkey_login:
+        return False
+    async with svc.db() as db:
+        return await has_passkey(db, user.id)
 
 
 async def recovery_login(request: Request) -> Response:

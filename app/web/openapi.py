@@ -21,6 +21,7 @@ from app.core.approvals import END_REASONS
 from app.web.account import AccountUpdate, PhoneBody, PhoneCode
 from app.web.browser import CodeBody, LoginBody, RecoveryLoginBody
 from app.web.devices import DecisionBody, DeviceUpdate, EnrollBody
+from app.web.passkeys import AddPasskeyBody, PasskeyRename, PasskeySignInBody
 from app.web.registration import EmailBody, RegisterBody, TokenBody
 from app.web.relying_party import CreateApproval, PasscodeBody
 
@@ -224,6 +225,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         devices=_list(_ref("Device")),
         trusted_browsers=_list(_ref("TrustedBrowser")),
         recovery_codes_left={"type": "integer", "minimum": 0, "maximum": 10},
+        passkeys=_list(_ref("Passkey")),
+        passkeys_enabled={"type": "boolean"},
         signed_in_with={
             "type": "string",
             "enum": [
@@ -235,6 +238,21 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
                 "trusted_browser",
             ],
             "description": "How this session was proven (GET only)",
+        },
+    ),
+    "Passkey": _obj(
+        ["id", "name", "created_at", "last_used_at"],
+        id=_STR,
+        name=_STR,
+        created_at=_TIME,
+        last_used_at=_NULLABLE_TIME,
+    ),
+    "PasskeyOptions": _obj(
+        ["publicKey"],
+        publicKey={
+            "type": "object",
+            "description": "PublicKeyCredentialCreationOptions or ...RequestOptions in "
+            "WebAuthn's JSON form (binary members base64url), for navigator.credentials",
         },
     ),
     "RecoveryCodes": _obj(
@@ -336,7 +354,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             ),
             401: "invalid_credentials (unknown email and wrong password alike)",
             403: "email_not_verified; recovery_required (every device is gone and no SMS code "
-            "can be sent: the password alone cannot add one); or csrf",
+            "can be sent: the password alone cannot add one; a recovery code can, through "
+            "POST /api/login/recovery); passkey_required (the account has a passkey and "
+            "TAPPROVE_PASSKEY_ALLOWS_PUSH=false); or csrf",
             423: "locked after a fraud report",
             429: _RATE,
         },
@@ -357,6 +377,32 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             429: "rate_limited: the sign-in budgets, or 10 wrong codes per account an hour",
         },
         body=RecoveryLoginBody,
+    ),
+    ("POST", "/api/login/passkey/options"): Operation(
+        {
+            200: Reply(
+                "Options for a usernameless navigator.credentials.get() (a single-use "
+                "challenge, 5 minutes, user verification required)",
+                "PasskeyOptions",
+            ),
+            403: "passkeys_disabled (TAPPROVE_PASSKEY_LOGIN=false), or csrf",
+            429: "rate_limited: 100 per IP in 5 minutes (with Retry-After)",
+        },
+    ),
+    ("POST", "/api/login/passkey"): Operation(
+        {
+            200: Reply(
+                "Signed in with the passkey: no password, no phone (session cookie)",
+                "Status",
+                headers=("Set-Cookie",),
+            ),
+            400: "passkey_refused (expired, replayed or foreign challenge; another origin; "
+            "unknown or removed passkey; a user handle not the owner's; a bad signature; a "
+            "signature counter that went backwards, which is audited)",
+            403: "passkeys_disabled, or csrf",
+            423: "locked after a fraud report",
+        },
+        body=PasskeySignInBody,
     ),
     ("GET", "/api/login/{approval_id}"): Operation(
         {
@@ -448,6 +494,44 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             201: Reply("A new set of codes, shown only in this answer", "RecoveryCodes"),
             401: "unauthorized",
             403: "not_allowed: needs a sign-in approved on a phone, or with a passkey",
+        },
+        auth=SESSION,
+    ),
+    ("POST", "/api/account/passkeys/options"): Operation(
+        {
+            200: Reply(
+                "Options for navigator.credentials.create(): discoverable credential, user "
+                "verification required, ES256 or RS256, the user's passkeys excluded",
+                "PasskeyOptions",
+            ),
+            401: "unauthorized",
+            403: "not_allowed (needs a sign-in approved on a phone, or with a passkey), "
+            "passkeys_disabled, or csrf",
+        },
+        auth=SESSION,
+    ),
+    ("POST", "/api/account/passkeys"): Operation(
+        {
+            201: Reply("The passkey was added (the owner is mailed)", "Passkey"),
+            400: "passkey_refused (expired or replayed challenge, another origin, no user "
+            "verification, an algorithm other than ES256/RS256, a malformed answer)",
+            401: "unauthorized",
+            403: "not_allowed, passkeys_disabled, or csrf",
+            409: "passkey_exists: this credential is already registered",
+        },
+        body=AddPasskeyBody,
+        auth=SESSION,
+    ),
+    ("PATCH", "/api/account/passkeys/{passkey_id}"): Operation(
+        {200: Reply("Renamed", "Passkey"), 401: "unauthorized", 404: "not_found"},
+        body=PasskeyRename,
+        auth=SESSION,
+    ),
+    ("DELETE", "/api/account/passkeys/{passkey_id}"): Operation(
+        {
+            200: Reply("Removed: it no longer signs in", "Status"),
+            401: "unauthorized",
+            404: "not_found",
         },
         auth=SESSION,
     ),
