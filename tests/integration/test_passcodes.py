@@ -284,3 +284,27 @@ async def test_a_device_enrolled_before_passcodes_gets_its_seed_over_its_socket_
     login = await pending_login(live, who)
     answer = await enter(login.browser, login.approval_id, who.phone.passcode(clock.now()))
     assert answer.status_code == 200, answer.text
+
+
+async def test_a_passcode_for_an_expired_request_is_too_late(
+    live: LiveServer, clock: ManualClock
+) -> None:
+    who = await person(live, "late")
+    login = await pending_login(live, who)
+    key = await api_key(live)
+    rp = relying_party(live, key)
+    created = await rp.post("/api/v1/approvals", json={"user": who.email, "ttl": 10})
+    assert created.status_code == 201, created.text  # it replaced the sign-in's approval
+    clock.advance(11)
+
+    code = who.phone.passcode(clock.now())
+    by_rp = await rp.post(
+        f"/api/v1/approvals/{created.json()['approval_id']}/passcode", json={"passcode": code}
+    )
+    by_browser = await enter(login.browser, login.approval_id, code)
+
+    assert (by_rp.status_code, by_rp.json()["error"]) == (410, "expired")
+    assert (by_browser.status_code, by_browser.json()["error"]) == (410, "expired")
+    # The code was not spent on them: it still approves a live request.
+    fresh = await pending_login(live, who)
+    assert (await enter(fresh.browser, fresh.approval_id, code)).status_code == 200
