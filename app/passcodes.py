@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 
-from app.approval_flow import end_by_passcode
+from app.approval.errors import InvalidPasscode, TooManyPasscodes
+from app.approval.login import end_by_passcode
+from app.approval.model import PendingApproval
 from app.core import passcodes
-from app.core.approvals import PendingApproval
-from app.core.errors import ApiError
 from app.db import passcodes as stored
 from app.server_keys import SealError, SecretBox
 from app.services import Services
@@ -101,18 +101,13 @@ async def device_for_code(svc: Services, user_id: str, typed: str) -> str | None
 async def approve_with_passcode(
     svc: Services, approval: PendingApproval, typed: str, *, ip: str
 ) -> None:
-    """Approve a pending approval with a passcode, or refuse: 429 `rate_limited` past the
-    user's budget, 400 `invalid_code` (with `status: denied` when it was the approval's
-    last try), 409/410 when it had already ended."""
+    """Approve a pending approval with a passcode, or refuse: TooManyPasscodes past the
+    user's budget, InvalidPasscode (denied when it was the approval's last try), Expired /
+    AlreadyDecided when it had already ended."""
     user_budget = svc.limits.key("passcode", "user", approval.user_id)
     verdict = await svc.limits.hit(user_budget, limit=MAX_PER_USER, window=USER_WINDOW)
     if not verdict.allowed:
-        raise ApiError(
-            429,
-            "rate_limited",
-            "too many wrong passcodes; wait before trying again",
-            {"Retry-After": str(verdict.retry_after)},
-        )
+        raise TooManyPasscodes(verdict.retry_after)
     device_id = await device_for_code(svc, approval.user_id, typed)
     if device_id is not None:
         await svc.limits.refund(user_budget)  # only wrong codes spend the budget
@@ -125,11 +120,6 @@ async def approve_with_passcode(
         window=max(60, int(approval.expires_at - svc.clock.now()) + 60),
     )
     if tries.allowed:
-        raise ApiError(400, "invalid_code", "that passcode is not right")
+        raise InvalidPasscode()
     await end_by_passcode(svc, approval, device_id=None, ip=ip)
-    raise ApiError(
-        400,
-        "invalid_code",
-        "that passcode is not right; too many wrong passcodes, so the request was denied",
-        extra={"status": "denied"},
-    )
+    raise InvalidPasscode(denied=True)

@@ -45,7 +45,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from app.core.approvals import ApprovalContext
+from app.approval.model import ApprovalContext
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
 from app.core.tokens import new_id

@@ -13,8 +13,8 @@ import hmac
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from app.approval.model import ApprovalContext
 from app.core import recovery_codes
-from app.core.approvals import ApprovalContext
 from app.core.errors import ApiError
 from app.core.tokens import b64url, b64url_decode
 from app.db import audit

@@ -11,8 +11,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from app import passcodes
-from app.approval_flow import raise_if_final, start_approval, wait_for_end
-from app.core.approvals import PendingApproval, Status
+from app.approval.errors import NotFound, UnknownUser
+from app.approval.model import PendingApproval
+from app.approval.rules import require_pending
+from app.approval.start import start_approval
+from app.approval.waiting import as_of_now, wait_for_end
 from app.core.clock import rfc3339
 from app.core.errors import ApiError
 from app.core.tokens import hash_token
@@ -97,7 +100,7 @@ async def create(request: Request) -> Response:
     email = body.user.strip().lower()
     recipient = svc.accounts.cached(email) or await svc.accounts.by_email(email)
     if recipient is None:
-        raise ApiError(404, "unknown_user", "no user with that email")
+        raise UnknownUser()
     approval = await start_approval(
         svc,
         recipient,
@@ -139,12 +142,12 @@ async def status(request: Request) -> Response:
     wait = _wait_seconds(request)
     approval_id = request.path_params["approval_id"]
     if not plausible_id(approval_id):
-        raise ApiError(404, "not_found", "no such approval")
+        raise NotFound()
     approval = await wait_for_end(
         svc, approval_id, wait, visible=lambda found: found.api_key_id == key.id
     )
     if approval is None or approval.api_key_id != key.id:
-        raise ApiError(404, "not_found", "no such approval")
+        raise NotFound()
     return json(_rp_json(approval))
 
 
@@ -157,11 +160,12 @@ async def passcode(request: Request) -> Response:
     approval_id = request.path_params["approval_id"]
     approval = await svc.approvals.get(approval_id) if plausible_id(approval_id) else None
     if approval is None or approval.api_key_id != key.id:
-        raise ApiError(404, "not_found", "no such approval")
-    if approval.expires_at <= svc.clock.now():
-        await svc.approvals.expire_if_due(approval.id)
-        raise_if_final(Status.EXPIRED)
-    raise_if_final(approval.status)
+        raise NotFound()
+    # One past its deadline ends as expired now (and its backoff counts) rather than later.
+    approval = await as_of_now(svc, approval)
+    if approval is None:
+        raise NotFound()
+    require_pending(approval.status)
     await passcodes.approve_with_passcode(svc, approval, body.passcode, ip=client_ip(request))
     return json({"status": "approved"})
 
