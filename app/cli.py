@@ -81,7 +81,7 @@ def _command_group(help_text: str) -> typer.Typer:
 
 
 db_app = _command_group("Database schema (Alembic migrations).")
-user_app = _command_group("Users: add, unlock, import, reset-phones.")
+user_app = _command_group("Users: add, unlock, import, reset-phones, recovery-codes.")
 device_app = _command_group("Devices: enrollment codes.")
 apikey_app = _command_group("Relying-party API keys.")
 app.add_typer(db_app, name="db")
@@ -129,7 +129,7 @@ def _db(json_output: JsonFlag = False) -> None:
 
 @user_app.callback()
 def _user(json_output: JsonFlag = False) -> None:
-    """Users: add, unlock, import, reset-phones."""
+    """Users: add, unlock, import, reset-phones, recovery-codes."""
 
 
 @device_app.callback()
@@ -509,6 +509,47 @@ def user_reset_phones(
         {"email": normalized, "code": code, "uri": uri, "expires_at": expires},
         f"Revoked {len(revoked)} device(s) of {normalized} and ended their sessions.\n"
         f"Enrollment code: {code}\nLink: {uri}\nExpires: {expires}",
+    )
+
+
+@user_app.command("recovery-codes")
+def user_recovery_codes(
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Issue a new set of 10 single-use recovery codes for the user, printed only now.
+
+    The user's old codes stop working. Each code signs in once after the password, without
+    the phone (a way back after losing it). Hand them only to the person, after checking who
+    they are. Migrates the database schema first.
+    """
+    from app import recovery
+    from app.db import audit
+
+    settings = load_settings()
+    _quiet_logging(settings)
+    now = _now()
+
+    async def work(session: AsyncSession) -> tuple[str, list[str]]:
+        user = await accounts.get_user_by_email(session, email)
+        if user is None:
+            raise accounts.UnknownUser(email.strip())
+        codes = await recovery.issue(session, user.id, now=now)
+        await audit.record(
+            session,
+            "recovery_codes.created",
+            user_id=user.id,
+            detail={"by": "operator", "count": len(codes)},
+            now=now,
+        )
+        return user.email, codes
+
+    normalized, codes = _run_with_session(settings, work)
+    created = rfc3339(now)
+    return Result(
+        {"email": normalized, "codes": codes, "created_at": created},
+        f"Recovery codes for {normalized} (each works once; the old ones no longer do):\n"
+        + "\n".join(f"  {code}" for code in codes),
     )
 
 

@@ -15,7 +15,16 @@ from app.core.clock import Clock
 from app.delivery.push import Providers
 from app.services import Services, build_services
 from app.settings import Settings
-from app.web import account, browser, devices, ops, pages, registration, relying_party
+from app.web import (
+    account,
+    browser,
+    devices,
+    ops,
+    pages,
+    passkeys,
+    registration,
+    relying_party,
+)
 from app.web.device_socket import DeviceSocketShortcut
 from app.web.errors import EXCEPTION_HANDLERS, BodyLimit
 from app.web.requestlog import RequestLog
@@ -32,6 +41,7 @@ def all_routes() -> list[BaseRoute]:
         *relying_party.routes,
         *devices.routes,
         *browser.routes,
+        *passkeys.routes,
         *account.routes,
         *registration.routes,
         *ops.routes,

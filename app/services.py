@@ -20,7 +20,7 @@ from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import ApiKey
 from app.delivery.providers import build_providers
 from app.delivery.push import Providers
-from app.server_keys import KeyedHash, secret_key
+from app.server_keys import KeyedHash, SecretBox, secret_key
 from app.settings import Settings
 from app.store.codes import OneTimeCodes
 from app.store.events import EventBus
@@ -29,6 +29,7 @@ from app.store.presence import Presence
 from app.store.ratelimit import RateLimiter
 from app.store.redis import KeySpace, RedisHandle, connect
 from app.store.sessions import SessionStore
+from app.store.webauthn import WebAuthnChallenges
 
 # How long a revoked API key may still be accepted by a process that saw it live.
 API_KEY_CACHE_SECONDS = 10.0
@@ -56,12 +57,22 @@ class Services:
     waiters: Waiters
     jobs: JobQueue  # delivery jobs (push, ack checks, SMS)
     codes: OneTimeCodes  # SMS sign-in codes, phone verification codes
+    webauthn: WebAuthnChallenges  # passkey challenges
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    _boxes: dict[str, SecretBox] = field(default_factory=dict)
 
     @property
     def redis(self) -> aioredis.Redis:
         return self.redis_handle.client
+
+    def secret_box(self, purpose: str) -> SecretBox:
+        """The box sealing this purpose's secrets (app.server_keys), made on first use: the
+        embedded default writes its key file only when something needs it."""
+        box = self._boxes.get(purpose)
+        if box is None:
+            box = self._boxes[purpose] = SecretBox(secret_key(self.settings), purpose)
+        return box
 
     def spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
         """Run a fire-and-forget coroutine that must not be garbage-collected mid-flight."""
@@ -120,5 +131,6 @@ async def build_services(
         codes=OneTimeCodes(
             handle.client, keys, clock, KeyedHash(secret_key(settings), "one-time-codes")
         ),
+        webauthn=WebAuthnChallenges(handle.client, keys),
     )
     return services

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # Seconds a client may take to send a request's line and headers, then its body.
     request_head_timeout: float = Field(default=10.0, gt=0, le=300)
     request_body_timeout: float = Field(default=30.0, gt=0, le=600)
+    # Passkeys (WebAuthn) may sign a person in on their own, replacing password and phone;
+    # off: no passkey sign-in, and none can be added.
+    passkey_login: bool = True
+    # An account that has a passkey may still sign in with password and phone (push,
+    # passcode, SMS code); off: such an account must use its passkey (or a recovery code).
+    passkey_allows_push: bool = True
 
     @field_validator("public_url")
     @classmethod
@@ -181,6 +187,17 @@ class Settings(BaseSettings):
             return frozenset(o.strip().rstrip("/") for o in given if o.strip())
         parts = urlsplit(self.public_url)
         return frozenset({f"{parts.scheme}://{parts.netloc}"})
+
+    @property
+    def webauthn_rp_id(self) -> str:
+        """The WebAuthn relying party id: the public URL's host name."""
+        return urlsplit(self.public_url).hostname or "localhost"
+
+    @property
+    def webauthn_origin(self) -> str:
+        """The one origin passkey ceremonies must come from: the public URL's."""
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @property
     def secure_cookies(self) -> bool:

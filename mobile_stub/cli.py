@@ -34,9 +34,10 @@ from mobile_stub.protocol import (
     EnrollLinkError,
     number_choices,
     parse_enroll,
+    passcode_at,
     seconds_left,
 )
-from mobile_stub.state import StateError, check_writable, load_state, save_state
+from mobile_stub.state import DeviceState, StateError, check_writable, load_state, save_state
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the server said no (API error, error frame, fatal close)
@@ -351,6 +352,8 @@ def event_printer(out: Output, clock: Callable[[], float] = time.time) -> Callab
         elif name == "fatal":
             out.line(f"error: {event.get('message')}", file=sys.stderr)
             text = None
+        elif name == "passcode_seed":
+            text = "Received the offline passcode seed (python -m mobile_stub passcode shows codes)"
         elif name in ("stopped", "skipped"):
             text = None
         else:
@@ -389,7 +392,11 @@ async def cmd_run(args: argparse.Namespace, out: Output) -> int:
         decide = auto_decider(args.auto, args.number_from, stdin, out)
     else:
         decide = interactive_decider(stdin, out)
-    async with PhoneClient(state, on_event=event_printer(out)) as phone:
+
+    def keep_seed(updated: DeviceState) -> None:
+        save_state(args.state, updated, overwrite=True)
+
+    async with PhoneClient(state, on_event=event_printer(out), keep_seed=keep_seed) as phone:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -428,6 +435,21 @@ async def cmd_decide(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+async def cmd_passcode(args: argparse.Namespace, out: Output) -> int:
+    """Print the current offline passcode (works without a network)."""
+    state = load_state(args.state)
+    if not state.passcode_secret:
+        raise StateError(
+            f"{args.state} holds no passcode seed yet: connect once (python -m mobile_stub run)"
+        )
+    shown = passcode_at(state.passcode_secret, time.time())
+    out.result(
+        {"passcode": shown.code, "expires_in": shown.seconds_left},
+        f"{shown.code[:3]} {shown.code[3:]}  (changes in {shown.seconds_left} s)",
+    )
+    return EXIT_OK
+
+
 async def cmd_unenroll(args: argparse.Namespace, out: Output) -> int:
     """Remove the device from the account, then delete its state file."""
     state = load_state(args.state)
@@ -456,6 +478,7 @@ COMMANDS = {
     "pending": cmd_pending,
     "approve": cmd_decide,
     "deny": cmd_decide,
+    "passcode": cmd_passcode,
     "unenroll": cmd_unenroll,
 }
 
@@ -504,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("deny", "deny one approval over HTTP")
     p.add_argument("approval_id", metavar="ID")
     p.add_argument("--fraud", action="store_true", help="report fraud (locks the account)")
+
+    command("passcode", "show the current offline passcode (no network needed)")
 
     p = command("unenroll", "remove this device from the account and delete its state")
     p.add_argument("--keep-state", action="store_true", help="keep the state file")

@@ -14,6 +14,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -31,6 +32,7 @@ from mobile_stub.protocol import (
     close_is_fatal,
     decision_claims,
     device_ws_url,
+    passcode_seed,
 )
 from mobile_stub.state import DeviceState
 
@@ -42,6 +44,8 @@ Event = dict[str, Any]
 Decider = Callable[[Approval], Awaitable[Decision | None]]
 """Chooses the answer to one approval; None leaves it unanswered."""
 EventHandler = Callable[[Event], None]
+SeedKeeper = Callable[[DeviceState], None]
+"""Stores the state with a newly received passcode seed before the server is told."""
 
 _T = TypeVar("_T")
 
@@ -133,6 +137,7 @@ async def enroll(
         user_email=email,
         name=name,
         platform=platform,
+        passcode_secret=passcode_seed(answer.get("passcode")) or "",
     )
 
 
@@ -167,8 +172,10 @@ class PhoneClient:
         open_timeout: float = 10.0,
         ready_timeout: float = 10.0,
         reconcile_after: float = 2.0,
+        keep_seed: SeedKeeper | None = None,
     ) -> None:
         self.state = state
+        self._keep_seed = keep_seed
         self.key = state.key()
         self.ws_url = device_ws_url(state.server_url)
         self._http = http
@@ -509,9 +516,25 @@ class PhoneClient:
             self._on_resolved(frame)
         elif kind in ("decision_result", "error"):
             self._on_result(str(kind), frame)
+        elif kind == "passcode_seed":
+            await self._on_passcode_seed(ws, frame)
         else:
             fields = {k: v for k, v in frame.items() if k not in ("type", "event")}
             self._emit(str(kind), **fields)
+
+    async def _on_passcode_seed(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        """Keep the offline-passcode seed, then say so: a crash before the ack only means the
+        server sends it again on the next connection."""
+        secret = passcode_seed(frame.get("passcode"))
+        if secret is None:
+            self._emit("bad_frame", frame={"type": "passcode_seed"})  # never print a seed
+            return
+        if secret != self.state.passcode_secret:
+            self.state = replace(self.state, passcode_secret=secret)
+            if self._keep_seed is not None:
+                self._keep_seed(self.state)
+        await ws.send(json.dumps({"type": "passcode_seed_ack"}))
+        self._emit("passcode_seed", stored=True)
 
     async def _on_request(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         approval = frame.get("approval")

@@ -5,12 +5,15 @@ Nothing here does I/O, so tests drive it directly; `client.py` moves the bytes.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
+
+import pyotp
 
 Approval = dict[str, Any]
 """An Approval object as the server sends it (PROTOCOL.md §3)."""
@@ -186,3 +189,33 @@ _FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 def close_is_fatal(code: int) -> bool:
     """Whether a close code ends the device session for good instead of reconnecting."""
     return code in _FATAL_CLOSE_CODES or 4000 <= code <= 4999
+
+
+@dataclass(frozen=True)
+class Passcode:
+    """The offline passcode a phone shows: the code, and how long it stays current."""
+
+    code: str
+    seconds_left: int
+
+
+def passcode_seed(given: object) -> str | None:
+    """The base32 secret of a `passcode` object (enrollment answer, `passcode_seed` frame),
+    if it has the parameters this phone computes with (6 digits, 30 s, SHA1)."""
+    if not isinstance(given, Mapping):
+        return None
+    secret = given.get("secret")
+    if (given.get("digits"), given.get("period"), given.get("algorithm")) != (6, 30, "SHA1"):
+        return None
+    if not isinstance(secret, str) or not secret:
+        return None
+    try:
+        pyotp.TOTP(secret).at(0)
+    except (ValueError, TypeError):
+        return None
+    return secret
+
+
+def passcode_at(secret: str, now: float) -> Passcode:
+    """The code of `secret` at `now` (RFC 6238: SHA1, 6 digits, 30 s) and its seconds left."""
+    return Passcode(pyotp.TOTP(secret).at(now), math.ceil(30 - now % 30))

@@ -30,6 +30,8 @@ class DeviceState:
     user_email: str
     name: str = ""
     platform: str = ""
+    # The offline-passcode seed (base32), from the enrollment answer or the socket.
+    passcode_secret: str = ""
 
     def key(self) -> DeviceKey:
         """The device's signing key."""
@@ -52,7 +54,7 @@ class DeviceState:
             if not isinstance(value, str) or not value:
                 raise StateError(f"state file field {name!r} is missing or not a string")
             fields[name] = value
-        for name in ("name", "platform"):
+        for name in ("name", "platform", "passcode_secret"):
             value = data.get(name, "")
             fields[name] = value if isinstance(value, str) else ""
         return cls(**fields)

@@ -10,6 +10,7 @@ import {
   showError,
   clearMessage,
 } from "/static/api.js";
+import { creationOptions, credentialJson, dismissed, passkeysSupported } from "/static/passkeys.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -40,6 +41,14 @@ const EVENT_NAMES = {
   "approval.created": "Approval requested",
   "approval.superseded": "Request replaced by a newer one",
   "user.locked": "Sign-in locked after a fraud report",
+  "login.recovery_code": "Signed in with a recovery code",
+  "login.passkey": "Signed in with a passkey",
+  "login.passkey_required": "Sign-in refused: this account signs in with its passkey",
+  "passkey.added": "Passkey added",
+  "passkey.renamed": "Passkey renamed",
+  "passkey.removed": "Passkey removed",
+  "passkey.refused": "Passkey refused",
+  "recovery_codes.created": "New recovery codes made",
 };
 
 let account = null;
@@ -88,6 +97,7 @@ function render() {
   for (const id of ["phone-fieldset", "trusted-fieldset"]) $(id).disabled = restricted;
   $("restricted-note").hidden = !restricted;
   renderDevices(devices);
+  renderOtherWaysIn(devices);
   renderPhone();
   renderTrusted(Array.isArray(account.trusted_browsers) ? account.trusted_browsers : []);
 }
@@ -317,6 +327,199 @@ function closeEnrollment() {
   $("add-phone").textContent = "Add a phone";
 }
 
+// ---------- Passkeys and recovery codes ----------
+
+/** Adding a passkey or making codes needs a sign-in approved on the phone, or a passkey's. */
+function strongSignIn() {
+  return account.signed_in_with === "device" || account.signed_in_with === "passkey";
+}
+
+function renderOtherWaysIn(devices) {
+  const recovered = account.signed_in_with === "recovery_code";
+  $("recovery-banner").hidden = !recovered;
+  if (recovered) $("restricted-banner").hidden = true; // this banner says it, and how
+
+  $("recovery-banner-text").textContent =
+    devices.length > 0
+      ? "Revoke the phone you lost below, then choose “Add a phone” to add your new one. Make new recovery codes once it is set up."
+      : "Add your new phone now: choose “Add a phone” below. Make new recovery codes once it is set up.";
+  renderPasskeys(Array.isArray(account.passkeys) ? account.passkeys : []);
+  renderRecovery();
+}
+
+function renderPasskeys(passkeys) {
+  $("passkeys-section").hidden = account.passkeys_enabled === false;
+  const supported = passkeysSupported();
+  const allowed = strongSignIn();
+  $("add-passkey").disabled = !supported || !allowed;
+  $("passkey-name").disabled = !supported || !allowed;
+  const note = $("passkey-note");
+  note.hidden = supported && allowed;
+  note.textContent = !supported
+    ? "This browser can't make passkeys here (it needs HTTPS, or localhost)."
+    : "Available after you sign in with your phone or a passkey.";
+  const list = $("passkeys");
+  if (passkeys.length === 0) {
+    list.replaceChildren(h("li", { class: "empty" }, "No passkeys yet."));
+    return;
+  }
+  list.replaceChildren(...passkeys.map(passkeyRow));
+}
+
+function passkeyRow(passkey) {
+  const meta = [
+    passkey.created_at ? `added ${formatDateTime(passkey.created_at)}` : "",
+    passkey.last_used_at ? `last used ${formatRelative(passkey.last_used_at)}` : "never used yet",
+  ].filter(Boolean);
+  const row = h(
+    "li",
+    { "data-testid": "passkey-row", "data-passkey-id": passkey.id },
+    h(
+      "div",
+      { class: "item-main" },
+      h("div", { class: "item-title" }, h("span", { class: "passkey-name" }, passkey.name)),
+      h("div", { class: "item-meta" }, meta.join(" · ")),
+    ),
+    h(
+      "div",
+      { class: "actions" },
+      h("button", { type: "button", class: "small", "aria-label": `Rename ${passkey.name}`, onclick: () => renamePasskey(passkey, row) }, "Rename"),
+      h(
+        "button",
+        { type: "button", class: "danger small", "aria-label": `Remove ${passkey.name}`, onclick: (event) => removePasskey(passkey, event.currentTarget) },
+        "Remove",
+      ),
+    ),
+  );
+  return row;
+}
+
+async function addPasskey(event) {
+  event.preventDefault();
+  const button = $("add-passkey");
+  button.disabled = true;
+  setStatus("passkeys-status", "Follow your browser's prompt to create the passkey…");
+  try {
+    const res = await api("POST", "/api/account/passkeys/options");
+    if (signedOut(res)) return;
+    if (!res.ok) {
+      setStatus("passkeys-status", errorText(res), "error");
+      return;
+    }
+    let credential;
+    try {
+      credential = await navigator.credentials.create({ publicKey: creationOptions(res.body.publicKey) });
+    } catch (err) {
+      setStatus(
+        "passkeys-status",
+        dismissed(err) ? "No passkey was made." : `Your browser could not make a passkey: ${err.message || err}`,
+        "error",
+      );
+      return;
+    }
+    const name = $("passkey-name").value.trim();
+    const added = await api("POST", "/api/account/passkeys", { credential: credentialJson(credential), ...(name ? { name } : {}) });
+    if (signedOut(added)) return;
+    if (!added.ok) {
+      setStatus("passkeys-status", errorText(added), "error");
+      return;
+    }
+    $("passkey-name").value = "";
+    await load();
+    setStatus("passkeys-status", `${added.body.name} was added. You can now sign in with it.`, "success");
+    loadActivity();
+  } finally {
+    button.disabled = !strongSignIn();
+  }
+}
+
+function renamePasskey(passkey, row) {
+  const input = h("input", { type: "text", value: passkey.name, maxlength: "100", "aria-label": "New name" });
+  const form = h(
+    "form",
+    {
+      class: "inline-form",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        const name = input.value.trim();
+        if (!name) return;
+        const res = await api("PATCH", `/api/account/passkeys/${encodeURIComponent(passkey.id)}`, { name });
+        if (signedOut(res)) return;
+        if (!res.ok) {
+          setStatus("passkeys-status", errorText(res), "error");
+          return;
+        }
+        await load();
+        setStatus("passkeys-status", `Renamed to ${res.body.name}.`, "success");
+      },
+    },
+    input,
+    h("button", { type: "submit", class: "primary small" }, "Save"),
+    h("button", { type: "button", class: "small", onclick: () => load() }, "Cancel"),
+  );
+  row.replaceChildren(form);
+  input.focus();
+  input.select();
+}
+
+async function removePasskey(passkey, button) {
+  button.disabled = true;
+  const res = await api("DELETE", `/api/account/passkeys/${encodeURIComponent(passkey.id)}`);
+  if (signedOut(res)) return;
+  if (res.ok || res.status === 404) {
+    await load();
+    setStatus("passkeys-status", `${passkey.name} was removed. It no longer signs you in.`, "success");
+    loadActivity();
+  } else {
+    button.disabled = false;
+    setStatus("passkeys-status", errorText(res), "error");
+  }
+}
+
+function renderRecovery() {
+  const left = Number(account.recovery_codes_left) || 0;
+  $("recovery-left").textContent =
+    left === 0 ? "You have no recovery codes." : `${left} of 10 codes left.`;
+  const allowed = strongSignIn();
+  $("make-codes").disabled = !allowed;
+  $("make-codes").textContent = left === 0 ? "Make recovery codes" : "Make new codes";
+  $("recovery-note").hidden = allowed;
+}
+
+async function makeRecoveryCodes() {
+  const button = $("make-codes");
+  button.disabled = true;
+  const res = await api("POST", "/api/account/recovery-codes");
+  button.disabled = false;
+  if (signedOut(res)) return;
+  if (!res.ok) {
+    setStatus("recovery-status", errorText(res), "error");
+    return;
+  }
+  const codes = Array.isArray(res.body.codes) ? res.body.codes : [];
+  const shown = $("recovery-shown");
+  shown.replaceChildren(
+    h(
+      "p",
+      { class: "notice warning" },
+      "Save these codes now (print them, or keep them in your password manager): they are shown only once. Your old codes no longer work.",
+    ),
+    h("ol", { class: "recovery-codes" }, ...codes.map((code) => h("li", { "data-testid": "recovery-code" }, code))),
+    h("button", { type: "button", onclick: hideRecoveryCodes }, "I saved them"),
+  );
+  shown.hidden = false;
+  account.recovery_codes_left = codes.length;
+  renderRecovery();
+  setStatus("recovery-status", "");
+  loadActivity();
+}
+
+function hideRecoveryCodes() {
+  $("recovery-shown").hidden = true;
+  $("recovery-shown").replaceChildren();
+  setStatus("recovery-status", "The codes are hidden. Make new ones if you lose them.", "success");
+}
+
 // ---------- Phone number and SMS fallback ----------
 
 function renderPhone() {
@@ -474,6 +677,7 @@ function describeEvent(event) {
       if (detail.reason === "fraud") return "Reported as fraud";
       if (detail.reason === "wrong_number") return "Denied: wrong number entered";
       if (detail.via === "sms_code" || detail.reason === "sms_code") return "Approved with an SMS code";
+      if (detail.via === "passcode" && detail.status === "approved") return "Approved with a passcode from your phone";
       return detail.status === "approved" ? "Approved" : detail.status === "denied" ? "Denied" : "Answered";
     case "approval.created":
       return detail.browser ? `Approval requested (${detail.browser})` : "Approval requested";
@@ -545,5 +749,7 @@ $("phone-form").addEventListener("submit", sendPhoneCode);
 $("phone-verify-form").addEventListener("submit", verifyPhone);
 $("sms-fallback").addEventListener("change", toggleSmsFallback);
 $("phone-code").addEventListener("input", (e) => e.target.removeAttribute("aria-invalid"));
+$("passkey-form").addEventListener("submit", addPasskey);
+$("make-codes").addEventListener("click", makeRecoveryCodes);
 
 if (await load()) loadActivity();

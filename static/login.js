@@ -1,5 +1,6 @@
 // The sign-in page: password, then wait for the phone (live stream with polling fallback).
 import { api, backoffDelay, errorText, formatClock, formatDuration, h, showError, clearMessage, wsUrl } from "/static/api.js";
+import { credentialJson, dismissed, passkeysSupported, requestOptions } from "/static/passkeys.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -28,6 +29,10 @@ async function submitLogin(event) {
   const form = $("login-form");
   if (!form.reportValidity()) return;
   clearMessage($("form-error"));
+  if (!$("recovery-field").hidden) {
+    await submitRecovery();
+    return;
+  }
   const button = $("sign-in");
   button.disabled = true;
   button.setAttribute("aria-busy", "true");
@@ -72,7 +77,15 @@ function endingForError(res, email) {
       return {
         title: "Your account has no phone any more",
         message:
-          "Every phone on this account was removed, and a password alone cannot add a new one. Ask your administrator for a link to add your new phone.",
+          "Every phone on this account was removed, and a password alone cannot add a new one. Sign in with one of your recovery codes, or ask your administrator for a link to add your new phone.",
+        recovery: true,
+      };
+    case "passkey_required":
+      return {
+        title: "Sign in with your passkey",
+        message: "This account signs in with its passkey. Lost it? Use one of your recovery codes.",
+        passkey: true,
+        recovery: true,
       };
     case "locked":
       return {
@@ -139,6 +152,10 @@ function startWaiting(body, clockOffset) {
   $("sms-form").hidden = true;
   $("sms-code").value = "";
   clearMessage($("sms-error"));
+  $("use-passcode").disabled = false;
+  $("passcode-form").hidden = true;
+  $("passcode").value = "";
+  clearMessage($("passcode-error"));
   if (channels.includes("sms")) showSmsForm();
 
   showView("wait");
@@ -217,6 +234,7 @@ function tick() {
     wait.expiredAt = Date.now();
     $("resend").disabled = true;
     $("use-sms").disabled = true;
+    $("use-passcode").disabled = true;
     poll();
   } else if (wait.expiredAt !== null && Date.now() - wait.expiredAt > EXPIRY_GRACE_MS) {
     finish("expired");
@@ -407,6 +425,175 @@ async function submitCode(event) {
   }
 }
 
+// ---------- Offline passcode ----------
+
+function showPasscodeForm() {
+  $("passcode-form").hidden = false;
+  $("passcode").focus();
+}
+
+async function submitPasscode(event) {
+  event.preventDefault();
+  if (!wait || wait.done) return;
+  const current = wait;
+  const input = $("passcode");
+  const code = input.value.replace(/\s+/g, "");
+  if (!/^[0-9]{6}$/.test(code)) {
+    input.setAttribute("aria-invalid", "true");
+    showError($("passcode-error"), "Enter the 6-digit passcode your phone shows.");
+    input.focus();
+    return;
+  }
+  clearMessage($("passcode-error"));
+  const button = $("verify-passcode");
+  button.disabled = true;
+  const res = await api("POST", `/api/login/${encodeURIComponent(current.id)}/passcode`, { code });
+  button.disabled = false;
+  if (current !== wait || current.done) return;
+  if (res.ok) {
+    input.removeAttribute("aria-invalid");
+    finish("approved");
+    return;
+  }
+  input.setAttribute("aria-invalid", "true");
+  showError($("passcode-error"), res.body.error === "invalid_code" ? "That passcode is not right. Check the code your phone shows now." : res);
+  input.select();
+  // After too many wrong passcodes the request is denied; the stream (or a poll) reports it.
+  if (res.status !== 400 || res.body.status) poll();
+}
+
+// ---------- Recovery codes ----------
+
+function showRecovery() {
+  $("recovery-field").hidden = false;
+  $("recovery-code").required = true;
+  $("use-recovery").hidden = true;
+  $("sign-in").textContent = "Sign in with recovery code";
+  $("form-title").textContent = "Sign in with a recovery code";
+  ($("email").value ? ($("password").value ? $("recovery-code") : $("password")) : $("email")).focus();
+}
+
+function hideRecovery() {
+  $("recovery-field").hidden = true;
+  $("recovery-code").required = false;
+  $("recovery-code").value = "";
+  $("use-recovery").hidden = false;
+  $("sign-in").textContent = "Sign in";
+  $("form-title").textContent = "Sign in";
+}
+
+/** From the waiting view or an ending: back to the form, asking for a recovery code. */
+function recoverInstead() {
+  stopWaiting();
+  wait = null;
+  clearInterval(retryTimer);
+  clearMessage($("form-error"));
+  showView("form");
+  showRecovery();
+}
+
+async function submitRecovery() {
+  const button = $("sign-in");
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  const email = $("email").value.trim();
+  const res = await api("POST", "/api/login/recovery", {
+    email,
+    password: $("password").value,
+    code: $("recovery-code").value,
+  });
+  button.disabled = false;
+  button.removeAttribute("aria-busy");
+  if (res.ok) {
+    window.location.assign("/account");
+    return;
+  }
+  if (res.body.error === "invalid_code") {
+    showError($("form-error"), "That recovery code is not right, or was already used.");
+    $("recovery-code").select();
+    return;
+  }
+  if (res.status === 0 || res.status === 422 || res.status === 413) {
+    showError($("form-error"), res);
+    return;
+  }
+  showEnding(endingForError(res, email));
+}
+
+// ---------- Passkeys ----------
+
+let passkeyAbort = null;
+
+async function passkeyOptions() {
+  const res = await api("POST", "/api/login/passkey/options");
+  if (!res.ok) return { res, options: null };
+  return { res, options: requestOptions(res.body.publicKey) };
+}
+
+/** Offer the passkeys this browser holds in the email field's autofill, where supported. */
+async function offerPasskeysInAutofill() {
+  if (!passkeysSupported()) return;
+  const { options } = await passkeyOptions();
+  if (!options) {
+    // 403 passkeys_disabled: this server has no passkey sign-in; say nothing about it.
+    $("passkey-box").hidden = true;
+    return;
+  }
+  $("passkey-box").hidden = false;
+  const conditional = PublicKeyCredential.isConditionalMediationAvailable;
+  if (typeof conditional !== "function" || !(await conditional.call(PublicKeyCredential))) return;
+  passkeyAbort = new AbortController();
+  try {
+    const credential = await navigator.credentials.get({ mediation: "conditional", publicKey: options, signal: passkeyAbort.signal });
+    await finishPasskey(credential);
+  } catch (err) {
+    if (!dismissed(err)) showError($("form-error"), `Your passkey could not be used: ${err.message || err}`);
+  }
+}
+
+async function signInWithPasskey() {
+  if (passkeyAbort) passkeyAbort.abort();
+  passkeyAbort = null;
+  clearMessage($("form-error"));
+  const button = $("passkey-sign-in");
+  button.disabled = true;
+  try {
+    const { res, options } = await passkeyOptions();
+    if (!options) {
+      showError($("form-error"), res);
+      return;
+    }
+    let credential;
+    try {
+      credential = await navigator.credentials.get({ publicKey: options });
+    } catch (err) {
+      showError($("form-error"), dismissed(err) ? "No passkey was used. Try again, or sign in with your password." : `Your passkey could not be used: ${err.message || err}`);
+      return;
+    }
+    await finishPasskey(credential);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function finishPasskey(credential) {
+  const res = await api("POST", "/api/login/passkey", { credential: credentialJson(credential) });
+  if (res.ok) {
+    window.location.assign("/account");
+    return;
+  }
+  if (res.status === 423) {
+    showEnding(endingForError(res, ""));
+    return;
+  }
+  showError($("form-error"), res);
+}
+
+function passkeyFromEnding() {
+  startOver();
+  signInWithPasskey();
+}
+
 // ---------- 3. Endings ----------
 
 function finish(status, info = {}) {
@@ -451,6 +638,7 @@ async function complete(current) {
   setConn("");
   $("resend").disabled = true;
   $("use-sms").disabled = true;
+  $("use-passcode").disabled = true;
   const res = await api("POST", `/api/login/${encodeURIComponent(current.id)}/complete`);
   if (res.ok || res.body.error === "already_completed") {
     window.location.assign("/account");
@@ -461,7 +649,7 @@ async function complete(current) {
 
 let retryTimer = null;
 
-function showEnding({ title, message, retryAfter = null, resendVerificationTo = null, ok = false }) {
+function showEnding({ title, message, retryAfter = null, resendVerificationTo = null, ok = false, recovery = false, passkey = false }) {
   const icon = $("end-icon");
   icon.textContent = ok ? "✓" : "!";
   icon.className = ok ? "end-icon ok" : "end-icon";
@@ -472,6 +660,8 @@ function showEnding({ title, message, retryAfter = null, resendVerificationTo = 
   resendButton.hidden = !resendVerificationTo;
   resendButton.disabled = false;
   resendButton.dataset.email = resendVerificationTo || "";
+  $("end-recovery").hidden = !recovery;
+  $("end-passkey").hidden = !(passkey && passkeysSupported());
 
   const tryAgain = $("try-again");
   clearInterval(retryTimer);
@@ -510,6 +700,7 @@ function startOver() {
   clearInterval(retryTimer);
   $("password").value = "";
   clearMessage($("form-error"));
+  hideRecovery();
   showView("form");
   ($("email").value ? $("password") : $("email")).focus();
 }
@@ -524,6 +715,15 @@ $("cancel").addEventListener("click", startOver);
 $("try-again").addEventListener("click", startOver);
 $("resend-verification").addEventListener("click", resendVerification);
 $("sms-code").addEventListener("input", (e) => e.target.removeAttribute("aria-invalid"));
+$("use-passcode").addEventListener("click", showPasscodeForm);
+$("passcode-form").addEventListener("submit", submitPasscode);
+$("passcode").addEventListener("input", (e) => e.target.removeAttribute("aria-invalid"));
+$("use-recovery").addEventListener("click", showRecovery);
+$("wait-recovery").addEventListener("click", recoverInstead);
+$("end-recovery").addEventListener("click", recoverInstead);
+$("passkey-sign-in").addEventListener("click", signInWithPasskey);
+$("end-passkey").addEventListener("click", passkeyFromEnding);
+offerPasskeysInAutofill();
 
 // Coming back to a backgrounded tab: reconnect at once instead of waiting out the backoff.
 document.addEventListener("visibilitychange", () => {

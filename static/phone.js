@@ -50,6 +50,94 @@ const loadDevice = () => withStore("readonly", (store) => store.get(RECORD));
 const saveDevice = (record) => withStore("readwrite", (store) => store.put(record, RECORD));
 const clearDevice = () => withStore("readwrite", (store) => store.delete(RECORD));
 
+// ---------- Offline passcode (TOTP, RFC 6238: HMAC-SHA-1, 6 digits, 30 s) ----------
+// The seed becomes a non-extractable HMAC key kept in IndexedDB with the device record, like
+// the signing key: the page computes codes with it but can never read it back.
+
+let passcodeTimer = null;
+const RING = 2 * Math.PI * 18;
+
+function base32Bytes(text) {
+  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  const clean = text.toUpperCase().replace(/=+$/, "");
+  const bytes = [];
+  let bits = 0;
+  let value = 0;
+  for (const char of clean) {
+    const index = alphabet.indexOf(char);
+    if (index < 0) throw new Error("the passcode seed is not base32");
+    value = (value << 5) | index;
+    bits += 5;
+    if (bits >= 8) {
+      bytes.push((value >>> (bits - 8)) & 0xff);
+      bits -= 8;
+    }
+  }
+  return new Uint8Array(bytes);
+}
+
+/** {key, digits, period} from the server's `passcode` object, or null if it is not one we can use. */
+async function passcodeFrom(given) {
+  if (!given || typeof given.secret !== "string" || given.algorithm !== "SHA1") return null;
+  if (given.digits !== 6 || given.period !== 30) return null;
+  const key = await crypto.subtle.importKey("raw", base32Bytes(given.secret), { name: "HMAC", hash: "SHA-1" }, false, ["sign"]);
+  return { key, digits: given.digits, period: given.period };
+}
+
+async function passcodeAt(passcode, unixSeconds) {
+  const counter = Math.floor(unixSeconds / passcode.period);
+  const message = new DataView(new ArrayBuffer(8));
+  message.setUint32(0, Math.floor(counter / 2 ** 32));
+  message.setUint32(4, counter >>> 0);
+  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", passcode.key, message.buffer));
+  const offset = mac[mac.length - 1] & 0x0f;
+  const number =
+    ((mac[offset] & 0x7f) << 24) | (mac[offset + 1] << 16) | (mac[offset + 2] << 8) | mac[offset + 3];
+  return String(number % 10 ** passcode.digits).padStart(passcode.digits, "0");
+}
+
+async function tickPasscode() {
+  if (!device || !device.passcode) return;
+  const now = Date.now() / 1000;
+  const period = device.passcode.period;
+  const left = period - (now % period);
+  const code = await passcodeAt(device.passcode, now);
+  $("passcode-code").textContent = `${code.slice(0, 3)} ${code.slice(3)}`;
+  $("passcode-expiry").textContent = `Changes in ${Math.ceil(left)} s`;
+  const ring = $("passcode-left");
+  ring.setAttribute("stroke-dasharray", `${(RING * left) / period} ${RING}`);
+}
+
+function showPasscode() {
+  clearInterval(passcodeTimer);
+  passcodeTimer = null;
+  $("passcode-card").hidden = !(device && device.passcode);
+  if (!device || !device.passcode) return;
+  tickPasscode();
+  passcodeTimer = setInterval(tickPasscode, 1000);
+}
+
+function stopPasscode() {
+  clearInterval(passcodeTimer);
+  passcodeTimer = null;
+  $("passcode-card").hidden = true;
+}
+
+/** A seed sent over the socket (a device enrolled before passcodes): keep it, then say so. */
+async function keepPasscodeSeed(frame, socket) {
+  let passcode;
+  try {
+    passcode = await passcodeFrom(frame.passcode);
+  } catch {
+    passcode = null;
+  }
+  if (!passcode || !device) return;
+  device.passcode = passcode;
+  await saveDevice(device);
+  if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "passcode_seed_ack" }));
+  showPasscode();
+}
+
 // ---------- Views ----------
 
 function showView(name) {
@@ -71,6 +159,7 @@ function announce(text) {
 
 function showEnrollForm(info = "") {
   stopLink();
+  stopPasscode();
   clearRequests();
   showView("enroll");
   setConn("Not enrolled");
@@ -85,12 +174,14 @@ function showDevice() {
   $("device-user").textContent = device.email ? `Approves sign-ins for ${device.email}` : "";
   showView("device");
   renderIdle();
+  showPasscode();
   startLink();
   renderPush();
 }
 
 function showRevoked() {
   stopLink();
+  stopPasscode();
   clearRequests();
   setConn("Revoked", "offline");
   showView("revoked");
@@ -177,6 +268,7 @@ async function enroll(event) {
       email: (res.body.user && res.body.user.email) || "",
       server: window.location.origin,
       enrolledAt: new Date().toISOString(),
+      passcode: await passcodeFrom(res.body.passcode).catch(() => null),
     };
     await saveDevice(record);
     device = record;
@@ -306,6 +398,9 @@ function onFrame(frame, socket) {
       break;
     case "device_revoked":
       showRevoked();
+      break;
+    case "passcode_seed":
+      keepPasscodeSeed(frame, socket);
       break;
     default:
       break;
@@ -929,6 +1024,11 @@ document.addEventListener("visibilitychange", () => {
 });
 window.addEventListener("online", () => {
   if (device && !link.stopped && !link.socket) connect();
+});
+// The network is gone (a plane, a basement): drop the socket now rather than when its pings
+// time out; the passcode card keeps counting, and `online` reconnects.
+window.addEventListener("offline", () => {
+  if (link.socket) link.socket.close();
 });
 
 prefillFromHash();

@@ -165,6 +165,28 @@ class InvalidCode(ApprovalError):
         return {"status": Status.DENIED.value} if self.denied else {}
 
 
+class InvalidPasscode(InvalidCode):
+    """A wrong offline passcode: the same answer whichever device it was for, or none; with
+    `denied`, it was the approval's last try."""
+
+    default_message = "that passcode is not right"
+
+    def __init__(self, *, denied: bool = False) -> None:
+        ApprovalError.__init__(
+            self,
+            "that passcode is not right; too many wrong passcodes, so the request was denied"
+            if denied
+            else None,
+        )
+        self.denied = denied
+
+
+class TooManyPasscodes(RateLimited):
+    """A user's wrong passcodes reached their budget (across approvals and callers)."""
+
+    default_message = "too many wrong passcodes; wait before trying again"
+
+
 class SmsUnavailable(ApprovalError):
     """No code can be texted: no verified phone, SMS turned off, or no SMS sender."""
 

@@ -1,6 +1,7 @@
 """The browser's side of a sign-in approval: only the browser that started it (holding its
 `tapprove_login` cookie) may see it, send it again, ask for an SMS code, approve it with
-that code, and turn it, once approved, into a session."""
+that code, and turn it, once approved, into a session. Ending an approval by offline
+passcode lives here too, next to the SMS code (a relying party's approvals use it as well)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from app.approval.errors import (
 from app.approval.model import PendingApproval, Status
 from app.approval.rules import (
     CODE_APPROVES,
+    PASSCODE_APPROVES,
     TOO_MANY_CODES,
     Outcome,
     bound_to_browser,
@@ -130,6 +132,31 @@ async def _decide_by_code(
     )
     result = await svc.approvals.decide(approval, outcome, audit_line=line)
     # A denial by too many codes is answered as a wrong code whatever raced it.
+    if outcome.status is Status.APPROVED and result.kind != "decided":
+        raise ended_error(result.status or Status.EXPIRED)
+
+
+async def end_by_passcode(
+    svc: Services, approval: PendingApproval, *, device_id: str | None, ip: str
+) -> None:
+    """End a pending approval by offline passcode (app.passcodes checks the code; a sign-in's
+    or a relying party's): approved by `device_id`'s code (reason `passcode`, decided by that
+    device), or with None denied after too many wrong ones (`too_many_codes`, which counts
+    toward the backoff like a wrong number). An approval that had already ended is Expired /
+    AlreadyDecided; a denial that loses the race is the wrong code's own answer anyway."""
+    outcome = PASSCODE_APPROVES if device_id is not None else TOO_MANY_CODES
+    line = audit.line(
+        "approval.decided",
+        user_id=approval.user_id,
+        device_id=device_id,
+        approval_id=approval.id,
+        ip=ip,
+        detail={"status": outcome.status.value, "reason": outcome.reason, "via": "passcode"},
+        now=svc.clock.now(),
+    )
+    result = await svc.approvals.decide(
+        approval, outcome, audit_line=line, decided_by=device_id or ""
+    )
     if outcome.status is Status.APPROVED and result.kind != "decided":
         raise ended_error(result.status or Status.EXPIRED)
 

@@ -59,9 +59,10 @@ class Status(StrEnum):
 
 # Why an approval ended, reported with its final status (RP API, browser stream, device
 # events). The specific ones are set where they happen: `sms_code` (approved with a texted
-# code), `fraud` (denied and reported), `wrong_number` (approved with a number that did not
-# match, so denied), `too_many_codes` (five wrong SMS codes), `superseded` (expired because
-# a newer approval for the same user replaced it). An end that names no reason gets its
+# code), `passcode` (approved with an offline passcode from a device), `fraud` (denied and
+# reported), `wrong_number` (approved with a number that did not match, so denied),
+# `too_many_codes` (five wrong SMS codes or passcodes), `superseded` (expired because a
+# newer approval for the same user replaced it). An end that names no reason gets its
 # status's default here (app.approval.rules.end_reason: the store's scripts are given it).
 DEFAULT_REASONS: dict[Status, str] = {
     Status.APPROVED: "device",  # approved on an enrolled device
@@ -71,6 +72,7 @@ DEFAULT_REASONS: dict[Status, str] = {
 END_REASONS: tuple[str, ...] = (
     "device",
     "sms_code",
+    "passcode",
     "denied",
     "fraud",
     "wrong_number",

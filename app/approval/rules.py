@@ -63,6 +63,7 @@ def answer_outcome(approval: PendingApproval, claims: DecisionClaims) -> Outcome
 
 
 CODE_APPROVES = Outcome(Status.APPROVED, "sms_code")
+PASSCODE_APPROVES = Outcome(Status.APPROVED, "passcode")  # an offline passcode from a device
 TOO_MANY_CODES = Outcome(Status.DENIED, "too_many_codes")
 TIMED_OUT = Outcome(Status.EXPIRED)  # nobody answered before the deadline
 SUPERSEDED = Outcome(Status.EXPIRED, "superseded")  # a newer approval for the user replaced it

@@ -16,11 +16,12 @@ def enrollment_uri(public_url: str, code: str) -> str:
 # - first_device: a password-only (restricted) session of an account that never had a second
 #   factor; used only while the account still has none.
 # - recovery: a session that proved something besides the password (an SMS code to the
-#   verified number; recovery codes later) while the account had no active device; used only
+#   verified number, or a recovery code) while the account had no active device; used only
 #   if no device was enrolled since it was made.
-# - device: a session approved on one of the user's devices.
+# - device: a session approved on one of the user's devices (a passcode from one included).
+# - passkey: a passkey sign-in (at least as strong as a device's approval).
 # - operator: the CLI (`tapprove device enroll-code`, `user reset-phones`, `user import`).
-EnrollmentKind = Literal["first_device", "recovery", "device", "operator"]
+EnrollmentKind = Literal["first_device", "recovery", "device", "passkey", "operator"]
 
 
 class EnrollmentRefused(Exception):
@@ -33,8 +34,12 @@ class EnrollmentRefused(Exception):
 
 ANOTHER_DEVICE = "adding another device needs a sign-in approved on one of your devices"
 RECOVERY = (
-    "this account has had a phone, so a password is not enough to add one: sign in with an "
-    "SMS code to your verified number, or ask your administrator for a reset link"
+    "this account has had a phone, so a password is not enough to add one: sign in with a "
+    "recovery code or an SMS code to your verified number, or ask your administrator for a "
+    "reset link"
+)
+REVOKE_LOST_FIRST = (
+    "a phone is still enrolled on this account: revoke the one you lost, then add the new one"
 )
 
 
@@ -45,18 +50,23 @@ def enrollment_kind(
     restricted: bool,
     approved_with_device: bool,
     approved_with_sms: bool,
+    approved_with_recovery_code: bool = False,
+    signed_in_with_passkey: bool = False,
 ) -> EnrollmentKind:
     """The kind of enrollment code a session may make now, or EnrollmentRefused.
 
     The password alone (a restricted session) enrolls only an account's very first device;
-    after that, a new device needs a sign-in approved on a device, or, once every device is
-    gone, another proof (an SMS code now; a recovery code is the next one to add here).
+    after that, a new device needs a sign-in approved on a device (or a passkey sign-in), or,
+    once every device is gone, another proof: an SMS code or a recovery code.
     """
     if approved_with_device:
         return "device"
+    if signed_in_with_passkey:
+        return "passkey"
+    way_back = approved_with_sms or approved_with_recovery_code
     if has_device:
-        raise EnrollmentRefused(ANOTHER_DEVICE)
-    if approved_with_sms:
+        raise EnrollmentRefused(REVOKE_LOST_FIRST if way_back else ANOTHER_DEVICE)
+    if way_back:
         return "recovery"
     if restricted and not had_second_factor:
         return "first_device"

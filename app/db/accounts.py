@@ -286,17 +286,23 @@ async def get_user(session: AsyncSession, user_id: str) -> User | None:
 
 async def touch_device(
     session: AsyncSession, token_hash: str, *, now: float
-) -> tuple[str, str, str] | None:
+) -> tuple[str, str, str, bool] | None:
     """Mark the live device holding this token seen now and return its (id, user_id,
-    public_jwk); None when no live device holds it. One statement: a phone connects with it."""
+    public_jwk, whether it has yet to confirm a passcode seed); None when no live device
+    holds it. One statement: a phone connects with it."""
     result = await session.exec(
         update(Device)
         .where(col(Device.token_hash) == token_hash, col(Device.revoked_at).is_(None))
         .values(last_seen_at=to_datetime(now))
-        .returning(col(Device.id), col(Device.user_id), col(Device.public_jwk))
+        .returning(
+            col(Device.id),
+            col(Device.user_id),
+            col(Device.public_jwk),
+            col(Device.passcode_confirmed_at),
+        )
     )
     row = result.first()
-    return (row[0], row[1], row[2]) if row is not None else None
+    return (row[0], row[1], row[2], row[3] is None) if row is not None else None
 
 
 async def list_active_devices(session: AsyncSession, user_id: str) -> list[Device]:
@@ -466,7 +472,7 @@ async def consume_enrollment_code(session: AsyncSession, code: str, now: float) 
         condition.append(col(User.second_factor_at).is_(None))
     elif kind == "recovery" and seen is not None:
         condition.append(col(User.device_enrollments) == seen)
-    elif kind not in ("device", "operator"):
+    elif kind not in ("device", "passkey", "operator"):
         return None  # a kind this version does not know (or a malformed row) vouches for nothing
     counted = await session.exec(
         update(User)

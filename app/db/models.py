@@ -54,6 +54,13 @@ class Device(SQLModel, table=True):
     created_at: NaiveDatetime
     last_seen_at: NaiveDatetime | None = None
     revoked_at: NaiveDatetime | None = None
+    # Offline passcodes (app.core.passcodes): the TOTP seed sealed with the server key
+    # (app.server_keys, purpose "totp-seed", bound to this device's id); when the device
+    # confirmed it holds the seed (null: offer it on the next socket connection); the last
+    # time step a code of it was accepted (a code works once).
+    passcode_seed: str | None = Field(default=None, max_length=200)
+    passcode_confirmed_at: NaiveDatetime | None = None
+    passcode_last_step: int | None = None
 
 
 class EnrollmentCode(SQLModel, table=True):
@@ -68,6 +75,32 @@ class EnrollmentCode(SQLModel, table=True):
     created_at: NaiveDatetime
     expires_at: NaiveDatetime
     used_at: NaiveDatetime | None = None
+
+
+class RecoveryCode(SQLModel, table=True):
+    """One of a user's single-use recovery codes: argon2id of the code with its set's salt
+    (app.core.recovery_codes); a new set replaces the old one."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    user_id: str = Field(foreign_key="user.id", index=True, max_length=32)
+    salt: str = Field(max_length=64)  # base64url, shared by the codes of one set
+    code_hash: str = Field(max_length=64)  # base64url
+    created_at: NaiveDatetime
+    used_at: NaiveDatetime | None = None
+
+
+class Passkey(SQLModel, table=True):
+    """A WebAuthn credential (discoverable, user-verifying) that signs its owner in."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    user_id: str = Field(foreign_key="user.id", index=True, max_length=32)
+    credential_id: str = Field(index=True, unique=True, max_length=1400)  # base64url
+    public_key: str = Field(max_length=4000)  # the COSE key, base64url
+    sign_count: int = Field(default=0)
+    name: str = Field(max_length=100)
+    aaguid: str = Field(default="", max_length=36)
+    created_at: NaiveDatetime
+    last_used_at: NaiveDatetime | None = None
 
 
 class ApiKey(SQLModel, table=True):

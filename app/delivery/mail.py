@@ -22,11 +22,20 @@ log = logging.getLogger(__name__)
 
 # The mails the outbox knows how to render; each has .subject, .txt and .html templates.
 TEMPLATES = frozenset(
-    {"verify_email", "account_exists", "device_added", "fraud_reported", "account_recovery"}
+    {
+        "verify_email",
+        "account_exists",
+        "device_added",
+        "passkey_added",
+        "fraud_reported",
+        "account_recovery",
+    }
 )
 # Those that warn the owner about a change to their account's security (app.delivery.notices):
 # losing one is an error worth an operator's attention, not routine.
-SECURITY_NOTICES = frozenset({"device_added", "fraud_reported", "account_recovery"})
+SECURITY_NOTICES = frozenset(
+    {"device_added", "passkey_added", "fraud_reported", "account_recovery"}
+)
 
 
 @dataclass(frozen=True)

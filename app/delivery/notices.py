@@ -12,15 +12,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.approval.model import ApprovalContext, PendingApproval
 from app.core.clock import rfc3339
-from app.db.models import Device, OutboxMessage, User
+from app.db.models import Device, OutboxMessage, Passkey, User
 from app.delivery import outbox
 from app.settings import Settings
 
 NOTICE_TTL = 24 * 3600
 
 # How the owner got back into an account after losing every device (app.core.enrollment's
-# `recovery` and `operator` codes); a recovery code will be the next way.
-RecoveryMethod = Literal["sms", "operator"]
+# `recovery` and `operator` codes, and a sign-in with a recovery code).
+RecoveryMethod = Literal["sms", "operator", "recovery_code"]
 
 
 def _notice(
@@ -65,6 +65,20 @@ def device_added(
     return _notice(settings, db, user, "device_added", {**payload, **_where(context)}, now)
 
 
+def passkey_added(
+    settings: Settings,
+    db: AsyncSession,
+    user: User,
+    passkey: Passkey,
+    *,
+    context: ApprovalContext,
+    now: float,
+) -> OutboxMessage:
+    """'A passkey was added to your account; it signs in on its own; not you? remove it.'"""
+    payload: dict[str, object] = {"passkey_name": passkey.name}
+    return _notice(settings, db, user, "passkey_added", {**payload, **_where(context)}, now)
+
+
 def fraud_reported(
     settings: Settings, db: AsyncSession, user: User, approval: PendingApproval, now: float
 ) -> OutboxMessage:
@@ -80,15 +94,18 @@ def account_recovery(
     method: RecoveryMethod,
     context: ApprovalContext | None = None,
     revoked_devices: int = 0,
+    codes_left: int = 0,
     now: float,
 ) -> OutboxMessage:
     """'A way back into your account was used': a sign-in with an SMS code is adding a device,
-    or an operator issued a reset link (and revoked `revoked_devices`)."""
+    an operator issued a reset link (and revoked `revoked_devices`), or someone signed in with
+    a recovery code (`codes_left` remain)."""
     phone = user.phone or ""
     payload: dict[str, object] = {
         "method": method,
         # The last two digits are enough for the owner to recognise the number.
         "phone_ending": phone[-2:] if method == "sms" else "",
         "revoked_devices": revoked_devices,
+        "codes_left": codes_left,
     }
     return _notice(settings, db, user, "account_recovery", {**payload, **_where(context)}, now)

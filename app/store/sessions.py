@@ -28,6 +28,23 @@ class Session:
     # True when this sign-in was approved with an SMS code to the verified number: with every
     # device gone, such a session may enroll one (app.core.enrollment).
     approved_with_sms: bool = False
+    # True when the password was followed by a recovery code (a way back, like an SMS code).
+    approved_with_recovery_code: bool = False
+    # True for a passkey sign-in (WebAuthn, user verified; app.passkeys).
+    signed_in_with_passkey: bool = False
+
+    @property
+    def signed_in_with(self) -> str:
+        """How this session was proven, as the account page names it."""
+        if self.signed_in_with_passkey:
+            return "passkey"
+        if self.approved_with_recovery_code:
+            return "recovery_code"
+        if self.approved_with_sms:
+            return "sms_code"
+        if self.approved_with_device:
+            return "device"
+        return "password" if self.restricted else "trusted_browser"
 
 
 class SessionStore:
@@ -46,6 +63,8 @@ class SessionStore:
         approved_with_device: bool = False,
         approval_id: str | None = None,
         approved_with_sms: bool = False,
+        approved_with_recovery_code: bool = False,
+        signed_in_with_passkey: bool = False,
     ) -> str:
         """Start a session and return the cookie value."""
         token = new_token()
@@ -56,6 +75,8 @@ class SessionStore:
             approved_with_device,
             approval_id,
             approved_with_sms,
+            approved_with_recovery_code=approved_with_recovery_code,
+            signed_in_with_passkey=signed_in_with_passkey,
         )
         token_hash = hash_token(token)
         async with self._redis.pipeline(transaction=True) as pipe:

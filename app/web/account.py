@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from app import passkeys, recovery
 from app.audit_trail import recent_events
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
@@ -19,6 +20,8 @@ from app.core.tokens import hash_token, new_numeric_code
 from app.db import audit
 from app.db.accounts import active_devices
 from app.db.models import TrustedBrowser, User
+from app.db.passkeys import user_passkeys
+from app.db.recovery_codes import codes_left
 from app.services import Services
 from app.web.common import TRUST_COOKIE, client_ip, current_session, json, plausible_id, services
 from app.web.devices import device_json
@@ -71,6 +74,8 @@ async def _account_json(svc: Services, user: User, request: Request) -> dict[str
             .order_by(col(TrustedBrowser.created_at).desc())
         )
         browsers = list(result.all())
+        recovery_codes_left = await codes_left(db, user.id)
+        own_passkeys = await user_passkeys(db, user.id)
     return {
         "email": user.email,
         "phone": user.phone,
@@ -81,6 +86,9 @@ async def _account_json(svc: Services, user: User, request: Request) -> dict[str
         "trusted_browsers": [
             trusted_browser_json(b, request.cookies.get(TRUST_COOKIE)) for b in browsers
         ],
+        "recovery_codes_left": recovery_codes_left,
+        "passkeys": [passkeys.passkey_json(p) for p in own_passkeys],
+        "passkeys_enabled": svc.settings.passkey_login,
     }
 
 
@@ -98,6 +106,7 @@ async def get_account(request: Request) -> Response:
     session = await current_session(request)
     body = await _account_json(svc, await _user(svc, session.user_id), request)
     body["restricted"] = session.restricted
+    body["signed_in_with"] = session.signed_in_with
     return json(body)
 
 
@@ -148,6 +157,36 @@ async def revoke_trusted_browser(request: Request) -> Response:
         )
         await db.commit()
     return json({"status": "revoked"})
+
+
+async def create_recovery_codes(request: Request) -> Response:
+    """POST /api/account/recovery-codes: a new set of 10 recovery codes, shown only now.
+
+    The old set stops working. Only a sign-in approved on a phone (or with a passkey) may
+    make them: a session that got in with a recovery code must not mint itself ten more.
+    """
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    if not (session.approved_with_device or session.signed_in_with_passkey):
+        raise ApiError(
+            403,
+            "not_allowed",
+            "new recovery codes need a sign-in approved on your phone, or with a passkey",
+        )
+    now = svc.clock.now()
+    async with svc.db() as db:
+        codes = await recovery.issue(db, session.user_id, now=now)
+        await audit.record(
+            db,
+            "recovery_codes.created",
+            user_id=session.user_id,
+            ip=client_ip(request),
+            detail={"by": "owner", "count": len(codes)},
+            now=now,
+        )
+        await db.commit()
+    return json({"codes": codes, "created_at": rfc3339(now)}, status=201)
 
 
 def _e164(raw: str) -> str:
@@ -258,6 +297,7 @@ routes: list[BaseRoute] = [
     Route("/api/account", patch_account, methods=["PATCH"]),
     Route("/api/account/trusted-browsers/{browser_id}", revoke_trusted_browser, methods=["DELETE"]),
     Route("/api/account/activity", activity, methods=["GET"]),
+    Route("/api/account/recovery-codes", create_recovery_codes, methods=["POST"]),
     Route("/api/account/phone", start_phone_verification, methods=["POST"]),
     Route("/api/account/phone/verify", verify_phone, methods=["POST"]),
 ]

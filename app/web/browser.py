@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from app import metrics
+from app import metrics, passcodes, recovery
 from app.approval import login as sign_in
 from app.approval.errors import ApprovalError, Locked
 from app.approval.model import PendingApproval, Status
@@ -31,6 +31,7 @@ from app.db.accounts import (
     normalize_email,
 )
 from app.db.models import TrustedBrowser, User
+from app.db.passkeys import has_passkey
 from app.delivery.sms_codes import sms_phone
 from app.services import Services
 from app.store.ratelimit import Verdict
@@ -60,6 +61,12 @@ class LoginBody(StrictBody):
     remember_browser: bool = False
 
 
+class RecoveryLoginBody(StrictBody):
+    email: str = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+    code: str = Field(min_length=1, max_length=64)
+
+
 async def _trusted_browser(svc: Services, request: Request) -> TrustedBrowser | None:
     token = request.cookies.get(TRUST_COOKIE)
     if not token or len(token) > 128:
@@ -76,18 +83,17 @@ async def _trusted_browser(svc: Services, request: Request) -> TrustedBrowser | 
         return result.first()
 
 
-async def login(request: Request) -> Response:
-    """POST /api/login: password check, then a trusted skip, enrollment, or an approval."""
-    svc = services(request)
-    check_csrf(request, svc.settings)
-    body = await read_body(request, LoginBody)
+async def _password_checked(
+    svc: Services, request: Request, given_email: str, password: str, trusted: TrustedBrowser | None
+) -> User:
+    """The user whose email and password these are, past the failed-sign-in budgets, with
+    a verified email and not locked; else the refusal (401, 403, 423 or 429)."""
     ip = client_ip(request)
     try:
         # The canonical form, so `A@EXAMPLE.com` and full-width spellings share one budget.
-        email = normalize_email(body.email)
+        email = normalize_email(given_email)
     except InvalidAccountData:
-        email = body.email.strip().lower()
-    trusted = await _trusted_browser(svc, request)
+        email = given_email.strip().lower()
     async with svc.db() as db:
         user = await get_user_by_email(db, email)
 
@@ -126,7 +132,7 @@ async def login(request: Request) -> Response:
             )
 
     # Unknown emails spend the same argon2 work as known ones (no timing oracle).
-    password_ok = await check_password(user, body.password)
+    password_ok = await check_password(user, password)
     now = svc.clock.now()
     if user is None or not password_ok:
         async with svc.db() as db:
@@ -141,11 +147,33 @@ async def login(request: Request) -> Response:
         raise ApiError(403, "email_not_verified", "confirm your email address first")
     if user.locked:
         raise Locked()
+    return user
+
+
+async def login(request: Request) -> Response:
+    """POST /api/login: password check, then a trusted skip, enrollment, or an approval."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    body = await read_body(request, LoginBody)
+    ip = client_ip(request)
+    trusted = await _trusted_browser(svc, request)
+    user = await _password_checked(svc, request, body.email, body.password, trusted)
+    now = svc.clock.now()
 
     if trusted is not None and trusted.user_id == user.id:
         trusted_response = await _trusted_sign_in(svc, request, user, trusted)
         metrics.LOGINS.labels("authenticated").inc()  # refusals are counted in web.errors
         return trusted_response
+
+    if await _passkey_required(svc, user):
+        async with svc.db() as db:
+            await audit.record(db, "login.passkey_required", user_id=user.id, ip=ip, now=now)
+            await db.commit()
+        raise ApiError(
+            403,
+            "passkey_required",
+            "this account signs in with its passkey; without it, use a recovery code",
+        )
 
     recipient = await svc.accounts.for_user(user)
     if not recipient.devices:
@@ -171,7 +199,8 @@ async def login(request: Request) -> Response:
                 403,
                 "recovery_required",
                 "no phone is enrolled on this account any more, and a password alone cannot "
-                "add one: ask your administrator for a reset link",
+                "add one: sign in with a recovery code, or ask your administrator for a reset "
+                "link",
             )
 
     login_token = new_token()
@@ -201,6 +230,40 @@ async def login(request: Request) -> Response:
     )
     set_cookie(response, request, LOGIN_COOKIE, login_token, svc.settings.approval_ttl + 300)
     metrics.LOGINS.labels("approval_required").inc()
+    return response
+
+
+async def _passkey_required(svc: Services, user: User) -> bool:
+    """Whether the password may not lead to the phone for this user: passkeys may sign in
+    on their own, an account with one must use it (TAPPROVE_PASSKEY_ALLOWS_PUSH=false), and
+    this one has one. Only then is the database asked."""
+    settings = svc.settings
+    if settings.passkey_allows_push or not settings.passkey_login:
+        return False
+    async with svc.db() as db:
+        return await has_passkey(db, user.id)
+
+
+async def recovery_login(request: Request) -> Response:
+    """POST /api/login/recovery: the password and a recovery code sign in, once per code.
+
+    The way back after losing every phone: no approval is asked for (the lost phone must
+    not be the one to answer), the session lands on the account page to add a new phone,
+    and the owner is mailed. Limits: the sign-in budgets of `POST /api/login`, then
+    app.recovery's own for wrong codes.
+    """
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    body = await read_body(request, RecoveryLoginBody)
+    trusted = await _trusted_browser(svc, request)
+    user = await _password_checked(svc, request, body.email, body.password, trusted)
+    left = await recovery.sign_in_with_code(
+        svc, user, body.code, context=request_context(request)
+    )
+    token = await svc.sessions.create(user.id, approved_with_recovery_code=True)
+    response = json({"status": "authenticated", "recovery_codes_left": left})
+    set_cookie(response, request, SESSION_COOKIE, token, None)
+    metrics.LOGINS.labels("recovery_code").inc()
     return response
 
 
@@ -402,6 +465,16 @@ async def enter_code(request: Request) -> Response:
     return json({"status": "approved"})
 
 
+async def enter_passcode(request: Request) -> Response:
+    """POST /api/login/<id>/passcode: approve with an offline passcode from the phone."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    approval = await _pending(request)
+    body = await read_body(request, CodeBody)
+    await passcodes.approve_with_passcode(svc, approval, body.code, ip=client_ip(request))
+    return json({"status": "approved"})
+
+
 async def logout(request: Request) -> Response:
     """POST /api/logout: end the server-side session."""
     svc = services(request)
@@ -427,11 +500,13 @@ async def logout(request: Request) -> Response:
 
 routes: list[BaseRoute] = [
     Route("/api/login", login, methods=["POST"]),
+    Route("/api/login/recovery", recovery_login, methods=["POST"]),
     Route("/api/login/{approval_id}", login_status, methods=["GET"]),
     Route("/api/login/{approval_id}/complete", complete, methods=["POST"]),
     Route("/api/login/{approval_id}/resend", resend, methods=["POST"]),
     Route("/api/login/{approval_id}/sms", send_sms, methods=["POST"]),
     Route("/api/login/{approval_id}/code", enter_code, methods=["POST"]),
+    Route("/api/login/{approval_id}/passcode", enter_passcode, methods=["POST"]),
     Route("/api/logout", logout, methods=["POST"]),
     WebSocketRoute("/ws/login/{approval_id}", login_stream),
 ]

@@ -19,6 +19,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from app import passcodes
 from app.approval.answer import decide
 from app.approval.errors import ApprovalError
 from app.core.signatures import peek_aid
@@ -47,6 +48,8 @@ class ConnectedDevice:
     id: str
     user_id: str
     public_jwk: str
+    # It has not confirmed an offline-passcode seed yet: one is offered after `ready`.
+    passcode_seed_pending: bool = False
 
 
 class _BadMessage(Exception):
@@ -172,6 +175,13 @@ class DeviceConnection:
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
 
+    async def offer_passcode_seed(self) -> None:
+        """Send the offline-passcode seed this device has yet to confirm (on every connection
+        until it sends `passcode_seed_ack`, so a crash between the two loses nothing)."""
+        seed = await passcodes.seed_to_deliver(self.svc, self.device.id)
+        if seed is not None:
+            await self.send({"type": "passcode_seed", "passcode": seed})
+
     async def offer_pending(self) -> None:
         approval = await self.svc.approvals.pending_for_user(self.device.user_id)
         if approval is not None:
@@ -198,6 +208,8 @@ class DeviceConnection:
                 await self.on_ack(frame)
             elif kind == "decision":
                 await self.on_decision(frame)
+            elif kind == "passcode_seed_ack":
+                await passcodes.seed_confirmed(self.svc, self.device.id)
             elif kind == "auth":
                 continue  # a repeated auth frame is harmless
             else:
@@ -266,6 +278,8 @@ async def device_socket(websocket: WebSocket) -> None:
         listening = True
         await connection.send({"type": "ready", "device_id": device.id})
         await connection.offer_pending()
+        if device.passcode_seed_pending:
+            await connection.offer_passcode_seed()
         close_code = await connection.serve_frames()
     except WebSocketDisconnect:
         pass

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from app import passcodes
 from app.approval.answer import decide
 from app.approval.errors import NotFound
 from app.approval.waiting import as_of_now
@@ -187,6 +188,8 @@ async def create_enrollment(request: Request) -> Response:
                 restricted=session.restricted,
                 approved_with_device=session.approved_with_device,
                 approved_with_sms=session.approved_with_sms,
+                approved_with_recovery_code=session.approved_with_recovery_code,
+                signed_in_with_passkey=session.signed_in_with_passkey,
             )
         except EnrollmentRefused as refused:
             raise ApiError(403, "not_allowed", refused.message) from None
@@ -201,7 +204,8 @@ async def create_enrollment(request: Request) -> Response:
             detail={"kind": kind},
             now=now,
         )
-        if kind == "recovery":
+        # A recovery code was mailed about when it was used; an SMS code is mailed about here.
+        if kind == "recovery" and session.approved_with_sms:
             notice = notices.account_recovery(
                 svc.settings, db, user, method="sms", context=request_context(request), now=now
             )
@@ -249,6 +253,8 @@ async def enroll_device(request: Request) -> Response:
             if body.push
             else (None, None)
         )
+        # The offline-passcode seed travels in this answer: the device confirms it by having it.
+        sealed_seed, passcode = passcodes.new_device_seed(svc, device_id)
         device = Device(
             id=device_id,
             user_id=user_id,
@@ -259,6 +265,8 @@ async def enroll_device(request: Request) -> Response:
             push_provider=push_provider,
             push_token=push_token,
             created_at=to_datetime(now),
+            passcode_seed=sealed_seed,
+            passcode_confirmed_at=to_datetime(now),
         )
         db.add(device)
         context = request_context(request)
@@ -276,7 +284,12 @@ async def enroll_device(request: Request) -> Response:
     await account_changed(svc.redis, svc.keys, user_id)
     await outbox.kick(svc, notice.id)
     return json(
-        {"device_id": device.id, "device_token": token, "user": {"email": user.email}},
+        {
+            "device_id": device.id,
+            "device_token": token,
+            "user": {"email": user.email},
+            "passcode": passcode,
+        },
         status=201,
     )
 

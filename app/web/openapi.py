@@ -19,10 +19,11 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from app.approval.model import END_REASONS
 from app.web.account import AccountUpdate, PhoneBody, PhoneCode
-from app.web.browser import CodeBody, LoginBody
+from app.web.browser import CodeBody, LoginBody, RecoveryLoginBody
 from app.web.devices import DecisionBody, DeviceUpdate, EnrollBody
+from app.web.passkeys import AddPasskeyBody, PasskeyRename, PasskeySignInBody
 from app.web.registration import EmailBody, RegisterBody, TokenBody
-from app.web.relying_party import CreateApproval
+from app.web.relying_party import CreateApproval, PasscodeBody
 
 _PARAM = re.compile(r"{(\w+)(?::\w+)?}")
 _REF = "#/components/schemas/{model}"
@@ -99,7 +100,8 @@ _CHANNELS: Schema = _list(
 _REASON: Schema = {
     "type": ["string", "null"],
     "enum": [*END_REASONS, None],
-    "description": "Why the approval ended; null while pending. approved: device, sms_code; "
+    "description": "Why the approval ended; null while pending. approved: device, sms_code, "
+    "passcode; "
     "denied: denied, fraud, wrong_number, too_many_codes; expired: timeout (nobody answered "
     "in time), superseded (a newer approval for the same user replaced it). "
     "See docs/protocol-additions.md.",
@@ -200,7 +202,18 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         device_id=_STR,
         device_token=_STR,
         user=_obj(["email"], email=_STR),
+        passcode=_ref("PasscodeSeed"),
     ),
+    "PasscodeSeed": {
+        **_obj(
+            ["secret", "digits", "period", "algorithm"],
+            secret={"type": "string", "description": "RFC 4648 base32 of a 160-bit seed"},
+            digits={"const": 6},
+            period={"const": 30},
+            algorithm={"const": "SHA1"},
+        ),
+        "description": "The device's offline-passcode (TOTP, RFC 6238) seed; keep it secret",
+    },
     "TrustedBrowser": _obj(
         ["id", "browser", "os", "ip", "created_at", "expires_at"],
         id=_STR,
@@ -222,6 +235,46 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         restricted={"type": "boolean"},
         devices=_list(_ref("Device")),
         trusted_browsers=_list(_ref("TrustedBrowser")),
+        recovery_codes_left={"type": "integer", "minimum": 0, "maximum": 10},
+        passkeys=_list(_ref("Passkey")),
+        passkeys_enabled={"type": "boolean"},
+        signed_in_with={
+            "type": "string",
+            "enum": [
+                "password",
+                "device",
+                "sms_code",
+                "recovery_code",
+                "passkey",
+                "trusted_browser",
+            ],
+            "description": "How this session was proven (GET only)",
+        },
+    ),
+    "Passkey": _obj(
+        ["id", "name", "created_at", "last_used_at"],
+        id=_STR,
+        name=_STR,
+        created_at=_TIME,
+        last_used_at=_NULLABLE_TIME,
+    ),
+    "PasskeyOptions": _obj(
+        ["publicKey"],
+        publicKey={
+            "type": "object",
+            "description": "PublicKeyCredentialCreationOptions or ...RequestOptions in "
+            "WebAuthn's JSON form (binary members base64url), for navigator.credentials",
+        },
+    ),
+    "RecoveryCodes": _obj(
+        ["codes", "created_at"],
+        codes={**_list({"type": "string", "pattern": "^[0-9a-z]{5}-[0-9a-z]{5}$"}), "minItems": 10},
+        created_at=_TIME,
+    ),
+    "RecoverySignIn": _obj(
+        ["status", "recovery_codes_left"],
+        status={"const": "authenticated"},
+        recovery_codes_left={"type": "integer", "minimum": 0},
     ),
     "AuditEvent": _obj(
         ["at", "kind"],
@@ -312,11 +365,55 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             ),
             401: "invalid_credentials (unknown email and wrong password alike)",
             403: "email_not_verified; recovery_required (every device is gone and no SMS code "
-            "can be sent: the password alone cannot add one); or csrf",
+            "can be sent: the password alone cannot add one; a recovery code can, through "
+            "POST /api/login/recovery); passkey_required (the account has a passkey and "
+            "TAPPROVE_PASSKEY_ALLOWS_PUSH=false); or csrf",
             423: "locked after a fraud report",
             429: _RATE,
         },
         body=LoginBody,
+    ),
+    ("POST", "/api/login/recovery"): Operation(
+        {
+            200: Reply(
+                "Signed in with the password and a recovery code (used up now); the session "
+                "may add a phone once every phone is gone",
+                "RecoverySignIn",
+                headers=("Set-Cookie",),
+            ),
+            400: "invalid_code (wrong, used or malformed recovery code)",
+            401: "invalid_credentials (unknown email and wrong password alike)",
+            403: "email_not_verified, or csrf",
+            423: "locked after a fraud report",
+            429: "rate_limited: the sign-in budgets, or 10 wrong codes per account an hour",
+        },
+        body=RecoveryLoginBody,
+    ),
+    ("POST", "/api/login/passkey/options"): Operation(
+        {
+            200: Reply(
+                "Options for a usernameless navigator.credentials.get() (a single-use "
+                "challenge, 5 minutes, user verification required)",
+                "PasskeyOptions",
+            ),
+            403: "passkeys_disabled (TAPPROVE_PASSKEY_LOGIN=false), or csrf",
+            429: "rate_limited: 100 per IP in 5 minutes (with Retry-After)",
+        },
+    ),
+    ("POST", "/api/login/passkey"): Operation(
+        {
+            200: Reply(
+                "Signed in with the passkey: no password, no phone (session cookie)",
+                "Status",
+                headers=("Set-Cookie",),
+            ),
+            400: "passkey_refused (expired, replayed or foreign challenge; another origin; "
+            "unknown or removed passkey; a user handle not the owner's; a bad signature; a "
+            "signature counter that went backwards, which is audited)",
+            403: "passkeys_disabled, or csrf",
+            423: "locked after a fraud report",
+        },
+        body=PasskeySignInBody,
     ),
     ("GET", "/api/login/{approval_id}"): Operation(
         {
@@ -369,6 +466,20 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         body=CodeBody,
         auth=LOGIN,
     ),
+    ("POST", "/api/login/{approval_id}/passcode"): Operation(
+        {
+            200: Reply("Approved with an offline passcode from the phone", "Decision"),
+            400: "invalid_code (the same for every wrong code, and for a user without a "
+            "device; after 5 on one approval it is denied, with status denied)",
+            403: "not_allowed",
+            404: "not_found",
+            409: "already_decided",
+            410: "expired",
+            429: "rate_limited: 10 wrong passcodes per user in 15 minutes (with Retry-After)",
+        },
+        body=CodeBody,
+        auth=LOGIN,
+    ),
     ("POST", "/api/logout"): Operation({200: Reply("The session has ended", "Status")}),
     # --- account (session)
     ("GET", "/api/account"): Operation(
@@ -386,6 +497,52 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {
             200: Reply("The user's recent audit events, newest first", "Activity"),
             401: "unauthorized",
+        },
+        auth=SESSION,
+    ),
+    ("POST", "/api/account/recovery-codes"): Operation(
+        {
+            201: Reply("A new set of codes, shown only in this answer", "RecoveryCodes"),
+            401: "unauthorized",
+            403: "not_allowed: needs a sign-in approved on a phone, or with a passkey",
+        },
+        auth=SESSION,
+    ),
+    ("POST", "/api/account/passkeys/options"): Operation(
+        {
+            200: Reply(
+                "Options for navigator.credentials.create(): discoverable credential, user "
+                "verification required, ES256 or RS256, the user's passkeys excluded",
+                "PasskeyOptions",
+            ),
+            401: "unauthorized",
+            403: "not_allowed (needs a sign-in approved on a phone, or with a passkey), "
+            "passkeys_disabled, or csrf",
+        },
+        auth=SESSION,
+    ),
+    ("POST", "/api/account/passkeys"): Operation(
+        {
+            201: Reply("The passkey was added (the owner is mailed)", "Passkey"),
+            400: "passkey_refused (expired or replayed challenge, another origin, no user "
+            "verification, an algorithm other than ES256/RS256, a malformed answer)",
+            401: "unauthorized",
+            403: "not_allowed, passkeys_disabled, or csrf",
+            409: "passkey_exists: this credential is already registered",
+        },
+        body=AddPasskeyBody,
+        auth=SESSION,
+    ),
+    ("PATCH", "/api/account/passkeys/{passkey_id}"): Operation(
+        {200: Reply("Renamed", "Passkey"), 401: "unauthorized", 404: "not_found"},
+        body=PasskeyRename,
+        auth=SESSION,
+    ),
+    ("DELETE", "/api/account/passkeys/{passkey_id}"): Operation(
+        {
+            200: Reply("Removed: it no longer signs in", "Status"),
+            401: "unauthorized",
+            404: "not_found",
         },
         auth=SESSION,
     ),
@@ -494,6 +651,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 {"type": "number", "minimum": 0, "maximum": 30},
             ),
         ),
+    ),
+    ("POST", "/api/v1/approvals/{approval_id}/passcode"): Operation(
+        {
+            200: Reply("Approved with an offline passcode the person typed", "Decision"),
+            400: "invalid_code (after 5 on one approval it is denied, with status denied)",
+            401: "unauthorized",
+            404: "not_found (also another key's approval)",
+            409: "already_decided",
+            410: "expired",
+            429: "rate_limited: 10 wrong passcodes per user in 15 minutes (with Retry-After)",
+        },
+        body=PasscodeBody,
+        auth=RP_KEY,
     ),
     # --- pages
     ("GET", "/"): _PAGE,

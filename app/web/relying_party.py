@@ -10,16 +10,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from app import passcodes
 from app.approval.errors import NotFound, UnknownUser
 from app.approval.model import PendingApproval
+from app.approval.rules import require_pending
 from app.approval.start import start_approval
-from app.approval.waiting import wait_for_end
+from app.approval.waiting import as_of_now, wait_for_end
 from app.core.clock import rfc3339
 from app.core.errors import ApiError
 from app.core.tokens import hash_token
 from app.db.accounts import get_api_key_by_plaintext
 from app.db.models import ApiKey
-from app.web.common import bearer, json, plausible_id, request_context, services
+from app.web.common import bearer, client_ip, json, plausible_id, request_context, services
 from app.web.errors import StrictBody, read_body
 
 MAX_WAIT = 30
@@ -34,6 +36,10 @@ class RpContext(StrictBody):
     user_agent: str | None = Field(default=None, max_length=512)
     browser: str | None = Field(default=None, max_length=100)
     os: str | None = Field(default=None, max_length=100)
+
+
+class PasscodeBody(StrictBody):
+    passcode: str = Field(min_length=1, max_length=32)
 
 
 class CreateApproval(StrictBody):
@@ -145,7 +151,27 @@ async def status(request: Request) -> Response:
     return json(_rp_json(approval))
 
 
+async def passcode(request: Request) -> Response:
+    """POST /api/v1/approvals/<id>/passcode: approve with a passcode the person read off
+    their phone (offline) and typed into the relying party."""
+    svc = services(request)
+    key = await _api_key(request)
+    body = await read_body(request, PasscodeBody)
+    approval_id = request.path_params["approval_id"]
+    approval = await svc.approvals.get(approval_id) if plausible_id(approval_id) else None
+    if approval is None or approval.api_key_id != key.id:
+        raise NotFound()
+    # One past its deadline ends as expired now (and its backoff counts) rather than later.
+    approval = await as_of_now(svc, approval)
+    if approval is None:
+        raise NotFound()
+    require_pending(approval.status)
+    await passcodes.approve_with_passcode(svc, approval, body.passcode, ip=client_ip(request))
+    return json({"status": "approved"})
+
+
 routes: list[BaseRoute] = [
     Route("/api/v1/approvals", create, methods=["POST"]),
     Route("/api/v1/approvals/{approval_id}", status, methods=["GET"]),
+    Route("/api/v1/approvals/{approval_id}/passcode", passcode, methods=["POST"]),
 ]

@@ -47,7 +47,7 @@ async def fill_sign_in(page: Page, email: str, *, remember: bool = False) -> Non
 
 async def sign_in(page: Page, email: str, *, remember: bool = False) -> None:
     await fill_sign_in(page, email, remember=remember)
-    await page.get_by_role("button", name="Sign in").click()
+    await page.get_by_role("button", name="Sign in", exact=True).click()
 
 
 async def sign_out(page: Page, server: LiveServer) -> None:
@@ -151,7 +151,7 @@ async def test_full_journey_from_registration_to_an_approved_sign_in(
     await sign_out(web, server)
     await fill_sign_in(web, email)
     await browsers.shot(web, "08-login")
-    await web.get_by_role("button", name="Sign in").click()
+    await web.get_by_role("button", name="Sign in", exact=True).click()
     number = await waiting_number(web)
     await expect(web.get_by_test_id("channel-status")).to_contain_text("delivered")
     await browsers.shot(web, "09-waiting-with-number")
@@ -199,7 +199,7 @@ async def test_a_denied_request_ends_with_a_plain_message_and_try_again(
     await browsers.shot(phone, "03-phone-denied")
 
     await web.get_by_role("button", name="Try again").click()
-    await expect(web.get_by_role("button", name="Sign in")).to_be_visible()
+    await expect(web.get_by_role("button", name="Sign in", exact=True)).to_be_visible()
     await expect(web.get_by_label("Email")).to_have_value("deny@example.com")
     await expect(web.get_by_label("Password")).to_have_value("")
     await browsers.shot(web, "04-try-again")
@@ -226,7 +226,7 @@ async def test_an_unanswered_request_expires_with_a_plain_message_and_try_again(
     await browsers.shot(phone, "03-phone-expired")
 
     await web.get_by_role("button", name="Try again").click()
-    await expect(web.get_by_role("button", name="Sign in")).to_be_visible()
+    await expect(web.get_by_role("button", name="Sign in", exact=True)).to_be_visible()
     await browsers.shot(web, "04-try-again")
 
 

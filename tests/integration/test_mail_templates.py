@@ -1,10 +1,11 @@
 """Every mail template, rendered with the payload its real caller builds and delivered through
 a real SMTP server; a security notice that can never be sent is logged as an error.
 
-The callers are the real ones: registration and enrollment through their routes, a fraud
-report from a phone, and the notices module for the ways back after losing every phone. No
-payload is written by hand, so a template that uses a field its caller does not pass (under
-StrictUndefined) fails here instead of dead-lettering every notice in production.
+The callers are the real ones: registration, enrollment and a recovery-code sign-in through
+their routes, a fraud report from a phone, and the notices module for the ways back after
+losing every phone. No payload is written by hand, so a template that uses a field its caller
+does not pass (under StrictUndefined) fails here instead of dead-lettering every notice in
+production.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
 import app as app_package
+from app import recovery
 from app.approval.model import ApprovalContext
 from app.core.clock import ManualClock
 from app.core.signatures import device_public_jwk
@@ -27,6 +29,7 @@ from app.db.models import OutboxMessage, User
 from app.delivery import notices
 from app.delivery.mail import TEMPLATES
 from app.delivery.outbox import kick
+from tests.fakes.authenticator import SoftAuthenticator
 from tests.fixtures.app import Phone
 from tests.fixtures.mail import MailApp, MailAppFactory, Received, SmtpServer
 from tests.security.harness import quick_hash
@@ -96,6 +99,34 @@ async def report_fraud(app: MailApp, email: str, phone: Phone) -> None:
     assert denied.status_code == 200 and denied.json() == {"status": "denied"}, denied.text
 
 
+async def add_passkey_over_http(app: MailApp, user: User) -> None:
+    """The owner, signed in with the phone, adds a passkey on the account page."""
+    browser = app.client_from(CLIENT_IP)
+    browser.headers.update({"Origin": app.settings.public_url, "User-Agent": CHROME})
+    token = await app.services.sessions.create(user.id, approved_with_device=True)
+    browser.cookies.set("tapprove_session", token)
+    options = await browser.post("/api/account/passkeys/options")
+    assert options.status_code == 200, options.text
+    credential = SoftAuthenticator(app.settings.public_url).create(options.json()["publicKey"])
+    added = await browser.post(
+        "/api/account/passkeys", json={"credential": credential, "name": "Laptop <1>"}
+    )
+    assert added.status_code == 201, added.text
+
+
+async def sign_in_with_recovery_code(app: MailApp, user: User) -> None:
+    """The owner issues codes, then signs in with one from a browser."""
+    async with app.services.db() as db:
+        codes = await recovery.issue(db, user.id, now=app.services.clock.now())
+        await db.commit()
+    browser = app.client_from(CLIENT_IP)
+    browser.headers.update({"Origin": app.settings.public_url, "User-Agent": CHROME})
+    signed_in = await browser.post(
+        "/api/login/recovery", json={"email": user.email, "password": PASSWORD, "code": codes[0]}
+    )
+    assert signed_in.status_code == 200, signed_in.text
+
+
 async def settled_rows(app: MailApp, count: int) -> list[OutboxMessage]:
     """The outbox rows once `count` of them exist and none is still queued or processing."""
     deadline = time.monotonic() + 30
@@ -134,8 +165,11 @@ async def test_every_template_is_rendered_from_its_callers_payload_and_delivered
         "/api/register", json={"email": "ada@example.com", "password": "another password"}
     )
     assert taken.status_code == 202, taken.text
-    # A phone enrolls, then reports a sign-in as fraud.
+    # A phone enrolls; a recovery code signs in (through its route); then the phone reports
+    # a sign-in as fraud.
     phone = await enroll_over_http(app, ada)
+    await add_passkey_over_http(app, ada)
+    await sign_in_with_recovery_code(app, ada)
     await report_fraud(app, "ada@example.com", phone)
     # The ways back after losing every phone, queued as their callers queue them.
     now = svc.clock.now()
@@ -155,7 +189,7 @@ async def test_every_template_is_rendered_from_its_callers_payload_and_delivered
     for message in queued:
         await kick(svc, message.id)
 
-    rows = await settled_rows(app, 6)
+    rows = await settled_rows(app, 8)
 
     assert [(r.template, r.status, r.last_error) for r in rows if r.status != "sent"] == []
     # Every template there is was sent at least once; a new one must join this test.
@@ -183,6 +217,16 @@ async def test_every_template_is_rendered_from_its_callers_payload_and_delivered
     [by_sms] = by_subject(mails, "A phone is being added after a sign-in with an SMS code")
     assert "ending in 71" in one_line(by_sms.text) and "Chrome 131 on Linux" in by_sms.text
     assert f"From IP: {CLIENT_IP}" in one_line(by_sms.text)
+    [passkey] = by_subject(mails, "A passkey was added to your account")
+    text = one_line(passkey.text)
+    assert "Name: Laptop <1>" in text and f"From IP: {CLIENT_IP}" in text, passkey.text
+    assert "Browser: Chrome 131 on Linux" in text and "Laptop &lt;1&gt;" in passkey.part("html")
+    [by_code] = by_subject(mails, "A recovery code was used to sign in to your account")
+    text = one_line(by_code.text)
+    assert "9 of your codes are left" in text and f"From IP: {CLIENT_IP}" in text, by_code.text
+    assert "Chrome 131 on Linux" in text and "9 of your codes are left" in one_line(
+        by_code.part("html")
+    )
     [reset] = by_subject(mails, "The phones on your account were reset")
     assert "removed the 2 device(s)" in one_line(reset.text)
     assert "removed the 2 device(s)" in one_line(reset.part("html"))

@@ -225,3 +225,41 @@ async def test_0003_remembers_every_device_an_account_ever_had(any_db_url: str) 
         "new": (None, 0),
     }
     assert kind == "first_device"  # a code in flight is held to the strictest rule
+
+
+async def test_0005_leaves_devices_enrolled_before_without_a_seed(any_db_url: str) -> None:
+    # They get one over their socket on the next connection (docs/protocol-additions.md).
+    settings = Settings(database_url=any_db_url)
+    await migrate.upgrade_async(settings, "0003")
+    engine = engine_from_url(any_db_url, pooled=False)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO \"user\" (id, email, password_hash, email_verified,"
+                    " phone_verified, sms_fallback, locked, created_at, device_enrollments)"
+                    " VALUES ('u', 'u@example.com', 'x', true, false, true, false,"
+                    " '2026-01-01', 1)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO device (id, user_id, name, platform, public_jwk, token_hash,"
+                    " created_at) VALUES ('d', 'u', 'Pixel', 'android', '{}', 'h', '2026-01-02')"
+                )
+            )
+
+        await migrate.upgrade_async(settings)
+
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT name, passcode_seed, passcode_confirmed_at, passcode_last_step"
+                        " FROM device"
+                    )
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    assert tuple(row) == ("Pixel", None, None, None)

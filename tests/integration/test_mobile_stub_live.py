@@ -18,7 +18,16 @@ import httpx
 import pytest
 
 from app.db.accounts import create_api_key, get_user_by_email, list_active_devices
-from mobile_stub import Backoff, Decision, DeviceState, EnrollTarget, PhoneClient, enroll
+from mobile_stub import (
+    Backoff,
+    Decision,
+    DeviceState,
+    EnrollTarget,
+    PhoneClient,
+    enroll,
+    load_state,
+    save_state,
+)
 from mobile_stub.cli import Output, event_printer
 from mobile_stub.client import Decider
 from tests.fixtures.app import LiveServer
@@ -177,3 +186,77 @@ async def test_the_command_line_enrolls_as_web_and_names_the_real_os(
         devices = {d.id: d for d in await list_active_devices(db, user.id)}
     assert devices[device_id].platform == "web"  # the contract allows android, ios, web only
     assert devices[device_id].name.startswith(f"mobile_stub on {platform.system()} (")
+
+
+def stub(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m mobile_stub ARGS` as a person runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "mobile_stub", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+async def test_the_passcode_command_shows_a_code_that_signs_in_with_no_network(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    state = await enrolled(server, "offline@example.com")
+    assert len(state.passcode_secret) == 32  # from the enrollment answer
+    path = tmp_path / "phone.json"
+    save_state(path, state)
+    started = await server.login(browser := server.browser(), "offline@example.com")
+    assert started.status_code == 202, started.text
+
+    # The stub computes the code from its state file alone: no server is asked.
+    shown = await asyncio.to_thread(stub, "passcode", "--state", str(path), "--json")
+    assert shown.returncode == 0, shown.stderr
+    printed = json.loads(shown.stdout)
+    assert set(printed) == {"passcode", "expires_in"} and 1 <= printed["expires_in"] <= 30
+    human = await asyncio.to_thread(stub, "passcode", "--state", str(path))
+    assert human.stdout.startswith(f"{printed['passcode'][:3]} {printed['passcode'][3:]}  (")
+
+    approval_id = started.json()["approval_id"]
+    # Typed a moment later, maybe in the next 30 s step: one step of drift is allowed.
+    answer = await browser.post(
+        f"/api/login/{approval_id}/passcode", json={"code": printed["passcode"]}
+    )
+    assert (answer.status_code, answer.json()) == (200, {"status": "approved"})
+
+
+async def test_an_older_state_file_gets_its_seed_over_the_socket_and_keeps_it(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    state = await enrolled(server, "older@example.com")
+    secret = state.passcode_secret
+    # A state file from before passcodes, of a device the server has not given a seed yet.
+    older = DeviceState(**{**state.__dict__, "passcode_secret": ""})
+    path = tmp_path / "phone.json"
+    save_state(path, older)
+    without = await asyncio.to_thread(stub, "passcode", "--state", str(path), "--json")
+    assert without.returncode == 2 and json.loads(without.stdout)["error"] == "usage"
+    async with server.services.db() as db:
+        user = await get_user_by_email(db, "older@example.com")
+        assert user is not None
+        [device] = await list_active_devices(db, user.id)
+        device.passcode_seed = None
+        device.passcode_confirmed_at = None
+        db.add(device)
+        await db.commit()
+
+    def keep(updated: DeviceState) -> None:
+        save_state(path, updated, overwrite=True)
+
+    async with PhoneClient(older, backoff=FAST, keep_seed=keep) as phone, phone.running(None):
+        await phone.wait_for("ready")
+        event = await phone.wait_for("passcode_seed")
+    assert event == {"event": "passcode_seed", "stored": True}  # the seed is never printed
+    kept = load_state(path)
+    assert kept.passcode_secret and kept.passcode_secret != secret  # a new seed, kept
+    async with server.services.db() as db:
+        [device] = await list_active_devices(db, device.user_id)
+        assert device.passcode_confirmed_at is not None  # acked after it was stored
+    shown = await asyncio.to_thread(stub, "passcode", "--state", str(path), "--json")
+    assert shown.returncode == 0, shown.stdout

@@ -18,7 +18,9 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app.core.signatures import device_public_jwk
+from app.core.tokens import b64url
 from app.db.accounts import create_enrollment_code
+from tests.fakes.authenticator import SoftAuthenticator
 from tests.fixtures.app import PASSWORD, LiveServer
 from tests.security.harness import (
     Person,
@@ -111,8 +113,57 @@ async def _login(t: Target) -> dict[str, Any]:
     return {"email": t.who.email, "password": PASSWORD, "remember_browser": False}
 
 
+async def _recovery_login(t: Target) -> dict[str, Any]:
+    return {"email": t.who.email, "password": PASSWORD, "code": "abcde-fghjk"}
+
+
 async def _code(t: Target) -> dict[str, Any]:
     return {"code": "123456"}
+
+
+async def _passcode(t: Target) -> dict[str, Any]:
+    return {"passcode": "123456"}
+
+
+# The authenticator holding each person's passkey (one per user id), for the bodies below.
+_AUTHENTICATORS: dict[str, SoftAuthenticator] = {}
+
+
+async def _creation_options(t: Target) -> dict[str, Any]:
+    """What `POST /api/account/passkeys/options` gives, its challenge issued directly (the
+    options route has a per-IP budget the hostile-input tests would spend)."""
+    settings = t.server.settings
+    challenge = await t.server.services.webauthn.issue("register", user_id=t.who.user_id, ttl=300)
+    return {
+        "rp": {"id": settings.webauthn_rp_id},
+        "user": {"id": b64url(t.who.user_id.encode())},
+        "challenge": b64url(challenge),
+    }
+
+
+async def _new_passkey(t: Target) -> dict[str, Any]:
+    authenticator = _AUTHENTICATORS.setdefault(t.who.user_id, SoftAuthenticator(t.server.origin))
+    return {"credential": authenticator.create(await _creation_options(t)), "name": "Laptop"}
+
+
+async def add_passkey(t: Target) -> str:
+    """Give the target's person a passkey through the route; its id."""
+    added = await t.who.session.post("/api/account/passkeys", json=await _new_passkey(t))
+    assert added.status_code == 201, added.text
+    passkey_id: str = added.json()["id"]
+    return passkey_id
+
+
+async def _passkey_answer(t: Target) -> dict[str, Any]:
+    if t.who.user_id not in _AUTHENTICATORS:
+        await add_passkey(t)
+    challenge = await t.server.services.webauthn.issue("login", user_id=None, ttl=300)
+    options = {"rpId": t.server.settings.webauthn_rp_id, "challenge": b64url(challenge)}
+    return {"credential": _AUTHENTICATORS[t.who.user_id].get(options)}
+
+
+async def _passkey_name(t: Target) -> dict[str, Any]:
+    return {"name": "Renamed laptop"}
 
 
 async def _sms_fallback(t: Target) -> dict[str, Any]:
@@ -181,6 +232,25 @@ ROUTES: list[RouteSpec] = [
         outcomes=frozenset({202, 401, 429}),
         csrf=True,
     ),
+    RouteSpec(
+        "POST",
+        "/api/login/recovery",
+        "none",
+        _recovery_login,
+        ok=400,
+        outcomes=frozenset({400, 401, 429}),
+        csrf=True,
+    ),
+    RouteSpec("POST", "/api/login/passkey/options", "none", csrf=True),
+    RouteSpec(
+        "POST",
+        "/api/login/passkey",
+        "none",
+        _passkey_answer,
+        optional=frozenset({"credential.response.userHandle"}),
+        outcomes=frozenset({400}),
+        csrf=True,
+    ),
     RouteSpec("GET", "/api/login/{approval_id}", "login"),
     RouteSpec("POST", "/api/login/{approval_id}/complete", "login", ok=409, csrf=True),
     RouteSpec("POST", "/api/login/{approval_id}/resend", "login", ok=202, csrf=True),
@@ -192,6 +262,15 @@ ROUTES: list[RouteSpec] = [
         _code,
         ok=400,
         outcomes=frozenset({400, 409, 410}),
+        csrf=True,
+    ),
+    RouteSpec(
+        "POST",
+        "/api/login/{approval_id}/passcode",
+        "login",
+        _code,
+        ok=400,
+        outcomes=frozenset({400, 409, 410, 429}),
         csrf=True,
     ),
     RouteSpec("POST", "/api/logout", "session", csrf=True),
@@ -207,6 +286,27 @@ ROUTES: list[RouteSpec] = [
     ),
     RouteSpec("DELETE", "/api/account/trusted-browsers/{browser_id}", "session", ok=404, csrf=True),
     RouteSpec("GET", "/api/account/activity", "session"),
+    RouteSpec("POST", "/api/account/recovery-codes", "session", ok=201, csrf=True),
+    RouteSpec("POST", "/api/account/passkeys/options", "session", csrf=True),
+    RouteSpec(
+        "POST",
+        "/api/account/passkeys",
+        "session",
+        _new_passkey,
+        optional=frozenset({"name"}),
+        ok=201,
+        outcomes=frozenset({201, 400, 409}),
+        csrf=True,
+    ),
+    RouteSpec(
+        "PATCH",
+        "/api/account/passkeys/{passkey_id}",
+        "session",
+        _passkey_name,
+        outcomes=frozenset({200}),
+        csrf=True,
+    ),
+    RouteSpec("DELETE", "/api/account/passkeys/{passkey_id}", "session", csrf=True),
     RouteSpec(
         "POST",
         "/api/account/phone",
@@ -271,6 +371,14 @@ ROUTES: list[RouteSpec] = [
         outcomes=frozenset({201, 404}),
     ),
     RouteSpec("GET", "/api/v1/approvals/{approval_id}", "api_key"),
+    RouteSpec(
+        "POST",
+        "/api/v1/approvals/{approval_id}/passcode",
+        "api_key",
+        _passcode,
+        ok=400,
+        outcomes=frozenset({400, 409, 410, 429}),
+    ),
     # pages and their static files
     RouteSpec("GET", "/", "none"),
     RouteSpec("GET", "/register", "none"),
@@ -321,8 +429,11 @@ async def target(server: LiveServer, spec: RouteSpec, who: Person | None = None)
         params["device_id"] = spare.device_id
     if "{browser_id}" in spec.path:
         params["browser_id"] = "0" * 32
-    url = spec.path.format(**params) if spec.method != "MOUNT" else "/static/app.css"
-    return Target(spec, server, who, client, url, headers, approval)
+    made = Target(spec, server, who, client, "", headers, approval)
+    if "{passkey_id}" in spec.path:
+        params["passkey_id"] = await add_passkey(made)
+    made.url = spec.path.format(**params) if spec.method != "MOUNT" else "/static/app.css"
+    return made
 
 
 def string_leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

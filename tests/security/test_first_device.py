@@ -33,7 +33,7 @@ from app.core.signatures import device_public_jwk
 from app.db.models import AuditEvent, Device, User
 from tests.fakes import wait_until
 from tests.fakes.twilio import FakeTwilio
-from tests.fixtures.app import LiveServer, Phone, ServerFactory
+from tests.fixtures.app import PASSWORD, LiveServer, Phone, ServerFactory
 from tests.fixtures.mail import Received, SmtpServer
 from tests.integration.test_push_delivery import providers_for
 from tests.security.harness import add_user, decide, device_view, unique_email
@@ -48,6 +48,7 @@ WAIT = 30.0
 
 DEVICE_ADDED = "A new device was added to your account"
 SMS_RECOVERY = "A phone is being added after a sign-in with an SMS code"
+CODE_RECOVERY = "A recovery code was used to sign in to your account"
 RESET = "The phones on your account were reset"
 
 
@@ -403,6 +404,136 @@ async def test_an_operator_reset_link_enrolls_a_phone_without_signing_in(
     assert [d.id for d in await active_devices(server, who.email)] == [phone.device_id]
     assert_device_added_mail(await mail_to(world.smtp, who.email, DEVICE_ADDED, nth=1))
     await sign_in_on(server, who.email, phone)
+
+
+async def recovery_codes(browser: httpx.AsyncClient) -> list[str]:
+    """A new set from the account page (a session approved on the phone)."""
+    made = await browser.post("/api/account/recovery-codes")
+    assert made.status_code == 201, made.text
+    codes: list[str] = made.json()["codes"]
+    return codes
+
+
+async def sign_in_with_code(server: LiveServer, email: str, code: str) -> httpx.Response:
+    browser = server.browser()
+    return await browser.post(
+        "/api/login/recovery", json={"email": email, "password": PASSWORD, "code": code}
+    )
+
+
+async def test_with_every_phone_gone_a_recovery_code_signs_in_once_and_adds_one_phone(
+    world: World,
+) -> None:
+    server = world.server
+    who = await owner(world)
+    codes = await recovery_codes(await sign_in_on(server, who.email, who.phone))
+    assert len(codes) == 10 and all(re.fullmatch(r"[0-9a-z]{5}-[0-9a-z]{5}", c) for c in codes)
+    await revoke(server, who, "device")
+    texts = len(world.twilio.requests)
+    assert (await server.login(server.browser(), who.email)).status_code == 403
+
+    # Typed as a person might: upper case, a space for the hyphen.
+    signed_in = await sign_in_with_code(server, who.email, codes[3].upper().replace("-", " "))
+
+    assert signed_in.status_code == 200, signed_in.text
+    assert signed_in.json() == {"status": "authenticated", "recovery_codes_left": 9}
+    browser = server.browser(cookies=signed_in.cookies)
+    account = (await browser.get("/api/account")).json()
+    assert (account["signed_in_with"], account["recovery_codes_left"]) == ("recovery_code", 9)
+    told = await mail_to(world.smtp, who.email, CODE_RECOVERY)
+    assert "9 of your codes are left" in " ".join(told.text.split()), told.text
+    assert "127.0.0.1" in told.text and len(world.twilio.requests) == texts
+    # Once: the same code again is refused, however it is typed.
+    again = await sign_in_with_code(server, who.email, codes[3])
+    assert again.status_code == 400 and again.json()["error"] == "invalid_code"
+    # The way back adds one phone (the owner was mailed at the sign-in, not again now).
+    made = [await new_code(browser), await new_code(browser)]
+    phone = await enroll(server, made[0])
+    late = await enroll_request(server, made[1], ec.generate_private_key(ec.SECP256R1()))
+    assert late.status_code == 400
+    assert [d.id for d in await active_devices(server, who.email)] == [phone.device_id]
+    # Nor can it mint itself new codes: that needs the phone.
+    refused = await browser.post("/api/account/recovery-codes")
+    assert refused.status_code == 403 and refused.json()["error"] == "not_allowed"
+    assert "login.recovery_code" in await audit_kinds(server, who.email)
+    await sign_in_on(server, who.email, phone)
+
+
+async def test_a_recovery_code_with_the_lost_phone_still_enrolled_asks_to_revoke_it_first(
+    world: World,
+) -> None:
+    server = world.server
+    who = await owner(world)
+    codes = await recovery_codes(await sign_in_on(server, who.email, who.phone))
+
+    signed_in = await sign_in_with_code(server, who.email, codes[0])
+
+    assert signed_in.status_code == 200, signed_in.text
+    browser = server.browser(cookies=signed_in.cookies)
+    refused = await browser.post("/api/devices/enrollments")
+    assert refused.status_code == 403 and "revoke the one you lost" in refused.json()["message"]
+    gone = await browser.delete(f"/api/devices/{who.phone.device_id}")
+    assert gone.status_code == 200, gone.text
+    await enroll(server, await new_code(browser))
+
+
+async def test_a_new_set_of_recovery_codes_ends_the_old_one(world: World) -> None:
+    server = world.server
+    who = await owner(world)
+    browser = await sign_in_on(server, who.email, who.phone)
+    old = await recovery_codes(browser)
+    new = await recovery_codes(browser)
+
+    assert set(old).isdisjoint(new)
+    stale = await sign_in_with_code(server, who.email, old[0])
+    assert stale.status_code == 400 and stale.json()["error"] == "invalid_code"
+    fresh = await sign_in_with_code(server, who.email, new[0])
+    assert fresh.status_code == 200 and fresh.json()["recovery_codes_left"] == 9
+
+
+async def test_recovery_codes_need_the_password_and_wrong_ones_are_limited(world: World) -> None:
+    server = world.server
+    who = await owner(world)
+    codes = await recovery_codes(await sign_in_on(server, who.email, who.phone))
+    browser = server.browser()
+    wrong_password = await browser.post(
+        "/api/login/recovery", json={"email": who.email, "password": "not it!!", "code": codes[0]}
+    )
+    assert wrong_password.status_code == 401 and wrong_password.json()["error"] == (
+        "invalid_credentials"
+    )
+
+    wrong = [await sign_in_with_code(server, who.email, "abcde-fghjk") for _ in range(10)]
+    assert {(w.status_code, w.json()["error"]) for w in wrong} == {(400, "invalid_code")}
+    limited = await sign_in_with_code(server, who.email, codes[0])
+
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+    async with server.services.db() as db:
+        user = (await db.exec(select(User).where(User.email == who.email))).one()
+    left = await recovery_left(server, user.id)
+    assert left == 10  # the right code was not spent while refused
+
+
+async def recovery_left(server: LiveServer, user_id: str) -> int:
+    from app.db.recovery_codes import codes_left
+
+    async with server.services.db() as db:
+        return await codes_left(db, user_id)
+
+
+async def test_an_operator_issues_recovery_codes_printed_once(world: World, tmp_path: Path) -> None:
+    server = world.server
+    who = await owner(world)
+    await revoke(server, who, "device")
+
+    issued = await run_cli(server, tmp_path, "user", "recovery-codes", who.email.upper(), "--json")
+
+    assert set(issued) == {"email", "codes", "created_at"} and issued["email"] == who.email
+    assert len(issued["codes"]) == 10
+    signed_in = await sign_in_with_code(server, who.email, issued["codes"][9])
+    assert signed_in.status_code == 200, signed_in.text
+    browser = server.browser(cookies=signed_in.cookies)
+    await enroll(server, await new_code(browser))
 
 
 async def run_cli(server: LiveServer, tmp_path: Path, *args: str) -> dict[str, Any]:

@@ -15,6 +15,18 @@ SESSIONS = {
         "approved_with_device": False,
         "approved_with_sms": False,
     },
+    "recovery code": {
+        "restricted": False,
+        "approved_with_device": False,
+        "approved_with_sms": False,
+        "approved_with_recovery_code": True,
+    },
+    "passkey": {
+        "restricted": False,
+        "approved_with_device": False,
+        "approved_with_sms": False,
+        "signed_in_with_passkey": True,
+    },
 }
 
 
@@ -27,12 +39,16 @@ SESSIONS = {
         ("restricted", False, True, None),
         ("trusted browser", False, True, None),
         ("sms", False, True, "recovery"),
+        ("recovery code", False, True, "recovery"),
+        ("passkey", False, True, "passkey"),
         ("device", False, True, "device"),
         # Has one: only a session approved on a device adds another.
         ("restricted", True, True, None),
         ("sms", True, True, None),
+        ("recovery code", True, True, None),
         ("trusted browser", True, True, None),
         ("device", True, True, "device"),
+        ("passkey", True, True, "passkey"),
     ],
 )
 def test_the_kind_of_code_a_session_may_make(
@@ -48,3 +64,9 @@ def test_the_kind_of_code_a_session_may_make(
             decide()
     else:
         assert decide() == kind
+
+
+def test_a_way_back_with_a_lost_phone_still_enrolled_is_told_to_revoke_it_first() -> None:
+    with pytest.raises(EnrollmentRefused) as refused:
+        enrollment_kind(has_device=True, had_second_factor=True, **SESSIONS["recovery code"])
+    assert "revoke the one you lost" in refused.value.message

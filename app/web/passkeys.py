@@ -1,0 +1,222 @@
+"""Passkey routes: the account page adds, renames and removes passkeys (session), and the
+login page signs in with one (no session yet). The rules are app.passkeys'."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from app import metrics, passkeys
+from app.core.errors import ApiError
+from app.db import audit
+from app.db import passkeys as stored
+from app.db.models import Passkey, User
+from app.store.sessions import Session
+from app.web.common import (
+    SESSION_COOKIE,
+    client_ip,
+    current_session,
+    json,
+    plausible_id,
+    request_context,
+    services,
+    set_cookie,
+)
+from app.web.errors import StrictBody, read_body
+from app.web.security import check_csrf
+
+_B64 = 8192  # generous for base64url fields; the whole body is capped at 64 KiB anyway
+
+
+class AttestationResponse(StrictBody):
+    clientDataJSON: str = Field(min_length=1, max_length=_B64)
+    attestationObject: str = Field(min_length=1, max_length=32768)
+
+
+class AssertionResponse(StrictBody):
+    clientDataJSON: str = Field(min_length=1, max_length=_B64)
+    authenticatorData: str = Field(min_length=1, max_length=_B64)
+    signature: str = Field(min_length=1, max_length=2048)
+    userHandle: str | None = Field(default=None, max_length=512)
+
+
+class NewCredential(StrictBody):
+    """What `navigator.credentials.create()` gave, in WebAuthn's JSON form (base64url)."""
+
+    id: str = Field(min_length=1, max_length=1400)
+    rawId: str = Field(min_length=1, max_length=1400)
+    type: Literal["public-key"]
+    response: AttestationResponse
+
+
+class Assertion(StrictBody):
+    """What `navigator.credentials.get()` gave, in WebAuthn's JSON form (base64url)."""
+
+    id: str = Field(min_length=1, max_length=1400)
+    rawId: str = Field(min_length=1, max_length=1400)
+    type: Literal["public-key"]
+    response: AssertionResponse
+
+
+class AddPasskeyBody(StrictBody):
+    credential: NewCredential
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+
+
+class PasskeySignInBody(StrictBody):
+    credential: Assertion
+
+
+class PasskeyRename(StrictBody):
+    name: str = Field(min_length=1, max_length=100)
+
+
+def _strong(session: Session) -> None:
+    """Adding a passkey needs a sign-in approved on a phone, or with a passkey."""
+    if not (session.approved_with_device or session.signed_in_with_passkey):
+        raise ApiError(
+            403,
+            "not_allowed",
+            "adding a passkey needs a sign-in approved on your phone, or with a passkey",
+        )
+
+
+async def _user(request: Request, session: Session) -> User:
+    async with services(request).db() as db:
+        user = await db.get(User, session.user_id)
+    if user is None:
+        raise ApiError(401, "unauthorized", "sign in first")
+    return user
+
+
+async def registration_options(request: Request) -> Response:
+    """POST /api/account/passkeys/options: options for `navigator.credentials.create()`."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    _strong(session)
+    options = await passkeys.registration_options(svc, await _user(request, session))
+    return json({"publicKey": options})
+
+
+async def add_passkey(request: Request) -> Response:
+    """POST /api/account/passkeys: keep the new passkey the browser made; the owner is mailed."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    _strong(session)
+    body = await read_body(request, AddPasskeyBody)
+    passkey = await passkeys.add(
+        svc,
+        await _user(request, session),
+        body.credential.model_dump(exclude_none=True),
+        body.name,
+        context=request_context(request),
+    )
+    return json(passkeys.passkey_json(passkey), status=201)
+
+
+async def _own_passkey(request: Request, session: Session) -> Passkey:
+    passkey_id = request.path_params["passkey_id"]
+    async with services(request).db() as db:
+        passkey = await db.get(Passkey, passkey_id) if plausible_id(passkey_id) else None
+    if passkey is None or passkey.user_id != session.user_id:
+        raise ApiError(404, "not_found", "no such passkey")
+    return passkey
+
+
+async def rename_passkey(request: Request) -> Response:
+    """PATCH /api/account/passkeys/<id> `{"name"}`."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    body = await read_body(request, PasskeyRename)
+    passkey = await _own_passkey(request, session)
+    async with svc.db() as db:
+        passkey.name = body.name.strip() or passkey.name
+        db.add(passkey)
+        await audit.record(
+            db,
+            "passkey.renamed",
+            user_id=session.user_id,
+            ip=client_ip(request),
+            detail={"passkey_id": passkey.id},
+            now=svc.clock.now(),
+        )
+        await db.commit()
+    return json(passkeys.passkey_json(passkey))
+
+
+async def remove_passkey(request: Request) -> Response:
+    """DELETE /api/account/passkeys/<id>: the passkey stops signing in at once."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    session = await current_session(request, allow_restricted=False)
+    passkey = await _own_passkey(request, session)
+    async with svc.db() as db:
+        if not await stored.remove(db, session.user_id, passkey.id):
+            raise ApiError(404, "not_found", "no such passkey")
+        await audit.record(
+            db,
+            "passkey.removed",
+            user_id=session.user_id,
+            ip=client_ip(request),
+            detail={"passkey_id": passkey.id, "name": passkey.name},
+            now=svc.clock.now(),
+        )
+        await db.commit()
+    return json({"status": "removed"})
+
+
+# One page load asks for sign-in options (for conditional mediation), so they are cheap but
+# counted: each keeps a challenge in Redis for a few minutes.
+OPTIONS_PER_IP = 100
+OPTIONS_WINDOW = 5 * 60
+
+
+async def login_options(request: Request) -> Response:
+    """POST /api/login/passkey/options: options for a usernameless `navigator.credentials.get()`."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    passkeys.require_enabled(svc)
+    verdict = await svc.limits.hit(
+        svc.limits.key("passkey-options", client_ip(request)),
+        limit=OPTIONS_PER_IP,
+        window=OPTIONS_WINDOW,
+    )
+    if not verdict.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many passkey sign-ins started from this address",
+            {"Retry-After": str(verdict.retry_after)},
+        )
+    return json({"publicKey": await passkeys.login_options(svc)})
+
+
+async def passkey_sign_in(request: Request) -> Response:
+    """POST /api/login/passkey: a passkey's answer signs in, without password or phone."""
+    svc = services(request)
+    check_csrf(request, svc.settings)
+    body = await read_body(request, PasskeySignInBody)
+    credential: dict[str, Any] = body.credential.model_dump(exclude_none=True)
+    user = await passkeys.sign_in(svc, credential, ip=client_ip(request))
+    token = await svc.sessions.create(user.id, signed_in_with_passkey=True)
+    response = json({"status": "authenticated"})
+    set_cookie(response, request, SESSION_COOKIE, token, None)
+    metrics.LOGINS.labels("passkey").inc()
+    return response
+
+
+routes: list[BaseRoute] = [
+    Route("/api/login/passkey/options", login_options, methods=["POST"]),
+    Route("/api/login/passkey", passkey_sign_in, methods=["POST"]),
+    Route("/api/account/passkeys/options", registration_options, methods=["POST"]),
+    Route("/api/account/passkeys", add_passkey, methods=["POST"]),
+    Route("/api/account/passkeys/{passkey_id}", rename_passkey, methods=["PATCH"]),
+    Route("/api/account/passkeys/{passkey_id}", remove_passkey, methods=["DELETE"]),
+]
