@@ -56,6 +56,9 @@ def run_server(
         ws_ping_timeout=40.0,  # with the 20 s interval: a socket silent for ~60 s is dropped
         ws_per_message_deflate=False,  # deflate costs ~40 KiB per idle socket
         proxy_headers=True,
+        # HTTPS straight from uvicorn (Duo clients speak nothing else); None: plain HTTP.
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         timeout_graceful_shutdown=10,
         log_config=None,
         access_log=False,
