@@ -71,8 +71,11 @@ async def start_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
+    match: MatchPolicy | None = None,
 ) -> PendingApproval:
     """Create a pending approval for the recipient and send it to every device at once.
+
+    `match` is the number-matching policy; by default the deployment's (TAPPROVE_MATCH_MODE).
 
     The recipient may be this process's cached view (AccountCache.cached): the create step
     checks it, and when it is out of date the view is refreshed and the plan made again.
@@ -86,7 +89,7 @@ async def start_approval(
         user_id=user_id,
         kind=kind,
         ttl=ttl or svc.settings.approval_ttl,
-        policy=MatchPolicy.for_mode(svc.settings.match_mode),
+        policy=match or MatchPolicy.for_mode(svc.settings.match_mode),
         context=context,
         now=now,
         browser_binding=browser_binding,
