@@ -254,6 +254,7 @@ def _preauth_reply(call: Call, result: Preauth) -> Value:
 async def auth(call: Call) -> Value:
     """auth: push to the user's phones and answer at the end (sync) or with a txid."""
     _check_factor(call)
+    context = _context(call)  # reads pushinfo: a malformed one is refused for anybody
     user = await _user(call, fresh=False)
     if user is None:
         enroll_first = answers.Answer(
@@ -263,7 +264,7 @@ async def auth(call: Call) -> Value:
     device = call.params.get("device", "auto")
     if device != "auto" and device not in {d.id for d in user.devices}:
         raise bad_params("device: not one of the user's devices")
-    started = await duo_approvals.start(call.svc, user, call.integration, _context(call))
+    started = await duo_approvals.start(call.svc, user, call.integration, context)
     if isinstance(started, Answer):
         return _answer_reply(call, started)
     if call.params.get("async", "0") == "1":
