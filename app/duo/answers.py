@@ -2,14 +2,18 @@
 results for an approval in each state, in the v2 (JSON) and v1 (BSON) shapes, and when a
 held status poll must answer.
 
-Status polls. login_duo on a terminal (`async=1`) calls `status.bson` up to 20 times back to
-back and lets the login through if none of the 20 replies carries a result. So a poll is
-held until the approval ends or the next point of a schedule fixed from the approval's
-creation: `FIRST_REPLY` seconds after it (the client shows "Pushed a login request…" at
-once, with the number in a match mode), then every `STATUS_HOLD` seconds. Every poll ends on
-a later point than the poll before it, so 20 polls outlast `created + FIRST_REPLY + 19 *
-STATUS_HOLD`, and approvals made through Duo live at most `MAX_TTL`, well inside that: the
-poll in flight when an approval expires answers `deny` (`timeout`), as does every later one.
+Status polls are held until the approval ends or the next point of a schedule fixed from the
+approval's creation, `first` seconds after it and then every `every` seconds (`Schedule`).
+- v1 (`status.bson`): login_duo on a terminal (`async=1`) calls it up to 20 times back to back
+  and lets the login through if none of the 20 replies carries a result. Its schedule starts
+  `FIRST_REPLY` after creation (the client prints "Pushed a login request..." at once, with
+  the number in a match mode), then every `STATUS_HOLD`. Each poll ends on a later point than
+  the poll before it, so 20 polls outlast `created + FIRST_REPLY + 19 * STATUS_HOLD`, and
+  approvals made through Duo live at most `MAX_TTL`, well inside that: the poll in flight
+  when an approval expires answers `deny` (`timeout`), and so does every later one.
+- v2 (`auth_status`): some clients call it once and take `waiting` as a failure (authentik),
+  so it is held up to `V2_HOLD` (under a proxy's usual 60 s read timeout), answering early
+  only when the client must show a number (a match mode).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from app.core.matching import MatchPolicy
 STATUS_POLLS = 20  # login_duo's loop
 FIRST_REPLY = 1.0
 STATUS_HOLD = 15.0
+V2_HOLD = 50.0
 # A poll never answers sooner than this after it arrives (unless the approval ended), so
 # back-to-back polls cannot use up the schedule's points faster than one each.
 MIN_HOLD = 0.5
@@ -100,13 +105,31 @@ def duo_ttl(configured: int) -> int:
     return min(configured, MAX_TTL)
 
 
-def hold_until(created_at: float, now: float) -> float:
-    """When a status poll arriving at `now` answers if the approval has not ended by then."""
-    first = created_at + FIRST_REPLY
-    if now + MIN_HOLD <= first:
-        return first
-    steps = math.ceil((now + MIN_HOLD - first) / STATUS_HOLD)
-    return first + steps * STATUS_HOLD
+@dataclass(frozen=True)
+class Schedule:
+    """When held status polls answer: `first` seconds after creation, then every `every`."""
+
+    first: float
+    every: float
+
+    def hold_until(self, created_at: float, now: float) -> float:
+        """When a poll arriving at `now` answers if the approval has not ended by then."""
+        first = created_at + self.first
+        if now + MIN_HOLD <= first:
+            return first
+        steps = math.ceil((now + MIN_HOLD - first) / self.every)
+        return first + steps * self.every
+
+
+V1_SCHEDULE = Schedule(FIRST_REPLY, STATUS_HOLD)
+
+
+def schedule(version: Version, match: MatchPolicy) -> Schedule:
+    """The status schedule of one face for an approval with this match policy."""
+    if version == "v1":
+        return V1_SCHEDULE
+    shows_number = match.mode != "confirm"
+    return Schedule(FIRST_REPLY if shows_number else V2_HOLD, V2_HOLD)
 
 
 # --- preauth ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from app.account_cache import Recipient
 from app.approval_flow import start_approval, wait_for_end
 from app.core.approvals import ApprovalContext, PendingApproval, Status
 from app.core.errors import ApiError
+from app.db.accounts import get_user
 from app.duo import answers
 from app.duo.answers import Answer
 from app.duo.integrations import LiveIntegration
@@ -22,6 +23,15 @@ from app.web.common import plausible_id
 
 # A synchronous auth waits this much past the approval's deadline for its end to arrive.
 _END_SLACK = 5.0
+
+
+async def email_of(svc: Services, name: str) -> str | None:
+    """The email of the user whose tapprove id `name` is, if it is one."""
+    if len(name) != 32 or not plausible_id(name):
+        return None
+    async with svc.db() as db:
+        user = await get_user(db, name)
+    return user.email if user is not None else None
 
 
 async def recipient(svc: Services, email: str, *, fresh: bool) -> Recipient | None:
@@ -70,9 +80,11 @@ async def until_end(svc: Services, approval: PendingApproval) -> Answer:
     return await _answer(svc, final)
 
 
-async def status(svc: Services, integration: LiveIntegration, txid: str) -> Answer | None:
+async def status(
+    svc: Services, integration: LiveIntegration, txid: str, version: answers.Version
+) -> Answer | None:
     """How the integration's approval `txid` stands, held until it ends or the next point
-    of the status schedule (answers.hold_until); None when the integration has no such
+    of the face's status schedule (app.duo.answers); None when the integration has no such
     approval (unknown, gone, or another integration's)."""
     if not plausible_id(txid):
         return None
@@ -81,7 +93,8 @@ async def status(svc: Services, integration: LiveIntegration, txid: str) -> Answ
         return None
     if approval.status is Status.PENDING:
         now = svc.clock.now()
-        seconds = answers.hold_until(approval.created_at, now) - now
+        plan = answers.schedule(version, approval.match)
+        seconds = plan.hold_until(approval.created_at, now) - now
         held = await wait_for_end(
             svc, txid, seconds, visible=lambda found: found.api_key_id == integration.id
         )

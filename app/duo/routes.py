@@ -217,17 +217,22 @@ def _portal(call: Call) -> str:
 
 
 def _username(call: Call) -> str:
-    name = call.params.get("user" if call.face.legacy else "username", "")
+    """Who the request names: `user` (v1), or `username` / `user_id` (v2)."""
+    if call.face.legacy:
+        name = call.params.get("user", "")
+    else:
+        # user_id: what authentik's manual device import stores (a user's tapprove id or
+        # email, see docs/duo-compat.md); the same as a username here.
+        name = call.params.get("username", "") or call.params.get("user_id", "")
     if not name:
-        if call.params.get("user_id"):
-            raise bad_params("user_id is not supported; send username")
-        raise bad_params("username: missing")
+        raise bad_params("user: missing" if call.face.legacy else "username: missing")
     return name
 
 
 async def _user(call: Call, *, fresh: bool) -> Recipient | None:
     """The tapprove user the request names, if they exist and have a phone."""
-    email = call.integration.email_for(_username(call))
+    name = _username(call)
+    email = await duo_approvals.email_of(call.svc, name) or call.integration.email_for(name)
     if email is None:
         return None
     user = await duo_approvals.recipient(call.svc, email, fresh=fresh)
@@ -312,7 +317,7 @@ async def auth_status(call: Call) -> Value:
     """auth_status / status.bson: held until the approval ends or the next point of the
     status schedule (app.duo.answers); an unknown txid is a parameter error."""
     txid = call.params.get("txid", "")
-    answer = await duo_approvals.status(call.svc, call.integration, txid)
+    answer = await duo_approvals.status(call.svc, call.integration, txid, call.face.version)
     if answer is None:
         raise bad_params("txid: no such transaction")
     return _answer_reply(call, answer)

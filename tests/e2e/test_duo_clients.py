@@ -20,6 +20,7 @@ import json
 import os
 import pty
 import queue
+import re
 import secrets
 import select
 import shutil
@@ -61,7 +62,7 @@ class DuoDeployment:
     ikey: str
     skey: str
     workdir: Path
-    users: list[str] = field(default_factory=list)
+    user_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -84,7 +85,8 @@ class DuoDeployment:
     def user(self, name: str, *, phone: bool = True) -> Path | None:
         """A tapprove user NAME@duo.test, with a mobile_stub phone enrolled (its state file)."""
         email = f"{name}@{DOMAIN}"
-        self.cli("user", "add", email, "--password", PASSWORD, "--verified")
+        added = self.cli("user", "add", email, "--password", PASSWORD, "--verified")
+        self.user_ids[name] = added["user_id"]
         if not phone:
             return None
         code = self.cli("device", "enroll-code", email)["code"]
@@ -162,6 +164,10 @@ class Phone:
         """Tap approve: in confirm mode the one choice is the number the phone sends."""
         assert approval["match"]["mode"] == "confirm"
         [number] = approval["number_choices"]
+        self.answer(number)
+
+    def answer(self, number: str) -> None:
+        """Approve the request waiting for a number with this one."""
         assert self.process.stdin is not None
         self.process.stdin.write(f"{number}\n".encode())
         self.process.stdin.flush()
@@ -356,29 +362,56 @@ def test_nobody_answering_is_deny_timeout(duo: DuoDeployment) -> None:
     assert result["result"] == "deny" and result["status"] == "timeout"
 
 
-def test_async_auth_and_auth_status_until_the_end(duo: DuoDeployment) -> None:
+def test_async_auth_and_one_auth_status_held_until_the_phone_answers(duo: DuoDeployment) -> None:
+    # authentik's calls: auth(async) naming the user by user_id, then a single auth_status
+    # that must not come back `waiting` while the person is still looking at the phone.
     state = duo.user("async-allow")
     client = duo.client()
     with phone(duo, state) as handset:
-        txid = client.auth("push", username="async-allow", device="auto", async_txn=True)["txid"]
-        approval = handset.request()
-        assert approval["id"] == txid
-        first = client.auth_status(txid)
-        assert first == {
-            "waiting": True,
-            "success": False,
-            "status": "pushed",
-            "status_msg": "Pushed a login request to your device...",
-        }
-        handset.approve(approval)
-        statuses = [client.auth_status(txid)]
-        while statuses[-1]["waiting"]:
-            statuses.append(client.auth_status(txid))
-    assert statuses[-1]["success"] and statuses[-1]["status"] == "allow"
+        txid = client.auth(
+            "auto", user_id=duo.user_ids["async-allow"], device="auto", ipaddr="203.0.113.9",
+            type="authentik Login request", display_username="alice",
+            pushinfo="Domain=sso.example.com&Application=Grafana", async_txn=True,
+        )["txid"]  # fmt: skip
+        answering = handset.approve_next(after=2.0)
+        status = client.auth_status(txid)
+        answering.join(10)
+    assert status["success"] and status["status"] == "allow", status
+    [approval] = answering.seen  # type: ignore[attr-defined]
+    assert approval["id"] == txid
+    assert approval["context"]["details"] == [
+        {"label": "Request", "value": "authentik Login request"},
+        {"label": "User", "value": "alice"},
+        {"label": "Domain", "value": "sso.example.com"},
+        {"label": "Application", "value": "Grafana"},
+    ]
     # Another integration cannot read this transaction.
     keys = duo.cli("integration", "create", "other-app")
     with pytest.raises(RuntimeError, match="Received 400"):
         duo.client(ikey=keys["ikey"], skey=keys["skey"]).auth_status(txid)
+
+
+def test_a_match_mode_integration_shows_the_number_the_phone_must_type(
+    duo: DuoDeployment,
+) -> None:
+    keys = duo.cli("integration", "create", "typed-app", "--match-mode", "typed",
+                   "--username-domain", DOMAIN)  # fmt: skip
+    state = duo.user("typed-user")
+    client = duo.client(ikey=keys["ikey"], skey=keys["skey"])
+    with phone(duo, state) as handset:
+        txid = client.auth("push", username="typed-user", device="auto", async_txn=True)["txid"]
+        first = client.auth_status(txid)  # answers early: the client must show the number
+        assert first["waiting"] and first["status"] == "pushed", first
+        shown = re.search(r"Enter (\d\d) on your phone", first["status_msg"])
+        assert shown, first
+        approval = handset.request()
+        assert approval["match"] == {"mode": "typed", "digits": 2}
+        assert "number_choices" not in approval  # the phone learns it from the person only
+        handset.answer(shown.group(1))
+        statuses = [client.auth_status(txid)]
+        while statuses[-1]["waiting"]:
+            statuses.append(client.auth_status(txid))
+    assert statuses[-1]["success"], statuses
 
 
 # --- login_duo and pam_duo (v1 .bson endpoints) ----------------------------------------------

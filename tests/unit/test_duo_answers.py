@@ -17,14 +17,17 @@ from app.duo.answers import (
     MIN_HOLD,
     STATUS_HOLD,
     STATUS_POLLS,
+    V1_SCHEDULE,
+    V2_HOLD,
     Phone,
     duo_ttl,
-    hold_until,
+    schedule,
 )
 from app.duo.params import BadParams, checked, parse_json, parse_query, pushinfo_details
 from app.duo.replies import Encoding, encode
 
 CREATED = 1_800_000_000.0
+hold_until = V1_SCHEDULE.hold_until
 
 
 def test_back_to_back_polls_outlast_the_longest_duo_approval() -> None:
@@ -52,6 +55,21 @@ def test_the_first_poll_answers_soon_and_later_ones_hold() -> None:
     assert first == CREATED + FIRST_REPLY
     second = hold_until(CREATED, first + 0.001)
     assert second == first + STATUS_HOLD
+
+
+def test_login_duo_polls_follow_the_v1_schedule_in_every_match_mode() -> None:
+    for mode in ("confirm", "typed", "choices", "nist"):
+        assert schedule("v1", MatchPolicy.for_mode(mode)) == V1_SCHEDULE
+
+
+def test_auth_status_holds_long_unless_the_client_must_show_a_number() -> None:
+    # authentik calls auth_status once: an early "waiting" would fail its sign-in.
+    confirm = schedule("v2", MatchPolicy.for_mode("confirm"))
+    assert confirm.hold_until(CREATED, CREATED + 0.01) == CREATED + V2_HOLD
+    typed = schedule("v2", MatchPolicy.for_mode("typed"))
+    first = typed.hold_until(CREATED, CREATED + 0.01)
+    assert first == CREATED + FIRST_REPLY
+    assert typed.hold_until(CREATED, first) == first + V2_HOLD
 
 
 def test_duo_approvals_live_at_most_max_ttl() -> None:

@@ -91,6 +91,19 @@ def test_a_v2_signature_made_with_sha1_verifies() -> None:
     assert verify(request, SKEY, signature, legacy=False, now=NOW) == 2
 
 
+def test_a_duo_api_golang_request_verifies() -> None:
+    # duo_api_golang (Authelia's client) sends POST parameters in the query, not the body,
+    # and signs v2 with HMAC-SHA1 over them (spaces as %20).
+    params = {"username": "alice", "factor": "push", "pushinfo": "target url=https://x"}
+    authz = sign(IKEY, SKEY, "POST", HOST, "/auth/v2/auth", DATE, 2,
+                 normalize_params(params), digestmod=hashlib.sha1)  # fmt: skip
+    _, signature = credentials(authz)
+    query = urlencode(params).replace("+", "%20")
+    request = SignedRequest("POST", HOST, "/auth/v2/auth", parse_query(query), [], b"",
+                            DATE, {})  # fmt: skip
+    assert verify(request, SKEY, signature, legacy=False, now=NOW) == 2
+
+
 def test_x_duo_headers_are_signed_in_v5() -> None:
     headers = {"X-Duo-Trace": "abc"}
     request, signature = _client_request("GET", "/auth/v2/check", {}, sig_version=5,
