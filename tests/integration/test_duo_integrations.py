@@ -138,3 +138,14 @@ async def test_the_directory_serves_live_integrations_only(cli: Cli) -> None:
         assert await directory.by_ikey("x\x00" * 10) is None
     finally:
         await engine.dispose()
+
+
+async def test_serve_refuses_half_or_missing_tls_files(cli: Cli, tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not really a certificate")
+    for args in (
+        ["--tls-cert", str(cert)],
+        ["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(cert)],
+    ):
+        code, out, _ = await cli.run("serve", "--port", "1", *args, "--json")
+        assert code == 1 and json.loads(out)["error"] == "invalid_settings", out
