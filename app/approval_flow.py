@@ -71,6 +71,7 @@ async def start_approval(
     browser_binding: str | None = None,
     remember_browser: bool = False,
     api_key_id: str | None = None,
+    requester_name: str | None = None,
     match: MatchPolicy | None = None,
 ) -> PendingApproval:
     """Create a pending approval for the recipient and send it to every device at once.
@@ -96,6 +97,7 @@ async def start_approval(
         remember_browser=remember_browser,
         api_key_id=api_key_id,
         request_id=current_request_id(),
+        requester_name=requester_name,
     )
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
     if recipient.user.locked:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -29,7 +30,7 @@ from app.db import accounts, migrate
 from app.db.audit import event_json
 from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import AuditEvent, OutboxMessage, User
-from app.settings import Settings
+from app.settings import Settings, with_recorded_public_url
 
 T = TypeVar("T")
 
@@ -63,20 +64,27 @@ class CliFailure(Exception):
         return self.message
 
 
+# Plain help (rich_markup_mode=None): typer's rich help panel shows a type for every option,
+# flags included (`--json <bool>`, even `--help <bool>`); the plain one shows none for flags.
 app = typer.Typer(
     name="tapprove",
     help="tapprove: self-hosted push login approval (push MFA).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-user_app = typer.Typer(help="Users: add, unlock, import, reset-phones.", no_args_is_help=True)
-device_app = typer.Typer(help="Devices: enrollment codes.", no_args_is_help=True)
-apikey_app = typer.Typer(help="Relying-party API keys.", no_args_is_help=True)
-integration_app = typer.Typer(
-    help="Duo Auth API integrations (pam_duo, login_duo, duo_client).", no_args_is_help=True
-)
+
+
+def _command_group(help_text: str) -> typer.Typer:
+    return typer.Typer(help=help_text, no_args_is_help=True, rich_markup_mode=None)
+
+
+db_app = _command_group("Database schema (Alembic migrations).")
+user_app = _command_group("Users: add, unlock, import, reset-phones.")
+device_app = _command_group("Devices: enrollment codes.")
+apikey_app = _command_group("Relying-party API keys.")
+integration_app = _command_group("Duo Auth API integrations (pam_duo, login_duo, duo_client).")
 app.add_typer(db_app, name="db")
 app.add_typer(user_app, name="user")
 app.add_typer(device_app, name="device")
@@ -86,8 +94,33 @@ app.add_typer(integration_app, name="integration")
 
 # `--json` is accepted on the root, on every group and on every command, so it may stand
 # anywhere on the line; main() reads it once from the arguments.
+class VersionRequested(Exception):
+    """`--version` was given: main() prints the version as the command's result."""
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        raise VersionRequested
+
+
+def package_version() -> str:
+    """The installed tapprove package's version."""
+    return importlib.metadata.version("tapprove")
+
+
 @app.callback()
-def _root(json_output: JsonFlag = False) -> None:
+def _root(
+    json_output: JsonFlag = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_version_option,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
     """tapprove: self-hosted push login approval (push MFA)."""
 
 
@@ -119,16 +152,59 @@ def _integration(json_output: JsonFlag = False) -> None:
 # --- plumbing -----------------------------------------------------------------------------
 
 
-def load_settings() -> Settings:
-    """Settings from the TAPPROVE_* environment, or a CliFailure naming the bad variable."""
+def load_settings(*, recorded_public_url: bool = True) -> Settings:
+    """Settings from the TAPPROVE_* environment, or a CliFailure naming the bad variable.
+
+    Without TAPPROVE_PUBLIC_URL the public URL is the one `tapprove serve` recorded in the
+    data dir, so that printed links point at the running server (`serve` finds its own).
+    """
     try:
-        return Settings()
+        settings = Settings()
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"TAPPROVE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
             for err in exc.errors()
         )
         raise CliFailure("invalid_settings", f"invalid settings: {problems}") from None
+    return with_recorded_public_url(settings) if recorded_public_url else settings
+
+
+def require_database(settings: Settings) -> None:
+    """Refuse to go on without the embedded database: run outside the directory where
+    `tapprove serve` runs, a command would otherwise create an empty one and work on that."""
+    path = settings.embedded_database
+    if path is not None and not path.exists():
+        raise CliFailure(
+            "no_database",
+            f"no tapprove database at {path}. Run this command in the directory where "
+            "`tapprove serve` runs (the data dir defaults to ./var of the current directory), "
+            "or set TAPPROVE_DATA_DIR to that server's data dir; `tapprove db upgrade` "
+            "creates a new database.",
+        )
+
+
+@contextlib.contextmanager
+def _new_database_only_on_success(settings: Settings) -> Iterator[None]:
+    """For a command that may start the embedded database (it adds what it is asked to):
+    say so on stderr when it does, and remove what it created if the command fails."""
+    path = settings.embedded_database
+    if path is None or path.exists():
+        yield
+        return
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for file in path.parent.glob(f"{path.name}*"):  # the database, its WAL, its lock
+            file.unlink(missing_ok=True)
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    sys.stderr.write(
+        f"note: created a new database at {path} (no `tapprove serve` has used this data "
+        "dir yet; set TAPPROVE_DATA_DIR if the server keeps its data elsewhere)\n"
+    )
 
 
 def _quiet_logging(settings: Settings) -> None:
@@ -139,9 +215,16 @@ def _quiet_logging(settings: Settings) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _run_with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Migrate to head, then run `work` in one transaction (committed if it returns)."""
-    migrate.upgrade(settings)
+def _run_with_session(
+    settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, may_create: bool = False
+) -> T:
+    """Migrate to head, then run `work` in one transaction (committed if it returns).
+
+    Only with `may_create` does a missing embedded database get created (see
+    require_database and _new_database_only_on_success).
+    """
+    if not may_create:
+        require_database(settings)
 
     async def run() -> T:
         engine = make_engine(settings)
@@ -151,7 +234,9 @@ def _run_with_session(settings: Settings, work: Callable[[AsyncSession], Awaitab
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    with _new_database_only_on_success(settings) if may_create else contextlib.nullcontext():
+        migrate.upgrade(settings)
+        return asyncio.run(run())
 
 
 def _now() -> float:
@@ -193,27 +278,36 @@ async def _file_pending_audit_lines(settings: Settings) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Web server processes.")] = 1,
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="Interface to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="PORT", help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Web server processes.")] = 1,
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Do not run the broker consumers in-process.")
     ] = False,
     tls_cert: Annotated[
         Path | None,
-        typer.Option(help="Serve HTTPS with this PEM certificate chain (TAPPROVE_TLS_CERT)."),
+        typer.Option(
+            metavar="FILE", help="Serve HTTPS with this PEM certificate chain (TAPPROVE_TLS_CERT)."
+        ),
     ] = None,
     tls_key: Annotated[
-        Path | None, typer.Option(help="The PEM private key of --tls-cert (TAPPROVE_TLS_KEY).")
+        Path | None,
+        typer.Option(
+            metavar="FILE", help="The PEM private key of --tls-cert (TAPPROVE_TLS_KEY)."
+        ),
     ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run the web server (and, unless --no-worker, the broker consumers in-process).
 
     With --tls-cert and --tls-key (or their settings) it speaks HTTPS itself. Migrates the
-    database schema to the latest version first.
+    database schema to the latest version first. Without TAPPROVE_PUBLIC_URL, links use the
+    address it listens on (127.0.0.1 for 0.0.0.0), recorded in the data dir for the other
+    commands.
     """
-    settings = load_settings()
+    settings = load_settings(recorded_public_url=False)
     if tls_cert is not None or tls_key is not None:
         given = {"tls_cert": tls_cert or settings.tls_cert, "tls_key": tls_key or settings.tls_key}
         settings = settings.model_copy(update=given)
@@ -232,9 +326,12 @@ def serve(
 def worker(json_output: JsonFlag = False) -> None:
     """Run the broker consumers only: outbox, push retries, events.
 
-    Migrates the database schema to the latest version first.
+    Migrates the database schema to the latest version first. With the embedded default it
+    works on the database of a `tapprove serve` in the same data dir, and refuses to start
+    without one.
     """
     settings = load_settings()
+    require_database(settings)
     migrate.upgrade(settings)
     from app.worker import run_worker_forever
 
@@ -253,11 +350,14 @@ def db_upgrade(json_output: JsonFlag = False) -> Result:
 
 @db_app.command("downgrade")
 def db_downgrade(
-    revision: Annotated[str, typer.Argument(help="Target revision; `base` drops everything.")],
+    revision: Annotated[
+        str, typer.Argument(metavar="REVISION", help="Target revision; `base` drops everything.")
+    ],
     json_output: JsonFlag = False,
 ) -> Result:
     """Migrate the database schema down to REVISION (for development and tests)."""
     settings = load_settings()
+    require_database(settings)
     migrate.downgrade(settings, revision)
     return Result({"revision": revision}, f"Database downgraded to {revision}.")
 
@@ -267,13 +367,17 @@ def db_downgrade(
 
 @user_app.command("add")
 def user_add(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     password: Annotated[
-        str, typer.Option(help="Password (8+ characters); `-` reads one line from stdin.")
+        str,
+        typer.Option(
+            metavar="PASSWORD", help="Password (8+ characters); `-` reads one line from stdin."
+        ),
     ],
     verified: Annotated[bool, typer.Option("--verified", help="Mark the email verified.")] = False,
     phone: Annotated[
-        str | None, typer.Option(help="Phone for SMS fallback, E.164 (+14155552671).")
+        str | None,
+        typer.Option(metavar="+E164", help="Phone for SMS fallback, E.164 (+14155552671)."),
     ] = None,
     json_output: JsonFlag = False,
 ) -> Result:
@@ -300,12 +404,12 @@ def user_add(
             {"user_id": user.id, "email": user.email}, f"Added user {user.email} ({user.id})."
         )
 
-    return _run_with_session(settings, work)
+    return _run_with_session(settings, work, may_create=True)
 
 
 @user_app.command("unlock")
 def user_unlock(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """Unlock a user locked by a fraud report, so logins can ask for approval again.
@@ -345,7 +449,7 @@ def user_import(
     async def work(session: AsyncSession) -> list[accounts.ImportedUser]:
         return await accounts.import_users(session, lines, _now(), enroll_codes)
 
-    imported = _run_with_session(settings, work)
+    imported = _run_with_session(settings, work, may_create=True)
     users: list[dict[str, Any]] = []
     text_lines = [f"Imported {len(imported)} user(s)."]
     for item in imported:
@@ -371,7 +475,7 @@ def _read_lines(file: str) -> list[str]:
 
 @user_app.command("reset-phones")
 def user_reset_phones(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """For someone who lost every phone: revoke the user's devices, enrollment codes and
@@ -460,7 +564,7 @@ async def _forget_devices_and_sessions(
 
 @device_app.command("enroll-code")
 def device_enroll_code(
-    email: Annotated[str, typer.Argument(help="The user's email address.")],
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The user's email address.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """Create a single-use code (valid 10 minutes) that enrolls one device for the user.
@@ -487,7 +591,9 @@ def device_enroll_code(
 
 @apikey_app.command("create")
 def apikey_create(
-    name: Annotated[str, typer.Argument(help="A unique name for the relying party.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="A unique name for the relying party.")
+    ],
     json_output: JsonFlag = False,
 ) -> Result:
     """Create a relying-party API key; it is printed once and stored only as a hash.
@@ -501,7 +607,7 @@ def apikey_create(
         key, plaintext = await accounts.create_api_key(session, name, _now())
         return key.name, plaintext
 
-    key_name, plaintext = _run_with_session(settings, work)
+    key_name, plaintext = _run_with_session(settings, work, may_create=True)
     return Result(
         {"name": key_name, "api_key": plaintext},
         f"API key {key_name!r}: {plaintext}\nStore it now; it cannot be shown again.",
@@ -510,7 +616,7 @@ def apikey_create(
 
 @apikey_app.command("revoke")
 def apikey_revoke(
-    name: Annotated[str, typer.Argument(help="The name the key was created with.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The name the key was created with.")],
     json_output: JsonFlag = False,
 ) -> Result:
     """Revoke a relying-party API key; running servers refuse it within 10 seconds.
@@ -530,17 +636,23 @@ def apikey_revoke(
 
 @integration_app.command("create")
 def integration_create(
-    name: Annotated[str, typer.Argument(help="A unique name; the phone shows it.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="A unique name; the phone shows it.")
+    ],
     match_mode: Annotated[
         str,
         typer.Option(
+            metavar="MODE",
             help="confirm (approve on the phone alone; Duo clients cannot show a number) "
             "or typed / choices / nist (the client shows the number in its status messages)."
         ),
     ] = "confirm",
     username_domain: Annotated[
         str | None,
-        typer.Option(help="Append @DOMAIN to Duo usernames without one (alice -> alice@DOMAIN)."),
+        typer.Option(
+            metavar="DOMAIN",
+            help="Append @DOMAIN to Duo usernames without one (alice -> alice@DOMAIN).",
+        ),
     ] = None,
     json_output: JsonFlag = False,
 ) -> Result:
@@ -617,7 +729,9 @@ def integration_list(json_output: JsonFlag = False) -> Result:
 
 @integration_app.command("revoke")
 def integration_revoke(
-    name: Annotated[str, typer.Argument(help="The name the integration was created with.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The name the integration was created with.")
+    ],
     json_output: JsonFlag = False,
 ) -> Result:
     """Revoke a Duo integration; running servers refuse its signatures within 10 seconds.
@@ -639,9 +753,14 @@ def integration_revoke(
 @app.command()
 def outbox(
     status: Annotated[
-        str | None, typer.Option(help="Only messages in this status (queued, sent, dead, ...).")
+        str | None,
+        typer.Option(
+            metavar="STATUS", help="Only messages in this status (queued, sent, dead, ...)."
+        ),
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most this many.")
+    ] = 100,
     json_output: JsonFlag = False,
 ) -> Result:
     """List outgoing messages (mail, SMS), newest first, with status, attempts and last error.
@@ -679,11 +798,16 @@ def outbox(
 
 @app.command("audit")
 def audit_events(
-    user: Annotated[str | None, typer.Option(help="Only this user's events (email).")] = None,
-    kind: Annotated[
-        str | None, typer.Option(help="Only events of this kind (login.failed, ...).")
+    user: Annotated[
+        str | None, typer.Option(metavar="EMAIL", help="Only this user's events (email).")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    kind: Annotated[
+        str | None,
+        typer.Option(metavar="KIND", help="Only events of this kind (login.failed, ...)."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, metavar="N", help="At most this many.")
+    ] = 100,
     json_output: JsonFlag = False,
 ) -> Result:
     """List audit events, newest first: sign-ins, approvals, decisions, delivery attempts,
@@ -694,21 +818,28 @@ def audit_events(
     settings = load_settings()
     _quiet_logging(settings)
 
+    async def find_user(session: AsyncSession) -> str | None:
+        if user is None:
+            return None
+        found = await accounts.get_user_by_email(session, user)
+        if found is None:
+            raise accounts.UnknownUser(user.strip())
+        return found.id
+
+    # An unknown --user fails before the audit lines waiting in Redis are filed.
+    user_id = _run_with_session(settings, find_user)
+
     async def work(session: AsyncSession) -> list[tuple[AuditEvent, str | None]]:
         query = select(AuditEvent, User.email).join(
             User, col(User.id) == col(AuditEvent.user_id), isouter=True
         )
-        if user is not None:
-            found = await accounts.get_user_by_email(session, user)
-            if found is None:
-                raise accounts.UnknownUser(user.strip())
-            query = query.where(AuditEvent.user_id == found.id)
+        if user_id is not None:
+            query = query.where(AuditEvent.user_id == user_id)
         if kind is not None:
             query = query.where(AuditEvent.kind == kind)
         query = query.order_by(col(AuditEvent.at).desc(), col(AuditEvent.id).desc()).limit(limit)
         return [(event, email) for event, email in (await session.exec(query)).all()]
 
-    migrate.upgrade(settings)
     asyncio.run(_file_pending_audit_lines(settings))
     rows = _run_with_session(settings, work)
     events = [
@@ -737,6 +868,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with redirect:
             outcome = app(args=args, prog_name="tapprove", standalone_mode=False)
+    except VersionRequested:
+        version = package_version()
+        outcome = Result({"version": version}, f"tapprove {version}")
     except CliFailure as exc:
         _fail(json_mode, stdout, exc.code, exc.message, exc.exit_code)
     except accounts.AccountError as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -10,6 +13,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MatchMode = Literal["typed", "choices", "nist"]
+
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+# Where `tapprove serve` writes the public URL it runs with, for CLI commands to read.
+SERVER_RECORD = "server.json"
+SQLITE_FILE = "tapprove.sqlite3"
 
 
 class Settings(BaseSettings):
@@ -21,7 +29,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "tapprove:"
-    public_url: str = "http://127.0.0.1:8000"
+    # Unset: derived from where `tapprove serve` listens (see listening_public_url), and read
+    # by CLI commands from the data dir's server record (see with_recorded_public_url).
+    public_url: str = DEFAULT_PUBLIC_URL
     allowed_origins: str | None = None
     approval_ttl: int = Field(default=120, ge=5, le=3600)
     match_mode: MatchMode = "typed"
@@ -53,18 +63,51 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     # `tapprove worker` serves its Prometheus metrics on this port (web processes: /metrics).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Reverse proxies whose X-Forwarded-For / -Proto are believed (comma-separated IPs or
+    # CIDRs); none by default, so a client cannot choose the IP that rate limits key on.
+    trusted_proxies: str | None = None
+    # Seconds a client may take to send a request's line and headers, then its body.
+    request_head_timeout: float = Field(default=10.0, gt=0, le=300)
+    request_body_timeout: float = Field(default=30.0, gt=0, le=600)
 
     @field_validator("public_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: str | None) -> str | None:
+        for entry in _entries(value):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return value
+
+    @property
+    def proxies(self) -> list[str]:
+        """The trusted reverse proxies, as IPs and CIDR networks (empty: trust none)."""
+        return _entries(self.trusted_proxies)
+
+    @property
+    def public_url_is_set(self) -> bool:
+        """Whether TAPPROVE_PUBLIC_URL was given (else the default or a derived one applies)."""
+        return "public_url" in self.model_fields_set
+
+    @property
+    def embedded_database(self) -> Path | None:
+        """The SQLite file of the embedded default, or None when TAPPROVE_DATABASE_URL is set."""
+        if self.database_url:
+            return None
+        return (self.data_dir / SQLITE_FILE).resolve()
+
     @property
     def sqlalchemy_url(self) -> str:
         """The async SQLAlchemy URL: the configured one, or a SQLite file in the data dir."""
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'tapprove.sqlite3').resolve()}"
+        return f"sqlite+aiosqlite:///{self.embedded_database}"
 
     @property
     def origins(self) -> frozenset[str]:
@@ -79,3 +122,61 @@ class Settings(BaseSettings):
     def secure_cookies(self) -> bool:
         """Cookies carry `Secure` when the public URL is https."""
         return self.public_url.startswith("https://")
+
+
+def listening_public_url(host: str, port: int) -> tuple[str, str | None]:
+    """The URL a browser on this machine reaches a server listening on `host`:`port` at, and
+    a note for the start-up banner when that is not simply where it listens.
+
+    Used when TAPPROVE_PUBLIC_URL is not set. For the default `127.0.0.1:8000` it is the
+    contract's default public URL.
+    """
+    if host in ("0.0.0.0", ""):
+        return f"http://127.0.0.1:{port}", (
+            "listening on every interface; links use 127.0.0.1: set TAPPROVE_PUBLIC_URL "
+            "to the address other machines use"
+        )
+    if host == "::":
+        return f"http://[::1]:{port}", (
+            "listening on every interface; links use [::1]: set TAPPROVE_PUBLIC_URL "
+            "to the address other machines use"
+        )
+    if host == "localhost":
+        return f"http://127.0.0.1:{port}", None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}", None
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{host}:{port}", None
+
+
+def record_public_url(settings: Settings) -> None:
+    """Write the public URL a starting server uses into its data dir (`server.json`)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    record = settings.data_dir / SERVER_RECORD
+    tmp = record.with_name(f".{SERVER_RECORD}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"public_url": settings.public_url}) + "\n", encoding="utf-8")
+    os.replace(tmp, record)  # readers never see half a file
+
+
+def with_recorded_public_url(settings: Settings) -> Settings:
+    """`settings` with the public URL the server in the same data dir recorded, unless
+    TAPPROVE_PUBLIC_URL is set, so that CLI commands print the links that server serves."""
+    if settings.public_url_is_set:
+        return settings
+    try:
+        record = json.loads((settings.data_dir / SERVER_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return settings
+    url = record.get("public_url") if isinstance(record, dict) else None
+    if not isinstance(url, str):
+        return settings
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return settings
+    return settings.model_copy(update={"public_url": url.rstrip("/")})
+
+
+def _entries(value: str | None) -> list[str]:
+    """The non-empty items of a comma-separated setting."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]

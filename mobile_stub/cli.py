@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import platform
 import signal
 import socket
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -53,6 +55,33 @@ class Output:
         self.as_json = as_json
         # Prompts must not pollute a machine-read stdout.
         self.prompts: TextIO = sys.stderr if as_json else sys.stdout
+        # The question on screen waiting for a typed line, and the approval it is about.
+        self._question: tuple[str, str | None] | None = None
+
+    def ask(self, prompt: str, about: str | None = None) -> None:
+        """Show a question; it stays open until `answered()`."""
+        print(prompt, end="", file=self.prompts, flush=True)
+        self._question = (prompt, about)
+
+    def answered(self) -> None:
+        """The person answered the open question (or it no longer matters)."""
+        self._question = None
+
+    def line(self, text: str, *, file: TextIO | None = None, ends: str | None = None) -> None:
+        """Print a line that arrived on its own (a new request, a reconnect) without landing on
+        an open question's line: the question is asked again below it, unless the line says
+        that the approval it is about ended (`ends`)."""
+        question = self._question
+        if question is not None:
+            # On a terminal, overwrite the prompt's line; elsewhere just end it.
+            clear = "\r\x1b[K" if self.prompts.isatty() else "\n"
+            print(clear, end="", file=self.prompts, flush=True)
+        print(text, file=file or sys.stdout, flush=True)
+        if question is not None:
+            if ends is not None and question[1] == ends:
+                self._question = None
+            else:
+                print(question[0], end="", file=self.prompts, flush=True)
 
     def result(self, obj: dict[str, Any], text: str) -> None:
         """Print a command's result: `obj` as JSON, or `text` for a person."""
@@ -117,15 +146,21 @@ def interactive_decider(stdin: StdinLines, out: Output) -> Decider:
     """Ask the person for the number, then approve / deny / report fraud."""
     one_at_a_time = asyncio.Lock()
 
-    async def ask(prompt: str, *, fresh: bool = False) -> str | None:
-        print(prompt, end="", file=out.prompts, flush=True)
-        return await stdin.readline(discard_typed_ahead=fresh)
-
     async def decide(approval: Approval) -> Decision | None:
+        aid = approval.get("id")
+
+        async def ask(prompt: str, *, fresh: bool = False) -> str | None:
+            out.ask(prompt, about=aid if isinstance(aid, str) else None)
+            try:
+                return await stdin.readline(discard_typed_ahead=fresh)
+            finally:
+                out.answered()
+
         async with one_at_a_time:
             choices = number_choices(approval)
             hint = f" [{'/'.join(choices)}]" if choices else ""
-            number = await ask(f"Number shown in the browser{hint}: ", fresh=True)
+            shown_by = number_source(approval)
+            number = await ask(f"Number shown {shown_by}{hint}: ", fresh=True)
             while number is not None:
                 action = await ask("Approve, deny or report fraud? [a/d/f]: ")
                 if action is None:
@@ -134,7 +169,7 @@ def interactive_decider(stdin: StdinLines, out: Output) -> Decider:
                 if action in ("a", "approve"):
                     if number.strip():
                         return Decision.approve(number)
-                    number = await ask("Approving needs the number from the browser: ")
+                    number = await ask(f"Approving needs the number shown {shown_by}: ")
                 elif action in ("d", "deny"):
                     return Decision.deny(number)
                 elif action in ("f", "fraud"):
@@ -189,45 +224,109 @@ def auto_decider(mode: str, number_from: str | None, stdin: StdinLines, out: Out
 # -- event display -------------------------------------------------------------------------
 
 
+# Not shown as themselves: controls (newline, ESC, C1 CSI), format characters (bidi
+# overrides), line separators, and lone surrogates (which would not even print).
+_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def printable(value: object) -> str:
+    """`value` as text without the characters that steer a terminal or reorder a line, so a
+    field from the server or a relying party cannot forge or hide lines of the request."""
+    return "".join(char for char in str(value) if unicodedata.category(char) not in _UNSHOWN)
+
+
+def relying_party(approval: Approval) -> str | None:
+    """The name of the relying party (VPN, SSH, another app) that asks, if it is one."""
+    requester = approval.get("requester")
+    if not isinstance(requester, dict) or requester.get("kind") != "rp":
+        return None
+    name = requester.get("name")
+    return printable(name) if isinstance(name, str) and name else "a relying party"
+
+
+def number_source(approval: Approval) -> str:
+    """Where the person reads the number: the browser, or the relying party's own screen."""
+    name = relying_party(approval)
+    return "in the browser" if name is None else f"by {name}"
+
+
 def describe_approval(approval: Approval, now: float) -> list[str]:
-    """The lines a phone shows for a request: browser, OS, IP, time left, how to match."""
-    context = approval.get("context") or {}
+    """The lines a phone shows for a request: who asks (browser, OS, IP, or the relying
+    party and the context it gave), time left, how to match."""
+    context = {name: printable(value) for name, value in (approval.get("context") or {}).items()}
     left = seconds_left(approval, now)
     match = approval.get("match") or {}
     choices = number_choices(approval)
-    lines = [
-        f"Login approval request {approval.get('id')}",
-        f"  Browser:  {context.get('browser') or '?'}",
-        f"  OS:       {context.get('os') or '?'}",
-        f"  IP:       {context.get('ip') or '?'}",
-        f"  Expires:  {'?' if left is None else f'in {left:.0f} s'}",
-    ]
+    name = relying_party(approval)
+    if name is None:
+        lines = [
+            f"Login approval request {approval.get('id')}",
+            f"  Browser:  {context.get('browser') or '?'}",
+            f"  OS:       {context.get('os') or '?'}",
+            f"  IP:       {context.get('ip') or '?'}",
+        ]
+    else:
+        # No browser is involved: the context is what the relying party sent, or its own
+        # request's (a server's HTTP client), so it is not labelled as a browser.
+        lines = [
+            f"Approval request {approval.get('id')} from {name}",
+            f"  From:     {name} (a service, not a browser sign-in)",
+            f"  IP:       {context.get('ip') or '?'}",
+        ]
+        client = " on ".join(
+            str(v) for v in (context.get("browser"), context.get("os")) if v and v != "Unknown"
+        )
+        if client:
+            lines.append(f"  Client:   {client}")
+    lines.append(f"  Expires:  {'?' if left is None else f'in {left:.0f} s'}")
+    shown = number_source(approval)
     if choices:
-        lines.append(f"  Choices:  {'   '.join(choices)}  (pick the number shown in the browser)")
+        lines.append(f"  Choices:  {'   '.join(choices)}  (pick the number shown {shown})")
     else:
         digits = match.get("digits", "?")
-        lines.append(f"  Match:    type the {digits}-digit number shown in the browser")
+        lines.append(f"  Match:    type the {digits}-digit number shown {shown}")
     return lines
 
 
+# What a person reads for the errors a decision can get (PROTOCOL §3), instead of the code.
+DECISION_ERRORS = {
+    "wrong_number": "Wrong number: the request was denied",
+    "already_decided": "Already answered (on another device, or by an earlier answer)",
+    "expired": "Too late: the request had expired",
+    "bad_signature": "The server could not verify this device's signature",
+    "not_found": "The server does not know this request",
+}
+
+
 def event_printer(out: Output, clock: Callable[[], float] = time.time) -> Callable[[Event], None]:
-    """Print each client event: one JSON line with --json, else a short human sentence."""
+    """Print each client event: one JSON line with --json, else a short human sentence.
+
+    Events arrive on their own, so each goes through `Output.line`: a question on screen is
+    asked again below it.
+    """
 
     def show(event: Event) -> None:
-        if out.as_json:
-            print(json.dumps(event, default=str), flush=True)
-            return
         name = event["event"]
+        # These end the approval a question may be about: no point asking it again.
+        ends = event.get("id") if name in ("approval_resolved", "decision_result") else None
+        if out.as_json:
+            out.line(json.dumps(event, default=str), ends=ends)
+            return
         text: str | None
         if name == "connected":
             text = f"Connected to {event['url']}"
         elif name == "ready":
             text = f"Ready as device {event.get('device_id')}; waiting for approval requests"
         elif name == "approval_request":
-            if event.get("repeat"):
-                text = f"(request {event['id']} sent again by the server; already handled)"
-            else:
+            again = f"(request {event['id']} sent again by the server after a reconnect; "
+            if not event.get("repeat"):
                 text = "\n".join(describe_approval(event["approval"], clock()))
+            elif event.get("answer") == "sent":
+                text = again + "already answered)"
+            elif event.get("answer") == "deciding":
+                text = again + "still waiting for your answer)"
+            else:
+                text = again + "it was left unanswered)"
         elif name == "decision_sent":
             what = "resent decision" if event.get("resent") else f"Sent: {event.get('decision')}"
             if event.get("reason"):
@@ -236,8 +335,12 @@ def event_printer(out: Output, clock: Callable[[], float] = time.time) -> Callab
         elif name == "decision_result":
             text = f"Result for {event.get('id')}: {event.get('status')}"
         elif name == "error":
-            where = f" for {event['id']}" if event.get("id") else ""
-            text = f"Server error{where}: {event.get('error')}"
+            human = DECISION_ERRORS.get(str(event.get("error")))
+            if human is not None:
+                text = human + (f" (request {event['id']})" if event.get("id") else "")
+            else:
+                where = f" for {event['id']}" if event.get("id") else ""
+                text = f"Server error{where}: {event.get('error')}"
         elif name == "approval_resolved":
             text = f"Approval {event.get('id')} ended: {event.get('status')}"
         elif name == "disconnected":
@@ -246,14 +349,14 @@ def event_printer(out: Output, clock: Callable[[], float] = time.time) -> Callab
         elif name == "reconnecting":
             text = f"Reconnecting in {event['delay']:.2f} s (attempt {event['attempt']})"
         elif name == "fatal":
-            print(f"error: {event.get('message')}", file=sys.stderr, flush=True)
+            out.line(f"error: {event.get('message')}", file=sys.stderr)
             text = None
         elif name in ("stopped", "skipped"):
             text = None
         else:
             text = f"{name}: {json.dumps({k: v for k, v in event.items() if k != 'event'})}"
         if text is not None:
-            print(text, flush=True)
+            out.line(text, ends=ends)
 
     return show
 
@@ -340,6 +443,13 @@ async def cmd_unenroll(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def default_device_name() -> str:
+    """`mobile_stub on <this OS> (<host>)`: the real platform shows in the device's name,
+    since the contract's `platform` can only say android, ios or web."""
+    system = {"Darwin": "macOS"}.get(platform.system(), platform.system() or "unknown OS")
+    return f"mobile_stub on {system} ({socket.gethostname()})"[:100]  # the server's limit
+
+
 COMMANDS = {
     "enroll": cmd_enroll,
     "run": cmd_run,
@@ -368,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("enroll", "enroll this device with an enrollment link or code")
     p.add_argument("link", metavar="URI_OR_CODE", help="tapprove://enroll?url=...&code=... or code")
     p.add_argument("--server", metavar="URL", help="server base URL (needed for a bare code)")
-    p.add_argument("--name", default=f"mobile-stub@{socket.gethostname()}", help="device name")
-    p.add_argument("--platform", choices=("android", "ios", "web"), default="android")
+    p.add_argument("--name", default=default_device_name(), help="device name")
+    # The contract knows only android, ios and web; this client is none of the first two.
+    p.add_argument("--platform", choices=("android", "ios", "web"), default="web")
     p.add_argument("--push-provider", choices=("fcm", "apns"))
     p.add_argument("--push-token", metavar="TOKEN")
     p.add_argument("--force", action="store_true", help="overwrite an existing state file")
@@ -421,11 +532,20 @@ async def dispatch(args: argparse.Namespace, out: Output) -> int:
         out.error("usage", str(exc))
         return EXIT_USAGE
     except ApiError as exc:
-        out.error(exc.code, exc.message)
+        out.error(exc.code, DECISION_ERRORS.get(exc.code, exc.message))
         return EXIT_REVOKED if exc.status == 401 else EXIT_FAILED
     except httpx.HTTPError as exc:
-        out.error("unreachable", f"cannot reach the server: {exc or type(exc).__name__}")
+        reason = str(exc) or type(exc).__name__
+        out.error("unreachable", f"cannot reach the server{_tried(exc)}: {reason}")
         return EXIT_FAILED
+
+
+def _tried(exc: httpx.HTTPError) -> str:
+    """` at <URL>` for the request that failed, so a wrong server address is easy to see."""
+    try:
+        return f" at {exc.request.url}"
+    except RuntimeError:  # an error raised before any request was made
+        return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -384,7 +384,9 @@ class PhoneClient:
         server did not offer again, is settled from `GET /api/approvals/<id>` (events with
         `"via": "http"`).
 
-        Events: connected, ready, approval_request (id, approval, repeat), decision_sent (id,
+        Events: connected, ready, approval_request (id, approval, repeat, and for a repeat
+        `answer`: "sent" (signed; resent if it got no result), "deciding" (the decider is still
+        on it) or "none" (left unanswered)), decision_sent (id,
         decision, number, reason, resent), skipped, decider_error, decision_result, error,
         approval_resolved, bad_frame, disconnected (code/reason or error), reconnecting
         (attempt, delay), fatal (code, message), stopped, plus any unknown server frame by
@@ -521,7 +523,13 @@ class PhoneClient:
         await ws.send(json.dumps({"type": "ack", "id": aid}))
         self._offered.add(aid)
         repeat = aid in self._seen
-        self._emit("approval_request", id=aid, approval=approval, repeat=repeat)
+        if repeat:
+            # Offered again after a reconnect (a server restart, a network drop): say where our
+            # answer is, which is not always "given".
+            answer = "sent" if aid in self._sent else "deciding" if aid in self._tasks else "none"
+            self._emit("approval_request", id=aid, approval=approval, repeat=True, answer=answer)
+        else:
+            self._emit("approval_request", id=aid, approval=approval, repeat=False)
         if repeat:
             unconfirmed = self._unconfirmed.get(aid)
             if unconfirmed is not None:

@@ -205,8 +205,25 @@ function showEnrollment(body) {
     h(
       "div",
       { class: "enroll-details" },
-      h("h3", {}, "Scan with the tapprove app"),
-      h("ol", {}, h("li", {}, "Open the tapprove app and choose “Add account”."), h("li", {}, "Scan this code, or open the link on your phone.")),
+      h("h3", {}, "Enroll a phone"),
+      h(
+        "ol",
+        { "data-testid": "enroll-steps" },
+        h(
+          "li",
+          {},
+          "On your phone, open ",
+          h("a", { href: "/phone", target: "_blank", rel: "noopener", "data-testid": "phone-page-link" }, `${window.location.origin}/phone`),
+          " (the in-browser phone) and paste the enrollment link or code below.",
+        ),
+        h(
+          "li",
+          {},
+          "Or use the reference phone client: ",
+          h("code", { class: "code-box", "data-testid": "stub-command" }, `python -m mobile_stub enroll '${uri || code}' --state phone.json`),
+        ),
+        h("li", {}, "A phone app that speaks the tapprove protocol can scan the QR code instead."),
+      ),
       h("p", { class: "hint" }, "Enrollment link"),
       h("a", { class: "code-box", id: "enroll-uri", "data-testid": "enroll-uri", href: uri.startsWith("tapprove:") ? uri : null }, uri),
       h("p", { class: "hint" }, "Or type this code"),
@@ -234,7 +251,7 @@ function showEnrollment(body) {
     poll: setInterval(checkForNewDevice, 3000),
   };
   tickEnrollment();
-  setStatus("devices-status", "Scan the code with your phone. This page updates when it's added.");
+  setStatus("devices-status", "Enroll your phone with the link or code. This page updates when it's added.");
   $("enroll").scrollIntoView({ block: "nearest", behavior: "smooth" });
 }
 
@@ -301,12 +318,14 @@ function renderPhone() {
     current.textContent = "No phone number yet.";
     $("phone-send").textContent = "Send code";
   }
+  // Without a verified number no code can be sent, whatever the setting says: show it off.
+  const usable = account.phone_verified === true && Boolean(account.phone);
   const toggle = $("sms-fallback");
-  toggle.checked = account.sms_fallback === true;
-  toggle.disabled = !account.phone_verified && !toggle.checked;
-  $("sms-fallback-hint").textContent = account.phone_verified
+  toggle.checked = usable && account.sms_fallback === true;
+  toggle.disabled = !usable;
+  $("sms-fallback-hint").textContent = usable
     ? "Sign in with a code sent by SMS when your phone is unreachable."
-    : "SMS codes are only sent once a phone number is verified.";
+    : "Available once you add and verify a phone number above.";
 }
 
 async function sendPhoneCode(event) {

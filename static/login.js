@@ -430,6 +430,13 @@ function finish(status, info = {}) {
     }
     return;
   }
+  if (info.reason === "superseded") {
+    showEnding({
+      title: "Replaced by a newer sign-in",
+      message: "A newer sign-in to this account (in another tab or browser) replaced this request. Start again here to send a new one.",
+    });
+    return;
+  }
   showEnding({ title: "Request expired", message: "The request wasn't answered in time. Start again to send a new one." });
 }
 

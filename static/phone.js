@@ -282,7 +282,7 @@ function onFrame(frame, socket) {
         // Our own answer: its decision_result or error (e.g. wrong_number) says more; wait briefly.
         setTimeout(() => resolveRequest(frame.id, frame.status, "mine"), 1500);
       } else {
-        resolveRequest(frame.id, frame.status, "elsewhere");
+        resolveRequest(frame.id, frame.status, "elsewhere", frame.reason);
       }
       break;
     }
@@ -351,6 +351,7 @@ function addRequest(approval) {
 
   const id = approval.id;
   const context = approval.context || {};
+  const asker = requester(approval);
   const match = approval.match || {};
   const digits = Number(match.digits) || 0;
   const choices = Array.isArray(approval.number_choices) ? approval.number_choices.map(String) : null;
@@ -410,8 +411,8 @@ function addRequest(approval) {
         "p",
         { class: "hint", id: hintId },
         choices
-          ? "Pick the number your browser shows, then approve."
-          : `Type the ${digits ? `${digits}-digit ` : ""}number your browser shows, then approve.`,
+          ? `Pick the number ${asker.shows} shows, then approve.`
+          : `Type the ${digits ? `${digits}-digit ` : ""}number ${asker.shows} shows, then approve.`,
       ),
     ),
     h("div", { class: "decision-buttons" }, approveButton, denyButton, fraudButton),
@@ -420,19 +421,8 @@ function addRequest(approval) {
   const card = h(
     "article",
     { class: "card request", "data-testid": "approval-request", "data-approval-id": id, "aria-labelledby": `title-${id}` },
-    h("h2", { id: `title-${id}` }, "Is this you signing in?"),
-    h(
-      "dl",
-      {},
-      h("dt", {}, "Browser"),
-      h("dd", { "data-testid": "request-browser" }, context.browser || "Unknown"),
-      h("dt", {}, "OS"),
-      h("dd", { "data-testid": "request-os" }, context.os || "Unknown"),
-      h("dt", {}, "IP address"),
-      h("dd", { "data-testid": "request-ip", class: "mono" }, context.ip || "Unknown"),
-      h("dt", {}, "Time left"),
-      timeLeft,
-    ),
+    h("h2", { id: `title-${id}` }, asker.rp ? `Approve a request from ${asker.name}?` : "Is this you signing in?"),
+    h("dl", {}, ...(asker.rp ? rpDetails(asker, context) : loginDetails(context)), h("dt", {}, "Time left"), timeLeft),
     bar,
     form,
     message,
@@ -466,8 +456,47 @@ function addRequest(approval) {
   renderIdle();
   tickRequest(entry);
   entry.timer = setInterval(() => tickRequest(entry), 250);
-  announce(`New sign-in request from ${context.browser || "a browser"} on ${context.os || "an unknown system"}.`);
+  announce(
+    asker.rp
+      ? `New request from ${asker.name}.`
+      : `New sign-in request from ${context.browser || "a browser"} on ${context.os || "an unknown system"}.`,
+  );
   (choices ? choiceButtons[0] : numberInput).focus({ preventScroll: false });
+}
+
+/** Who asks (`requester`, see docs/protocol-additions.md); a server without it sends logins only. */
+function requester(approval) {
+  const given = approval.requester && typeof approval.requester === "object" ? approval.requester : {};
+  if (given.kind !== "rp") return { rp: false, shows: "your browser" };
+  const name = typeof given.name === "string" && given.name.trim() ? given.name.trim() : "an application";
+  return { rp: true, name, shows: name };
+}
+
+function loginDetails(context) {
+  return [
+    h("dt", {}, "Browser"),
+    h("dd", { "data-testid": "request-browser" }, context.browser || "Unknown"),
+    h("dt", {}, "OS"),
+    h("dd", { "data-testid": "request-os" }, context.os || "Unknown"),
+    h("dt", {}, "IP address"),
+    h("dd", { "data-testid": "request-ip", class: "mono" }, context.ip || "Unknown"),
+  ];
+}
+
+/** A relying party's request: who asks, and the context it sent (no browser is involved). */
+function rpDetails(asker, context) {
+  // The server fills what the relying party left out from its own HTTP client ("curl 7" on
+  // "Other"); a value that says nothing is left out rather than shown as a browser.
+  const known = (value) => (value && value !== "Unknown" && value !== "Other" ? value : "");
+  const client = [known(context.browser), known(context.os)].filter(Boolean).join(" on ");
+  return [
+    h("dt", {}, "Requested by"),
+    h("dd", { "data-testid": "request-requester" }, asker.name),
+    h("dt", {}, "IP address"),
+    h("dd", { "data-testid": "request-ip", class: "mono" }, context.ip || "Unknown"),
+    client ? h("dt", {}, "Client") : null,
+    client ? h("dd", { "data-testid": "request-client" }, client) : null,
+  ];
 }
 
 function tickRequest(entry) {
@@ -491,7 +520,7 @@ function entryError(entry, text) {
   entry.message.className = "status-line error";
 }
 
-function resolveRequest(id, status, source) {
+function resolveRequest(id, status, source, reason = null) {
   const entry = requests.get(id);
   if (!entry || entry.finished) return;
   clearTimeout(entry.fallbackTimer);
@@ -511,7 +540,9 @@ function resolveRequest(id, status, source) {
   }
   const text =
     status === "expired"
-      ? "This request expired."
+      ? reason === "superseded"
+        ? "Replaced by a newer request."
+        : "This request expired."
       : status === "approved"
         ? "Approved on another device."
         : status === "denied"

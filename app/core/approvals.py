@@ -37,6 +37,29 @@ class Status(StrEnum):
         return self is not Status.PENDING
 
 
+# Why an approval ended, reported with its final status (RP API, browser stream, device
+# events). The specific ones are set where they happen: `sms_code` (approved with a texted
+# code), `fraud` (denied and reported), `wrong_number` (approved with a number that did not
+# match, so denied), `too_many_codes` (five wrong SMS codes), `superseded` (expired because
+# a newer approval for the same user replaced it). An end that names no reason gets its
+# status's default here; the store's scripts apply the same table (app.store.approvals).
+DEFAULT_REASONS: dict[Status, str] = {
+    Status.APPROVED: "device",  # approved on an enrolled device
+    Status.DENIED: "denied",  # a plain denial on a device
+    Status.EXPIRED: "timeout",  # nobody answered before expires_at
+}
+END_REASONS: tuple[str, ...] = (
+    "device",
+    "sms_code",
+    "denied",
+    "fraud",
+    "wrong_number",
+    "too_many_codes",
+    "timeout",
+    "superseded",
+)
+
+
 @dataclass(frozen=True)
 class ApprovalContext:
     """What the phone shows about the sign-in attempt so the person can recognise it.
@@ -118,6 +141,15 @@ class PendingApproval:
     completed: bool = False
     # The id of the request that started it, so logs can follow it across processes.
     request_id: str | None = None
+    # The relying party's API key name, shown on the phone as who asks (kind "rp").
+    requester_name: str | None = None
+
+    @property
+    def final_reason(self) -> str | None:
+        """Why it ended (one of END_REASONS), None while pending."""
+        if not self.status.final:
+            return None
+        return self.reason or DEFAULT_REASONS[self.status]
 
     def device_json(self) -> dict[str, object]:
         """The protocol's Approval object for a phone (§3); it never holds the number itself."""
@@ -128,6 +160,8 @@ class PendingApproval:
             "expires_at": rfc3339(self.expires_at),
             "context": self.context.to_json(),
             "match": self.match.to_json(),
+            # Who asks: a browser sign-in, or a relying party named by its API key.
+            "requester": {"kind": self.kind, "name": self.requester_name},
         }
         # In typed and nist modes the person must type what the browser shows, so no hint at all.
         if self.match.offers_choices and self.choices is not None:
@@ -136,16 +170,18 @@ class PendingApproval:
         return out
 
     def ended(self, event: Mapping[str, object]) -> PendingApproval | None:
-        """This approval with the status and time a `result` event announced (the store
-        publishes one when an approval ends); None when the event does not say both."""
+        """This approval with the status, time and reason a `result` event announced (the
+        store publishes one when an approval ends); None when the event does not say all
+        three (the caller then reads the approval)."""
         try:
             status = Status(str(event["status"]))
             decided_at = float(str(event["decided_at"]))
         except (KeyError, ValueError):
             return None
-        if not status.final:
+        reason = event.get("reason")
+        if not status.final or not isinstance(reason, str) or not reason:
             return None
-        return replace(self, status=status, decided_at=decided_at)
+        return replace(self, status=status, decided_at=decided_at, reason=reason)
 
     def to_fields(self) -> dict[str, str]:
         """Flatten to string fields for a Redis hash; `None` values are left out."""
@@ -172,6 +208,7 @@ class PendingApproval:
             "browser_binding": self.browser_binding,
             "api_key_id": self.api_key_id,
             "request_id": self.request_id,
+            "requester_name": self.requester_name,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
@@ -210,6 +247,7 @@ class PendingApproval:
             channels=_string_list("channels", reader.parsed("channels", _identity)),
             completed=reader.flag("completed"),
             request_id=fields.get("request_id"),
+            requester_name=fields.get("requester_name"),
         )
 
 
@@ -225,6 +263,7 @@ def new_approval(
     remember_browser: bool = False,
     api_key_id: str | None = None,
     request_id: str | None = None,
+    requester_name: str | None = None,
     rng: random.Random | None = None,
 ) -> PendingApproval:
     """A fresh pending approval with a new id, a 32-byte challenge and a drawn number.
@@ -250,6 +289,7 @@ def new_approval(
         remember_browser=remember_browser,
         api_key_id=api_key_id,
         request_id=request_id,
+        requester_name=requester_name,
     )
 
 

@@ -8,6 +8,7 @@ injected clock and are stored as naive UTC datetimes.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -114,10 +115,14 @@ class UserImportError(InvalidAccountData):
 
 
 def normalize_email(email: str) -> str:
-    """The canonical, lowercased form of an email address; InvalidAccountData if malformed."""
+    """The canonical, lowercased form of an email address; InvalidAccountData if malformed.
+
+    NFKC first, so compatibility spellings (full-width letters and @, ligatures) are the
+    address they look like: one account, one guess budget, one registration.
+    """
     if not isinstance(email, str):
         raise InvalidAccountData("email", "email must be a string")
-    candidate = email.strip()
+    candidate = unicodedata.normalize("NFKC", email).strip()
     if not candidate or len(candidate) > MAX_EMAIL_LENGTH:
         raise InvalidAccountData("email", "email must be 1 to 320 characters")
     try:

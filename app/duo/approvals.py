@@ -58,6 +58,7 @@ async def start(
             context=context,
             ttl=answers.duo_ttl(svc.settings.approval_ttl),
             api_key_id=integration.id,
+            requester_name=integration.name,
             match=integration.match,
         )
     except ApiError as exc:

@@ -3,12 +3,14 @@ checks that keep hostile values away from SQL, Redis and BSON."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 import orjson
 
 from app.duo.signatures import Params
+from app.web.relying_party import UNSHOWN
 
 # No parameter a Duo client sends comes near this; pushinfo, the longest, is a few hundred.
 MAX_VALUE = 2048
@@ -94,4 +96,10 @@ def pushinfo_details(pushinfo: str) -> list[tuple[str, str]]:
     if not pushinfo:
         return []
     pairs = checked(parse_query(pushinfo)[:MAX_PUSHINFO_PAIRS])
-    return [(label[:40], value[:200]) for label, value in pairs.items() if label]
+    return [(shown(label[:40]), shown(value[:200])) for label, value in pairs.items() if label]
+
+
+def shown(text: str) -> str:
+    """`text` as the phone may show it: a character that is not shown as itself (a newline in
+    a command, a bidi override) becomes U+FFFD, so a value cannot forge or hide a line."""
+    return "".join("\ufffd" if unicodedata.category(c) in UNSHOWN else c for c in text)

@@ -23,7 +23,7 @@ from app.duo import answers
 from app.duo import approvals as duo_approvals
 from app.duo.answers import Answer, Phone, Preauth
 from app.duo.integrations import IntegrationDirectory, LiveIntegration, api_host_name
-from app.duo.params import BadParams, checked, parse_json, parse_query, pushinfo_details
+from app.duo.params import BadParams, checked, parse_json, parse_query, pushinfo_details, shown
 from app.duo.replies import Encoding, Value, fail, ok
 from app.duo.signatures import Params, SignatureRejected, SignedRequest, credentials, verify
 from app.server_keys import SecretBox, secret_key
@@ -298,14 +298,14 @@ def _context(call: Call) -> ApprovalContext:
     """What the phone shows: the client's IP (ipaddr), the integration's name as the
     application, the client program, and the request's own lines (pushinfo and co.)."""
     params = call.params
-    user_agent = call.request.headers.get("user-agent", "")[:512]
+    user_agent = shown(call.request.headers.get("user-agent", "")[:512])
     details: list[tuple[str, str]] = []
     for name, label in (("type", "Request"), ("display_username", "User"), ("hostname", "Host")):
         if params.get(name):
-            details.append((label, params[name][:200]))
+            details.append((label, shown(params[name][:200])))
     details += pushinfo_details(params.get("pushinfo", ""))
     return ApprovalContext(
-        ip=(params.get("ipaddr") or client_ip(call.request))[:64],
+        ip=shown((params.get("ipaddr") or client_ip(call.request))[:64]),
         user_agent=user_agent,
         browser=call.integration.name[:100],
         os=(user_agent.split(" (")[0] or "Duo client")[:100],

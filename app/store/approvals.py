@@ -14,7 +14,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from app import metrics
-from app.core.approvals import PendingApproval, Status
+from app.core.approvals import DEFAULT_REASONS, PendingApproval, Status
 from app.core.clock import Clock
 from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP
 from app.store.audit_stream import APPEND_LUA
@@ -26,13 +26,15 @@ from app.store.redis import KeySpace
 FINAL_STATE_KEEP = 300
 
 # finalize(prefix, id, status, now, decided_by, reason): shared by every script below.
+# Every end is stored and announced with a reason: the caller's, else the status's default
+# (app.core.approvals.DEFAULT_REASONS, written into the script as DEFAULT_REASONS).
 _FINALIZE = """
 local function finalize(prefix, id, status, now, decided_by, reason, base, cap)
   local key = prefix .. 'approval:' .. id
   local uid = redis.call('HGET', key, 'user_id')
-  redis.call('HSET', key, 'status', status, 'decided_at', now)
+  if reason == '' then reason = (DEFAULT_REASONS)[status] end
+  redis.call('HSET', key, 'status', status, 'decided_at', now, 'reason', reason)
   if decided_by ~= '' then redis.call('HSET', key, 'decided_by', decided_by) end
-  if reason ~= '' then redis.call('HSET', key, 'reason', reason) end
   redis.call('EXPIRE', key, KEEP)
   redis.call('EXPIRE', key .. ':acks', KEEP)
   redis.call('ZREM', prefix .. 'approvals:deadlines', id)
@@ -49,15 +51,19 @@ local function finalize(prefix, id, status, now, decided_by, reason, base, cap)
   end
   -- The processes waiting for this end hear it in their inboxes (app.store.waiters);
   -- decided_at travels as the string stored above, so waiters render the same time.
-  local ended = cjson.encode({type = 'result', id = id, status = status, decided_at = now})
+  local ended = cjson.encode({type = 'result', id = id, status = status, decided_at = now,
+    reason = reason})
   for _, process in ipairs(redis.call('SMEMBERS', key .. ':waiters')) do
     redis.call('PUBLISH', prefix .. 'ev:proc:' .. process, ended)
   end
   redis.call('DEL', key .. ':waiters')
   redis.call('PUBLISH', prefix .. 'ev:user:' .. uid,
-    cjson.encode({type = 'approval_resolved', id = id, status = status}))
+    cjson.encode({type = 'approval_resolved', id = id, status = status, reason = reason}))
 end
-""".replace("KEEP", str(FINAL_STATE_KEEP))
+""".replace("KEEP", str(FINAL_STATE_KEEP)).replace(
+    "DEFAULT_REASONS",
+    "{" + ", ".join(f"{status.value} = '{why}'" for status, why in DEFAULT_REASONS.items()) + "}",
+)
 
 # KEYS: new approval key, its in-flight deliveries set. ARGV: prefix, now, id, user_id,
 # expires_at, keep_seconds, base, cap, request_event_json, audit line, caller's ip,

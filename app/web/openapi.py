@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Route, WebSocketRoute
 
+from app.core.approvals import END_REASONS
 from app.web.account import AccountUpdate, PhoneBody, PhoneCode
 from app.web.browser import CodeBody, LoginBody
 from app.web.devices import DecisionBody, DeviceUpdate, EnrollBody
@@ -91,6 +92,14 @@ _TIME: Schema = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
 _STATUS: Schema = {"type": "string", "enum": ["pending", "approved", "denied", "expired"]}
 _CHANNELS: Schema = _list({"type": "string", "enum": ["websocket", "fcm", "apns", "sms", "email"]})
+_REASON: Schema = {
+    "type": ["string", "null"],
+    "enum": [*END_REASONS, None],
+    "description": "Why the approval ended; null while pending. approved: device, sms_code; "
+    "denied: denied, fraud, wrong_number, too_many_codes; expired: timeout (nobody answered "
+    "in time), superseded (a newer approval for the same user replaced it). "
+    "See docs/protocol-additions.md.",
+}
 
 # Answers that are not pydantic models; written from PROTOCOL.md.
 RESPONSE_SCHEMAS: dict[str, Schema] = {
@@ -132,6 +141,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         channels=_CHANNELS,
         delivered=_CHANNELS,
         expires_at=_TIME,
+        reason=_REASON,
     ),
     "ApprovalContext": _obj(
         ["ip", "user_agent", "browser", "os"],
@@ -152,6 +162,14 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         match=_ref("Match"),
         number_choices=_list(_STR),
         challenge={"type": "string", "description": "base64url of 32 random bytes"},
+        requester=_obj(
+            ["kind", "name"],
+            kind={"type": "string", "enum": ["login", "rp"]},
+            name={
+                "type": ["string", "null"],
+                "description": "The relying party's API key name (kind rp); null for a login",
+            },
+        ),
     ),
     "ApprovalList": _obj(["approvals"], approvals=_list(_ref("Approval"))),
     "Decision": _obj(["status"], status={"type": "string", "enum": ["approved", "denied"]}),
@@ -226,6 +244,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         created_at=_TIME,
         expires_at=_TIME,
         decided_at=_TIME,
+        reason=_REASON,
     ),
 }
 
@@ -254,7 +273,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     # --- accounts and email verification (PROTOCOL §1)
     ("POST", "/api/register"): Operation(
-        {202: _SENT, 422: "invalid_request: malformed email or a password under 8 characters"},
+        {
+            202: _SENT,
+            422: "invalid_request: malformed email or a password under 8 characters",
+            429: "rate_limited (with Retry-After): too many for this address or this IP",
+        },
         body=RegisterBody,
     ),
     ("GET", "/verify-email"): Operation(
@@ -463,6 +486,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/register"): _PAGE,
     ("GET", "/account"): _PAGE,
     ("GET", "/phone"): _PAGE,
+    ("GET", "/favicon.ico"): Operation(
+        {200: Reply("The icon", {"type": "string"}, "image/x-icon")}, store=False
+    ),
 }
 
 SECURITY_SCHEMES: dict[str, Schema] = {
@@ -613,7 +639,8 @@ def document(public_url: str) -> dict[str, Any]:
             "title": "tapprove",
             "version": "1",
             "description": "Self-hosted push login approval. WebSockets (not describable in "
-            "OpenAPI) are listed under `x-websockets`; see PROTOCOL.md §2 and §3.",
+            "OpenAPI) are listed under `x-websockets`; see PROTOCOL.md §2 and §3. The browser "
+            "stream's `result` frame carries the same `reason` as the status answers.",
         },
         "servers": [{"url": public_url}],
         "paths": paths,

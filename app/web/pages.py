@@ -1,4 +1,5 @@
-"""The browser pages (`/`, `/register`, `/account`, `/phone`) and the static files they load."""
+"""The browser pages (`/`, `/register`, `/account`, `/phone`), the static files they load,
+and `/favicon.ico` for clients that ask for it without reading a page's icon link."""
 
 from __future__ import annotations
 
@@ -28,8 +29,14 @@ def page(path: str, filename: str) -> Route:
     return Route(path, serve, methods=["GET"], name=f"page:{filename.removesuffix('.html')}")
 
 
+async def favicon(request: Request) -> FileResponse:
+    """GET /favicon.ico: the icon as .ico (16, 32 and 48 px PNGs rendered from icon.svg)."""
+    return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
+
+
 routes: list[BaseRoute] = [
     *(page(path, filename) for path, filename in PAGES.items()),
+    Route("/favicon.ico", favicon, methods=["GET"], name="favicon"),
     # check_dir=False: building the app must not fail where static/ is absent (e.g. an sdist).
     Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
 ]

@@ -35,6 +35,12 @@ MAILS_PER_MINUTE = 1
 MAILS_PER_DAY = 10
 # Resend requests one IP may make per hour, whatever the addresses.
 RESENDS_PER_IP_HOUR = 30
+# Registrations, as (calls, window seconds). A person registers once, and retries after a
+# typo or a lost mail fit well within 5 an hour for one address; 20 per IP in 15 minutes
+# covers a household or small office behind one address, while a burst of fresh addresses
+# (a mail and an argon2 hash each) stops there. Bulk onboarding is `tapprove user import`.
+REGISTRATIONS_PER_ADDRESS = (5, 3600)
+REGISTRATIONS_PER_IP = (20, 15 * 60)
 # Tokens are 43 characters; anything far longer is not one of ours.
 MAX_TOKEN_LENGTH = 256
 
@@ -68,17 +74,36 @@ async def _mail_allowed(svc: Services, email: str) -> bool:
     return True
 
 
+async def _registration_allowed(
+    svc: Services, kind: str, who: str, limit: tuple[int, int]
+) -> None:
+    """Spend one registration from `who`'s budget, or 429 `rate_limited`."""
+    calls, window = limit
+    key = svc.limits.key("register", kind, who)
+    verdict = await svc.limits.hit(key, limit=calls, window=window)
+    if not verdict.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many registrations; try again later",
+            {"Retry-After": str(verdict.retry_after)},
+        )
+
+
 async def register(request: Request) -> Response:
-    """POST /api/register: 202 for new and taken addresses alike."""
+    """POST /api/register: 202 for new and taken addresses alike, 429 past either budget."""
     svc = services(request)
     body = await read_body(request, RegisterBody)
+    ip = client_ip(request)
+    await _registration_allowed(svc, "ip", ip, REGISTRATIONS_PER_IP)
     try:
         email = normalize_email(body.email)
         validate_password(body.password)
     except InvalidAccountData as exc:
         raise _invalid(exc) from None
+    # Counted for the address whether or not it is registered: the same answers either way.
+    await _registration_allowed(svc, "address", hash_token(email), REGISTRATIONS_PER_ADDRESS)
     now = svc.clock.now()
-    ip = client_ip(request)
     # Both paths spend the address's mail budget, hash the password (in create_user), and
     # write one outbox row: the same work, so the same time.
     allowed = await _mail_allowed(svc, email)

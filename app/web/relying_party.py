@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from pydantic import Field
@@ -20,6 +21,10 @@ from app.web.common import bearer, json, plausible_id, request_context, services
 from app.web.errors import StrictBody, read_body
 
 MAX_WAIT = 30
+
+# Characters that are not shown as themselves: C0/C1 controls (newlines, ESC sequences that
+# steer a terminal), format characters (bidi overrides that reorder a line), line separators.
+UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 class RpContext(StrictBody):
@@ -52,6 +57,18 @@ async def _api_key(request: Request) -> ApiKey:
     return key
 
 
+def _shown_context(context: RpContext | None) -> dict[str, str]:
+    """The fields the phone will show, or 422 naming one that holds a control character:
+    the person deciding reads them, and a field must not forge or hide another line."""
+    given = context.model_dump(exclude_none=True) if context else {}
+    for name, value in given.items():
+        if any(unicodedata.category(char) in UNSHOWN for char in value):
+            raise ApiError(
+                422, "invalid_request", f"context.{name}: must not contain control characters"
+            )
+    return given
+
+
 def _rp_json(approval: PendingApproval) -> dict[str, Any]:
     body: dict[str, Any] = {
         "approval_id": approval.id,
@@ -61,6 +78,8 @@ def _rp_json(approval: PendingApproval) -> dict[str, Any]:
     }
     if approval.decided_at is not None:
         body["decided_at"] = rfc3339(approval.decided_at)
+    # Why it ended (e.g. `superseded` vs `timeout` for an expiry); null while pending.
+    body["reason"] = approval.final_reason
     return body
 
 
@@ -69,11 +88,11 @@ async def create(request: Request) -> Response:
     svc = services(request)
     key = await _api_key(request)
     body = await read_body(request, CreateApproval)
+    given = _shown_context(body.context)
     email = body.user.strip().lower()
     recipient = svc.accounts.cached(email) or await svc.accounts.by_email(email)
     if recipient is None:
         raise ApiError(404, "unknown_user", "no user with that email")
-    given = body.context.model_dump(exclude_none=True) if body.context else {}
     approval = await start_approval(
         svc,
         recipient,
@@ -81,6 +100,7 @@ async def create(request: Request) -> Response:
         context=request_context(request, given),
         ttl=body.ttl,
         api_key_id=key.id,
+        requester_name=key.name,
     )
     return json(
         {

@@ -8,17 +8,20 @@ from __future__ import annotations
 import re
 import time
 
+import httpx
 import pytest
 from playwright.async_api import Page, expect
 
-from app.db.accounts import create_enrollment_code
+from app.db.accounts import create_api_key, create_enrollment_code
 from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory
 from tests.fixtures.browser import Browsers
 from tests.fixtures.mail import SmtpServer
+from tests.integration.test_push_delivery import add_user_with_phone
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(180)]
 
 TWO_DIGITS = re.compile(r"^\d{2}$")
+PHONE_NUMBER = "+14155552671"
 
 
 async def start(server_factory: ServerFactory, smtp: SmtpServer, **settings: object) -> LiveServer:
@@ -123,6 +126,14 @@ async def test_full_journey_from_registration_to_an_approved_sign_in(
     uri = web.get_by_test_id("enroll-uri")
     await expect(uri).to_have_text(re.compile(r"^tapprove://enroll\?url=.+&code=.+"))
     await expect(web.get_by_test_id("enroll-qr")).to_be_visible()
+    # It names what to open: the /phone page at its address, or the reference client.
+    steps = web.get_by_test_id("enroll-steps")
+    await expect(steps).not_to_contain_text("tapprove app")
+    await expect(web.get_by_test_id("phone-page-link")).to_have_text(f"{server.url}/phone")
+    await expect(web.get_by_test_id("stub-command")).to_have_text(
+        f"python -m mobile_stub enroll '{await uri.inner_text()}' --state phone.json"
+    )
+    await expect(web.get_by_test_id("restricted-banner")).not_to_contain_text("tapprove app")
     await expect(web.get_by_test_id("enrollment")).to_be_in_viewport(ratio=0.99)
     await browsers.shot(web, "05-add-a-phone")
 
@@ -280,3 +291,160 @@ async def test_a_device_revoked_on_the_account_page_learns_it_was_revoked(
     await expect(phone.get_by_role("heading", name="This device was revoked")).to_be_visible()
     await expect(phone.locator("#conn")).to_have_text("Revoked")
     await browsers.shot(phone, "03-phone-revoked")
+
+
+async def test_a_relying_partys_request_on_the_phone_names_the_relying_party(
+    server_factory: ServerFactory, smtp_server: SmtpServer, browsers: Browsers
+) -> None:
+    server = await start(server_factory, smtp_server)
+    phone = await user_with_browser_phone(server, browsers, "rp@example.com")
+    async with server.services.db() as db:
+        _, api_key = await create_api_key(db, "Staging VPN", now=time.time())
+        await db.commit()
+    async with httpx.AsyncClient(
+        base_url=server.url,
+        headers={"Authorization": f"Bearer {api_key}", "User-Agent": "curl/7.88.1"},
+    ) as rp:
+        created = await rp.post(
+            "/api/v1/approvals", json={"user": "rp@example.com", "context": {"ip": "198.51.100.4"}}
+        )
+        assert created.status_code == 201, created.text
+        number = created.json()["number"]
+
+        request = phone.get_by_test_id("approval-request")
+        await expect(request).to_have_count(1)
+        await expect(request.get_by_role("heading")).to_have_text(
+            "Approve a request from Staging VPN?"
+        )
+        await expect(request.get_by_test_id("request-requester")).to_have_text("Staging VPN")
+        await expect(request.get_by_test_id("request-ip")).to_have_text("198.51.100.4")
+        # Nothing calls the relying party's HTTP client a browser, or asks for a browser's number.
+        await expect(request.get_by_test_id("request-browser")).to_have_count(0)
+        await expect(request).not_to_contain_text("Browser")
+        await expect(request).not_to_contain_text("browser")
+        await expect(request).to_contain_text("Type the 2-digit number Staging VPN shows")
+        await browsers.shot(phone, "01-phone-rp-request")
+
+        await request.get_by_label("Number").fill(number)
+        await request.get_by_role("button", name="Approve").click()
+        await expect(request.get_by_test_id("decision-result")).to_contain_text("Approved")
+        answer = await rp.get(f"/api/v1/approvals/{created.json()['approval_id']}?wait=20")
+    assert (answer.json()["status"], answer.json()["reason"]) == ("approved", "device")
+
+
+async def test_a_sign_in_replaced_by_a_newer_one_says_so_in_the_browser_and_on_the_phone(
+    server_factory: ServerFactory, smtp_server: SmtpServer, browsers: Browsers
+) -> None:
+    server = await start(server_factory, smtp_server)
+    email = "twice@example.com"
+    phone = await user_with_browser_phone(server, browsers, email)
+    first = await browsers.person(server.url, "first")
+    second = await browsers.person(server.url, "second")
+
+    await sign_in(first, email)
+    await waiting_number(first)
+    await expect(phone.get_by_test_id("approval-request")).to_have_count(1)
+    await sign_in(second, email)
+    await waiting_number(second)
+
+    await expect(first.get_by_role("heading", name="Replaced by a newer sign-in")).to_be_visible()
+    await browsers.shot(first, "01-replaced")
+    requests = phone.get_by_test_id("approval-request")
+    await expect(requests).to_have_count(2)
+    await expect(requests.nth(1).get_by_test_id("decision-result")).to_have_text(
+        "Replaced by a newer request."
+    )
+    await browsers.shot(phone, "02-phone-replaced", full_page=True)
+
+
+async def test_sms_codes_show_off_until_a_phone_number_is_verified(
+    server_factory: ServerFactory, smtp_server: SmtpServer, browsers: Browsers
+) -> None:
+    server = await start(server_factory, smtp_server)
+    for email, number in (("nonumber@example.com", None), ("number@example.com", PHONE_NUMBER)):
+        if number is None:
+            phone = await user_with_browser_phone(server, browsers, email)
+        else:
+            user_id = await add_user_with_phone(server, email, number)
+            phone = await browsers.person(server.url, "phone", phone=True)
+            await enroll(phone, await enrollment_code(server, user_id), "Test phone")
+        web = await browsers.person(server.url, "web")
+        await sign_in(web, email)
+        await approve_on(phone, await waiting_number(web))
+        await web.wait_for_url(f"{server.url}/account")
+        toggle = web.get_by_role("switch", name="Allow SMS codes")
+        if number is None:
+            # The account's setting is on (the default), but no code can be sent: shown off.
+            await expect(toggle).not_to_be_checked()
+            await expect(toggle).to_be_disabled()
+            await expect(web.locator("#sms-fallback-hint")).to_have_text(
+                "Available once you add and verify a phone number above."
+            )
+            await browsers.shot(web, "01-no-number", full_page=True)
+        else:
+            await expect(toggle).to_be_checked()
+            await expect(toggle).to_be_enabled()
+            await toggle.click()
+            await expect(toggle).not_to_be_checked()
+            await expect(web.get_by_text("SMS codes are turned off.")).to_be_visible()
+            await browsers.shot(web, "02-verified-number", full_page=True)
+
+
+async def test_a_restricted_accounts_note_keeps_its_distance_from_the_phone_form(
+    server_factory: ServerFactory, smtp_server: SmtpServer, browsers: Browsers
+) -> None:
+    server = await start(server_factory, smtp_server)
+    await server.add_user("restricted@example.com")
+    web = await browsers.person(server.url, "web")
+    await sign_in(web, "restricted@example.com")  # no phone yet: a restricted session
+    await web.wait_for_url(f"{server.url}/account")
+    note = web.get_by_test_id("restricted-note")
+    await expect(note).to_have_text("Available after you sign in with your phone.")
+    label = web.get_by_text("Phone number", exact=True)
+    note_box, label_box = await note.bounding_box(), await label.bounding_box()
+    assert note_box is not None and label_box is not None
+    gap = label_box["y"] - (note_box["y"] + note_box["height"])
+    assert gap >= 12, f"only {gap:.1f} px between the note and the label under it"
+    await browsers.shot(web, "01-restricted-account", full_page=True)
+
+
+async def test_a_heading_focused_by_script_has_no_focus_ring_but_keyboard_focus_does(
+    server_factory: ServerFactory, smtp_server: SmtpServer, browsers: Browsers
+) -> None:
+    server = await start(server_factory, smtp_server)
+    page = await browsers.person(server.url, "phone", phone=True)
+    await page.goto("/phone")
+    await expect(page.get_by_label("Enrollment link or code")).to_be_focused()
+    # The keyboard moves focus on: the next control shows the ring.
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_label("Device name")).to_be_focused()
+    assert await outline(page) == ("solid", "3px")
+    # A script moves focus to a heading (as the pages do when a view changes): no ring there,
+    # even right after a keyboard interaction.
+    heading = page.get_by_role("heading", name="Use this browser as your phone")
+    await heading.evaluate("element => element.focus()")
+    await expect(heading).to_be_focused()
+    assert (await outline(page))[0] == "none"
+
+    # The sign-in page, used by keyboard: Enter signs in and the page focuses its waiting view.
+    phone = await user_with_browser_phone(server, browsers, "focus@example.com")
+    web = await browsers.person(server.url, "web")
+    await fill_sign_in(web, "focus@example.com")
+    await web.get_by_label("Password").press("Enter")
+    await waiting_number(web)
+    waiting = web.get_by_role("heading", name="Approval request sent to your phone")
+    await expect(waiting).to_be_focused()
+    assert (await outline(web))[0] == "none"
+    await browsers.shot(web, "01-waiting-heading-focused")
+    await expect(phone.get_by_test_id("approval-request")).to_have_count(1)
+
+
+async def outline(page: Page) -> tuple[str, str]:
+    """The computed outline style and width of the focused element."""
+    found: list[str] = await page.evaluate(
+        """() => {
+            const style = getComputedStyle(document.activeElement);
+            return [style.outlineStyle, style.outlineWidth];
+        }"""
+    )
+    return found[0], found[1]

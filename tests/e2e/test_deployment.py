@@ -200,7 +200,7 @@ async def test_a_phone_on_a_stopping_process_reconnects_elsewhere_and_approves(
                 frames = []
                 while not frames or frames[-1]["type"] != "result":
                     frames.append(json.loads(await asyncio.wait_for(stream.recv(), WAIT)))
-                assert frames[-1] == {"type": "result", "status": "approved"}
+                assert frames[-1] == {"type": "result", "status": "approved", "reason": "device"}
 
             completed = await browser.post(f"/api/login/{approval_id}/complete")
             assert completed.status_code == 200, completed.text

@@ -133,7 +133,7 @@ async def test_phone_on_one_process_approves_a_browser_on_another(
                 frames.append(json.loads(await asyncio.wait_for(stream.recv(), 20)))
         assert frames[0]["type"] == "status" and frames[0]["status"] == "pending"
         assert {"type": "delivered", "channel": "websocket"} in frames
-        assert frames[-1] == {"type": "result", "status": "approved"}
+        assert frames[-1] == {"type": "result", "status": "approved", "reason": "device"}
         done = await browser.post(f"/api/login/{body['approval_id']}/complete")
         assert done.status_code == 200 and done.json() == {"status": "authenticated"}
         session = browser.cookies["tapprove_session"]

@@ -86,6 +86,7 @@ async def test_a_phone_that_drops_and_returns_still_gets_the_request(
         assert (await frames_until(stream, "result"))[-1] == {
             "type": "result",
             "status": "approved",
+            "reason": "device",
         }
     done = await later.browser.post(f"/api/login/{later.approval_id}/complete")
     assert done.status_code == 200, done.text

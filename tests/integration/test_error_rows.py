@@ -79,7 +79,8 @@ async def test_a_second_device_needs_a_session_approved_on_the_first(server: Liv
     trusted = (await browser.get("/api/account")).json()["trusted_browsers"]
     assert len(trusted) == 1
     revoked = await browser.delete(f"/api/account/trusted-browsers/{trusted[0]['id']}")
-    assert revoked.status_code == 200
+    assert revoked.status_code == 200 and revoked.json() == {"status": "revoked"}
+    assert (await browser.get("/api/account")).json()["trusted_browsers"] == []
     await browser.post("/api/logout")
     after = await server.login(browser, "second@example.com")
     assert after.status_code == 202, "a revoked trusted browser must ask for approval again"

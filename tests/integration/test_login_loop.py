@@ -82,10 +82,19 @@ async def test_a_phone_approves_a_login_and_the_browser_signs_in(server: LiveSer
         # Every device hears that it ended; the deciding one also gets its own result.
         frames = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
         assert sorted(frames, key=lambda f: f["type"]) == [
-            {"type": "approval_resolved", "id": approval["id"], "status": "approved"},
+            {
+                "type": "approval_resolved",
+                "id": approval["id"],
+                "status": "approved",
+                "reason": "device",
+            },
             {"type": "decision_result", "id": approval["id"], "status": "approved"},
         ]
-        assert json.loads(await stream.recv()) == {"type": "result", "status": "approved"}
+        assert json.loads(await stream.recv()) == {
+            "type": "result",
+            "status": "approved",
+            "reason": "device",
+        }
         with pytest.raises(websockets.ConnectionClosedOK):
             await stream.recv()
 
@@ -113,7 +122,11 @@ async def test_a_denied_login_cannot_be_completed(server: LiveServer) -> None:
         )
     assert answer.status_code == 200 and answer.json() == {"status": "denied"}
     async with login_stream(server, browser, started["approval_id"]) as stream:
-        assert json.loads(await stream.recv()) == {"type": "result", "status": "denied"}
+        assert json.loads(await stream.recv()) == {
+            "type": "result",
+            "status": "denied",
+            "reason": "denied",
+        }
     status = await browser.get(f"/api/login/{started['approval_id']}")
     assert status.json()["status"] == "denied"
     done = await browser.post(f"/api/login/{started['approval_id']}/complete")
@@ -355,7 +368,9 @@ async def test_relying_party_long_poll_sees_the_decision(server: LiveServer) -> 
             "created_at",
             "expires_at",
             "decided_at",
+            "reason",
         }
+        assert result.json()["reason"] == "device"
         unknown = await rp.post("/api/v1/approvals", json={"user": "nobody@example.com"})
         assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_user"
         bad_wait = await rp.get(f"/api/v1/approvals/{body['approval_id']}?wait=31")

@@ -136,8 +136,9 @@ async def test_an_approved_login_is_counted_once_with_its_decision_time(
     completed = await browser.post(f"/api/login/{approval['id']}/complete")
     after = await scrape(server)
 
-    assert first.status_code == 200 and again.status_code == 409
-    assert completed.status_code == 200
+    assert first.json() == {"status": "approved"}, first.text
+    assert again.status_code == 409 and again.json()["error"] == "already_decided"
+    assert completed.json() == {"status": "authenticated"}, completed.text
     assert grew(before, after, "tapprove_approvals_started_total", kind="login") == 1
     assert grew(before, after, "tapprove_approvals_total", outcome="approved") == 1
     assert grew(before, after, "tapprove_approvals_total", outcome="denied") == 0
@@ -400,7 +401,7 @@ async def test_tapprove_audit_lists_a_users_events_as_json(server: LiveServer) -
             f"/api/approvals/{approval['id']}/decision",
             json={"jws": phone.sign(approval, "approve", started.json()["number"])},
         )
-    assert decided.status_code == 200
+    assert decided.json() == {"status": "approved"}, decided.text
 
     done = await asyncio.to_thread(run_cli, server, "audit", "--user", "ada@example.com", "--json")
     everyone = await asyncio.to_thread(run_cli, server, "audit", "--json")

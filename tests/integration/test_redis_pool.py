@@ -5,6 +5,7 @@ survives a connection that is released twice."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -38,17 +39,26 @@ async def test_more_callers_than_connections_wait_their_turn(
 
 
 async def test_a_caller_gives_up_when_no_connection_frees_in_time(
-    client: aioredis.Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+    client: aioredis.Redis,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(store_redis, "POOL_WAIT", 0.2)
     key = redis_prefix + "held"
-    holders = [asyncio.create_task(client.blpop([key], timeout=2)) for _ in range(2)]
-    await asyncio.sleep(0.1)  # both connections are now inside BLPOP
+    # Two callers block in BLPOP until this test pushes to the list: both connections stay
+    # taken for as long as the test needs, however slow the machine.
+    holders = [asyncio.create_task(client.blpop([key], timeout=0)) for _ in range(2)]
+    pool = client.connection_pool
+    deadline = time.monotonic() + 10
+    while len(pool._in_use_connections) < 2:
+        assert time.monotonic() < deadline, "the holders never took both connections"
+        await asyncio.sleep(0.01)
 
     with pytest.raises(RedisConnectionError, match="No connection available"):
         await client.get(redis_prefix + "other")
-    for holder in holders:
-        assert await holder is None
+    await redis_client.rpush(key, "a", "b")  # another client: this pool has none to spare
+    assert sorted([tuple(await holder) for holder in holders]) == [(key, "a"), (key, "b")]
     assert await client.get(redis_prefix + "other") is None  # usable again
 
 

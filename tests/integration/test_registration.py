@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import statistics
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,6 +17,7 @@ from app.core.tokens import hash_token
 from app.db.accounts import create_user
 from app.db.models import EmailToken, OutboxMessage, User
 from app.verification import events_stream, publish
+from tests.fixtures.hashing import Argon2Work, todays_parameters
 from tests.fixtures.mail import MailApp, MailAppFactory, Received, SmtpServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -37,6 +37,13 @@ async def register(app: MailApp, email: str, password: str = PASSWORD, **kwargs:
     )
     assert response.status_code == 202, response.text
     assert response.json() == {"status": "verification_sent"}
+
+
+async def forget_registration_limits(app: MailApp) -> None:
+    """What an hour's wait does to the registration limits (per address and per IP)."""
+    redis = app.services.redis
+    async for key in redis.scan_iter(match=app.services.limits.key("register", "*")):
+        await redis.delete(key)
 
 
 def token_of(mail: Received) -> str:
@@ -181,6 +188,36 @@ async def test_registration_refuses_bad_input_with_422(
     assert response.json()["message"].startswith(field)
 
 
+async def test_passwords_of_8_to_1024_characters_of_any_kind_count_exactly_as_typed(
+    mail_app: MailApp,
+) -> None:
+    """SECURITY.md: 8 to 1024 characters, no composition rules, verified exactly as received
+    (no truncation, no case change, no trimming)."""
+    longest = "ω 💩 " * 256  # 1024 characters, no ASCII letter or digit among them
+    assert len(longest) == 1024
+    for name, password, status in (
+        ("seven", "x" * 7, 422),
+        ("eight", "x" * 8, 202),
+        ("longest", longest, 202),
+        ("toolong", longest + "x", 422),
+    ):
+        response = await mail_app.client.post(
+            "/api/register", json={"email": f"{name}@example.com", "password": password}
+        )
+        assert response.status_code == status, (name, response.text)
+    mails = await mail_app.smtp.wait_for(2)
+    [mail] = [m for m in mails if m.recipients == ["longest@example.com"]]
+    confirmed = await mail_app.client.post("/api/verify-email", json={"token": token_of(mail)})
+    assert confirmed.status_code == 200, confirmed.text
+    for altered in (longest[:-1], longest.upper(), longest.strip(), longest[:72]):
+        login = {"email": "longest@example.com", "password": altered}
+        refused = await mail_app.client.post("/api/login", json=login)
+        assert refused.status_code == 401, refused.text
+    login = {"email": "longest@example.com", "password": longest}
+    allowed = await mail_app.client.post("/api/login", json=login)
+    assert allowed.json() == {"status": "enrollment_required"}, allowed.text
+
+
 async def test_an_expired_link_is_refused_like_an_unknown_one(
     mail_app_factory: MailAppFactory,
 ) -> None:
@@ -201,14 +238,15 @@ async def test_a_newer_link_cancels_the_older_one(mail_app: MailApp) -> None:
     resent = await mail_app.client.post(
         "/api/verify-email/resend", json={"email": "ada@example.com"}
     )
-    assert resent.status_code == 202
+    assert (resent.status_code, resent.json()) == (202, {"status": "verification_sent"})
     second = (await mail_app.smtp.wait_for(2))[1]
     assert token_of(first) != token_of(second)
 
     old = await mail_app.client.post("/api/verify-email", json={"token": token_of(first)})
     assert (old.status_code, old.json()) == (400, INVALID_TOKEN)
     new = await mail_app.client.post("/api/verify-email", json={"token": token_of(second)})
-    assert new.status_code == 200
+    assert (new.status_code, new.json()) == (200, {"status": "verified"})
+    assert (await user(mail_app, "ada@example.com")).email_verified
 
 
 async def test_racing_confirmations_have_exactly_one_winner(mail_app: MailApp) -> None:
@@ -250,23 +288,18 @@ async def test_a_taken_address_gets_the_same_answer_and_the_owner_a_notice(
     assert login.status_code == 401
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-async def test_a_taken_address_answers_in_the_same_time_as_a_new_one(mail_app: MailApp) -> None:
+async def test_a_taken_address_costs_the_same_argon2_work_as_a_new_one(
+    mail_app: MailApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same time, shown structurally: registering a taken address hashes the password
+    at today's full cost exactly as a new one does (a path that skipped the hash would
+    answer twenty times faster). Wall times are measured by `python -m bench.enumeration`;
+    compared here they flaked on a loaded machine."""
     await register(mail_app, "taken@example.com")
-    samples: dict[str, list[float]] = {"taken": [], "new": []}
-    for i in range(12):
-        # Interleaved, so drift in machine load hits both sides alike.
-        for kind in ("new", "taken"):
-            email = "taken@example.com" if kind == "taken" else f"new{i}@example.com"
-            started = time.perf_counter()
-            await register(mail_app, email)
-            samples[kind].append(time.perf_counter() - started)
-    taken, new = statistics.median(samples["taken"]), statistics.median(samples["new"])
-    # argon2 (~0.2-0.6 s here) dominates both paths and their database work differs by a few
-    # milliseconds; a shared machine adds noise, so the bound is loose yet far from the
-    # 20x gap a path that skipped the hash would show.
-    assert 0.5 < taken / new < 2.0, samples
+    work = Argon2Work(monkeypatch)
+    for email in ("new@example.com", "taken@example.com", "TAKEN@example.com"):
+        await register(mail_app, email)
+        assert work.take() == [("hash", todays_parameters())], email
 
 
 async def test_resend_is_limited_per_address_and_silent_about_it(mail_app: MailApp) -> None:
@@ -320,7 +353,8 @@ async def test_resend_is_limited_per_ip(mail_app: MailApp) -> None:
     for i in range(30):  # an hour's budget for one IP, spent on other addresses
         await busy.post("/api/verify-email/resend", json={"email": f"x{i}@example.com"})
     limited = await busy.post("/api/verify-email/resend", json={"email": "ada@example.com"})
-    assert limited.status_code == 202
+    # Silent: the same answer as a resend within the limits.
+    assert (limited.status_code, limited.json()) == (202, {"status": "verification_sent"})
     await asyncio.sleep(1.5)
     assert mail_app.smtp.received == []
 

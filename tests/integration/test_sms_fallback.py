@@ -73,7 +73,7 @@ async def signed_in(server: LiveServer, email: str) -> httpx.AsyncClient:
         )
     assert answer.json() == {"status": "approved"}
     done = await browser.post(f"/api/login/{started['approval_id']}/complete")
-    assert done.status_code == 200
+    assert done.status_code == 200 and done.json() == {"status": "authenticated"}, done.text
     return browser
 
 
@@ -255,6 +255,7 @@ async def test_the_browser_can_ask_for_a_code_at_most_three_times(
         await texts(fake_twilio, count)
     refused = await browser.post(f"/api/login/{approval_id}/sms")
     assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
+    assert int(refused.headers["Retry-After"]) >= 1, refused.headers
     # Only the newest code counts.
     codes = [code_in(form["Body"]) for form in await texts(fake_twilio, 3)]
     if codes[0] != codes[2]:

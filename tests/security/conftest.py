@@ -1,6 +1,8 @@
 """A server shared by every test of one module (the attack tests are many and each server
-costs a fresh database and migration); tests keep apart by using their own people, and
-rate limits and backoffs are forgotten before each test."""
+costs a fresh database and migration). Tests keep apart without forgetting anything: each
+uses its own people (per-account limits and backoffs are theirs alone) and reaches the
+server from a source IP of its own (per-IP limits are its own), so every rate limit and
+backoff stays live from the first request of a test to its last."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from tests.fixtures.app import LiveServer
+from tests.fixtures.app import LiveServer, loopback_address
 from tests.fixtures.services import _create_database, _drop_database
-from tests.security.harness import clear_limits, running_server
+from tests.security.harness import MakePerson, person, person_via_routes, running_server
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,18 @@ async def shared(
 
 
 @pytest.fixture
-async def server(shared: LiveServer) -> LiveServer:
-    """The module's server, with rate limits and push-fatigue backoffs forgotten."""
-    await clear_limits(shared)
-    return shared
+async def server(shared: LiveServer) -> AsyncIterator[LiveServer]:
+    """The module's server, its `browser()` clients coming from this test's own IP."""
+    view = LiveServer(shared.url, shared.app, shared.settings, source_ip=loopback_address())
+    yield view
+    for client in view.clients:
+        await client.aclose()
+
+
+@pytest.fixture(params=["fixture", "routes"])
+def make_person(request: pytest.FixtureRequest) -> MakePerson:
+    """Each test that takes it runs twice: with a person made the fast way (`person`), and
+    with one made only through the public routes (`person_via_routes`)."""
+    if request.param == "fixture":
+        return person
+    return person_via_routes

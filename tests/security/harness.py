@@ -16,7 +16,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,9 @@ async def running_server(
 
 
 async def clear_limits(server: LiveServer) -> None:
-    """Forget every rate-limit counter and push-fatigue backoff (tests share one server)."""
+    """Forget every rate-limit counter and push-fatigue backoff of the whole server: only for
+    the few tests that need a clean slate on purpose (each says why). Tests are kept apart
+    without it: each has its own people and its own source IP (see conftest.py)."""
     redis = server.services.redis
     prefix = server.settings.redis_prefix
     for pattern in (f"{prefix}rl:*", f"{prefix}user:*:fatigue"):
@@ -165,7 +167,12 @@ async def clear_limits(server: LiveServer) -> None:
 
 @dataclass
 class Person:
-    """A verified user with one enrolled phone and a full (device-approved) session."""
+    """A verified user with one enrolled phone and a full (device-approved) session.
+
+    Two ways to make one: `person()` writes the code and the session straight into the
+    database and Redis (fast, for the many tests about something else), `person_via_routes()`
+    goes through the public routes only. A test of a security rule runs at least once with
+    the second (the `make_person` fixture gives each test both)."""
 
     email: str
     user_id: str
@@ -197,6 +204,7 @@ async def add_user(
 
 
 async def person(server: LiveServer, name: str = "user", *, phone: bool = True) -> Person:
+    """The fast way: the enrollment code from the database, the session written into Redis."""
     email = unique_email(name)
     user_id = await add_user(server, email)
     device = await server.enroll_phone(user_id) if phone else None
@@ -204,6 +212,57 @@ async def person(server: LiveServer, name: str = "user", *, phone: bool = True) 
     token = await server.services.sessions.create(user_id, approved_with_device=True)
     session.cookies.set("tapprove_session", token)
     return Person(email, user_id, device, session)  # type: ignore[arg-type]
+
+
+async def person_via_routes(server: LiveServer, name: str = "user") -> Person:
+    """A person set up only as a real one is, through the public routes (the account itself
+    comes from the database: registration has tests of its own): the password signs in to a
+    restricted session (`enrollment_required`), which creates an enrollment code (`POST
+    /api/devices/enrollments`) that the phone uses (`POST /api/devices`); the next sign-in is
+    approved from the phone's WebSocket and completed. Rate limits and backoffs apply all
+    the way, as they would to anyone."""
+    email = unique_email(name)
+    user_id = await add_user(server, email)
+    restricted = server.browser()
+    first = await server.login(restricted, email)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"status": "enrollment_required"}, first.text
+    code = await server.enrollment_code_over_http(restricted)
+    phone = await server.enroll_with_code(code)
+    session = await approved_on_socket(server, email, phone)
+    return Person(email, user_id, phone, session)
+
+
+async def approved_on_socket(
+    server: LiveServer, email: str, phone: Phone, **extra: Any
+) -> httpx.AsyncClient:
+    """A new browser signed in with the password, the approval answered over the phone's
+    WebSocket (ack, then a signed decision), and completed."""
+    ws = await device_socket(server, phone)
+    browser = server.browser()
+    try:
+        started = await server.login(browser, email, **extra)
+        assert started.status_code == 202, started.text
+        login = started.json()
+        request = await next_frame(ws, "approval_request")
+        assert request["approval"]["id"] == login["approval_id"], request
+        await ws.send(json.dumps({"type": "ack", "id": login["approval_id"]}))
+        jws = phone.sign(request["approval"], number=login["number"])
+        await ws.send(json.dumps({"type": "decision", "jws": jws}))
+        result = await next_frame(ws, "decision_result")
+        assert result == {
+            "type": "decision_result",
+            "id": login["approval_id"],
+            "status": "approved",
+        }, result
+    finally:
+        await ws.close()
+    done = await browser.post(f"/api/login/{login['approval_id']}/complete")
+    assert done.status_code == 200 and done.json() == {"status": "authenticated"}, done.text
+    return browser
+
+
+MakePerson = Callable[..., Awaitable[Person]]
 
 
 async def api_key(server: LiveServer, name: str = "rp") -> str:

@@ -278,6 +278,7 @@ ROUTES: list[RouteSpec] = [
     RouteSpec("GET", "/register", "none"),
     RouteSpec("GET", "/account", "none"),
     RouteSpec("GET", "/phone", "none"),
+    RouteSpec("GET", "/favicon.ico", "none"),
     RouteSpec("MOUNT", "/static", "none"),
     # the Duo Auth API (signed with an integration's skey; tests/security/test_duo_hostile.py)
     RouteSpec("MOUNT", "/auth/v2", "none", protocol="duo"),

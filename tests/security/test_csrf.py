@@ -16,11 +16,14 @@ import websockets
 from tests.fixtures.app import LiveServer
 from tests.security.harness import (
     EVIL,
+    MakePerson,
+    add_user,
     approve,
     assert_error,
     login_stream,
     pending_login,
     person,
+    unique_email,
 )
 from tests.security.routes import ROUTES, RouteSpec, target
 
@@ -69,16 +72,20 @@ async def test_a_foreign_origin_is_refused_even_with_valid_cookies(
     assert control.status_code == spec.ok, control.text
 
 
-async def test_a_forged_logout_keeps_the_session(server: LiveServer) -> None:
-    who = await person(server, "logout")
+async def test_a_forged_logout_keeps_the_session(
+    server: LiveServer, make_person: MakePerson
+) -> None:
+    who = await make_person(server, "logout")
     refused = await who.session.post("/api/logout", headers={"Origin": EVIL})
     assert_error(refused, 403, "csrf")
     assert (await who.session.get("/api/account")).status_code == 200
 
 
-async def test_a_forged_complete_gives_no_session(server: LiveServer) -> None:
-    who = await person(server, "complete")
-    login = await pending_login(server, who, remember_browser=True)
+async def test_a_forged_complete_gives_no_session(
+    server: LiveServer, make_person: MakePerson
+) -> None:
+    who = await make_person(server, "complete")
+    login = await pending_login(server, who, fresh=False, remember_browser=True)
     await approve(server, who, login)
     forged = await login.browser.post(
         f"/api/login/{login.approval_id}/complete", headers={"Origin": EVIL}
@@ -87,6 +94,35 @@ async def test_a_forged_complete_gives_no_session(server: LiveServer) -> None:
     assert "tapprove_session" not in forged.cookies and "tapprove_trust" not in forged.cookies
     done = await login.browser.post(f"/api/login/{login.approval_id}/complete")
     assert done.status_code == 200, done.text
+
+
+async def test_a_forged_enrollment_from_a_password_only_session_is_refused(
+    server: LiveServer,
+) -> None:
+    """The first-device path, forged: a page on another site makes the browser that just
+    signed in with the password (a restricted session) ask for an enrollment code."""
+    email = unique_email("firstdevice")
+    await add_user(server, email)
+    browser = server.browser()
+    signed_in = await server.login(browser, email)
+    assert signed_in.json() == {"status": "enrollment_required"}, signed_in.text
+    for headers in ({"Origin": EVIL}, {"Origin": "null"}):
+        assert_error(await browser.post("/api/devices/enrollments", headers=headers), 403, "csrf")
+    bare = httpx.AsyncClient(base_url=server.url, cookies=browser.cookies)
+    async with bare:
+        forged = await bare.post(
+            "/api/devices/enrollments", headers={"Sec-Fetch-Site": "cross-site"}
+        )
+    assert_error(forged, 403, "csrf")
+
+    async def codes_created() -> int:
+        events = (await browser.get("/api/account/activity")).json()["events"]
+        return [e["kind"] for e in events].count("device.enrollment_started")
+
+    assert await codes_created() == 0
+    # From the right origin the same session gets its code: only the Origin was refused.
+    assert (await browser.post("/api/devices/enrollments")).status_code == 201
+    assert await codes_created() == 1
 
 
 async def test_the_login_stream_refuses_foreign_origins_and_missing_cookies(
@@ -146,7 +182,7 @@ async def test_the_login_stream_ignores_what_the_browser_sends(server: LiveServe
         frames = [json.loads(await asyncio.wait_for(stream.recv(), 10))]
         while frames[-1]["type"] != "result":
             frames.append(json.loads(await asyncio.wait_for(stream.recv(), 10)))
-        assert frames[-1] == {"type": "result", "status": "approved"}
+        assert frames[-1] == {"type": "result", "status": "approved", "reason": "device"}
     other = await pending_login(server, who)
     async with login_stream(
         server,

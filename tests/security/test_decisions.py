@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -15,10 +16,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from pydantic import ValidationError
 
 from app.core.signatures import device_public_jwk
+from app.settings import Settings
 from tests.fixtures.app import LiveServer, Phone
 from tests.security.harness import (
+    MakePerson,
     Person,
     api_key,
     assert_error,
@@ -27,6 +31,7 @@ from tests.security.harness import (
     decide,
     device_socket,
     device_view,
+    forget_fatigue,
     hs256_with,
     next_frame,
     pending_login,
@@ -178,11 +183,14 @@ async def _ws_answer(ws: Any, jws: str, approval_id: str) -> dict[str, Any]:
 
 
 async def test_forged_decisions_are_bad_signature_over_http_and_socket(
-    server: LiveServer,
+    server: LiveServer, make_person: MakePerson
 ) -> None:
-    who = await person(server, "forge")
-    sibling = await server.enroll_phone(who.user_id, name="tablet")
-    stranger = await person(server, "stranger")
+    who = await make_person(server, "forge")
+    # The second device joins as a person adds one: a sign-in approved on the first.
+    sibling = await server.enroll_phone(
+        who.user_id, name="tablet", via_http=True, approver=who.phone
+    )
+    stranger = await make_person(server, "stranger")
     other_login = await pending_login(server, stranger)
     other = await device_view(server, stranger.phone, other_login.approval_id)
     login = await pending_login(server, who)
@@ -317,9 +325,11 @@ async def test_an_expired_approval_answers_410(server: LiveServer) -> None:
     assert_error(done, 409, "not_approved")
 
 
-async def test_credentials_of_other_users_open_nothing(server: LiveServer) -> None:
-    alice = await person(server, "alice")
-    bob = await person(server, "bob")
+async def test_credentials_of_other_users_open_nothing(
+    server: LiveServer, make_person: MakePerson
+) -> None:
+    alice = await make_person(server, "alice")
+    bob = await make_person(server, "bob")
     login = await pending_login(server, alice)
     alice_key, bob_key = await api_key(server, "alice-rp"), await api_key(server, "bob-rp")
     async with httpx.AsyncClient(base_url=server.url) as client:
@@ -354,3 +364,33 @@ async def test_credentials_of_other_users_open_nothing(server: LiveServer) -> No
         assert_error(gone, 404, "not_found")
         mine = await alice.session.get("/api/devices")
         assert [d["id"] for d in mine.json()["devices"]] == [alice.phone.device_id]
+
+
+async def test_approvals_live_120_s_and_relying_parties_choose_10_to_600_s(
+    server: LiveServer,
+) -> None:
+    """NIST SP 800-63B-4 §3.1.3.2 as SECURITY.md claims it: valid for at most 10 minutes by
+    default (120 s for sign-ins; a relying party may ask for 10 to 600 s), and the setting
+    itself stops at an hour."""
+    who = await person(server, "lifetime")
+    login = await pending_login(server, who)
+    created = await device_view(server, who.phone, login.approval_id)
+    assert _seconds(created["expires_at"]) - _seconds(created["created_at"]) == 120
+    key = await api_key(server)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {key}"}
+    ) as rp:
+        for ttl, status in ((9, 422), (10, 201), (600, 201), (601, 422)):
+            await forget_fatigue(server, who.user_id)  # each request supersedes the last
+            asked = await rp.post("/api/v1/approvals", json={"user": who.email, "ttl": ttl})
+            assert asked.status_code == status, (ttl, asked.text)
+            if status == 201:
+                seen = (await rp.get(f"/api/v1/approvals/{asked.json()['approval_id']}")).json()
+                assert _seconds(seen["expires_at"]) - _seconds(seen["created_at"]) == ttl
+    with pytest.raises(ValidationError):
+        Settings(approval_ttl=3601)
+    assert Settings(approval_ttl=3600).approval_ttl == 3600
+
+
+def _seconds(rfc3339: str) -> int:
+    return int(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp())

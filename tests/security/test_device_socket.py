@@ -195,7 +195,7 @@ async def test_a_revoked_device_is_cut_off_everywhere(server: LiveServer) -> Non
     approval = await device_view(server, who.phone, login.approval_id)
     ws = await device_socket(server, who.phone)
     revoked = await who.session.delete(f"/api/devices/{who.phone.device_id}")
-    assert revoked.status_code == 200
+    assert revoked.status_code == 200 and revoked.json() == {"status": "revoked"}
     assert await close_code(ws) == 4401
     assert (
         await _closed_with(server, json.dumps({"type": "auth", "token": who.phone.token})) == 4401

@@ -1,6 +1,7 @@
 """Push bombing (PROTOCOL §3): one pending approval per user, a backoff after every denied or
 unanswered one (10 s doubling to 1 h, reset by a success) that never stops the owner from
-answering, and a fraud report that locks new approvals until `tapprove user unlock`.
+answering, and a fraud report that locks new approvals until `tapprove user unlock`, emails
+the owner and is audited. Relying parties are held to the same rules as sign-ins.
 
 Time is a ManualClock handed to the server, so the backoff is checked to the second
 without sleeping.
@@ -18,19 +19,28 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import select
 
 from app.core.clock import ManualClock
+from app.db.models import AuditEvent
 from app.store.redis import KeySpace
-from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory
+from tests.fakes import wait_until
+from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory, loopback_address
+from tests.fixtures.mail import SmtpServer
 from tests.security.harness import (
+    MakePerson,
     Person,
     api_key,
+    approved_on_socket,
     assert_error,
     decide,
+    device_socket,
     device_view,
+    next_frame,
     person,
-    signed_in_browser,
 )
+
+FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,11 +78,11 @@ def backed_off(response: httpx.Response, seconds: int) -> None:
 
 
 async def test_backoff_doubles_from_10_s_to_an_hour_and_a_success_resets_it(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, make_person: MakePerson
 ) -> None:
     clock = ManualClock(time.time())
     server = await server_factory(clock=clock)
-    who = await person(server, "bombed")
+    who = await make_person(server, "bombed")
 
     # Denied: 10 s.
     started = await login(server, who)
@@ -125,12 +135,12 @@ async def test_backoff_doubles_from_10_s_to_an_hour_and_a_success_resets_it(
 
 
 async def test_the_owner_can_answer_and_sign_in_while_an_attacker_is_backed_off(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, make_person: MakePerson
 ) -> None:
     clock = ManualClock(time.time())
     server = await server_factory(clock=clock)
-    who = await person(server, "owner")
-    trusted = await signed_in_browser(server, who, remember_browser=True)
+    who = await make_person(server, "owner")
+    trusted = await approved_on_socket(server, who.email, who.phone, remember_browser=True)
 
     # The attacker knows the password: a first request, then a second that supersedes it.
     first = await login(server, who)
@@ -164,6 +174,9 @@ async def test_one_pending_approval_per_user_across_processes(
     # The first creates, the second supersedes it, and the backoff that starts refuses the
     # rest; whatever the interleaving, one approval is left pending.
     assert codes.count(202) == 2 and codes.count(429) == 2, codes
+    for refused in (a for a in answers if a.status_code == 429):
+        assert_error(refused, 429, "rate_limited")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 10, refused.headers
     async with httpx.AsyncClient(base_url=first.url, headers=who.phone.auth) as phone:
         pending = (await phone.get("/api/devices/me/approvals")).json()["approvals"]
     assert len(pending) == 1
@@ -204,10 +217,9 @@ async def _cli(server: LiveServer, tmp_path: Path, *args: str) -> tuple[int, dic
 
 
 async def test_a_fraud_report_locks_until_an_operator_unlocks(
-    server: LiveServer,
-    tmp_path: Path,
+    server: LiveServer, tmp_path: Path, make_person: MakePerson
 ) -> None:
-    who = await person(server, "fraud")
+    who = await make_person(server, "fraud")
     key = await api_key(server)
     started = await login(server, who)
     approval = await device_view(server, who.phone, started.json()["approval_id"])
@@ -259,3 +271,117 @@ async def test_fraud_reports_and_denials_do_not_lock_out_other_users(
     )
     response = await server.login(server.browser(), bystander.email, PASSWORD)
     assert response.status_code == 202, response.text
+
+
+async def test_a_fraud_report_emails_the_owner_and_is_audited(
+    server_factory: ServerFactory, smtp_server: SmtpServer, make_person: MakePerson
+) -> None:
+    server = await server_factory(smtp_url=smtp_server.url)
+    who = await make_person(server, "reported")
+    ws = await device_socket(server, who.phone)
+    # The attacker's browser, from an address and with a browser of its own.
+    ip = loopback_address()
+    attacker = server.browser(
+        user_agent=FIREFOX, transport=httpx.AsyncHTTPTransport(local_address=ip)
+    )
+    started = await server.login(attacker, who.email)
+    assert started.status_code == 202, started.text
+    approval = (await next_frame(ws, "approval_request"))["approval"]
+    jws = who.phone.sign(approval, "deny", reason="fraud")
+    await ws.send(json.dumps({"type": "decision", "jws": jws}))
+    assert (await next_frame(ws, "decision_result"))["status"] == "denied"
+    await ws.close()
+
+    subject = "Suspicious sign-in reported on your account"
+    await wait_until(lambda: any(m.subject == subject for m in smtp_server.received), timeout=30)
+    [mail] = [m for m in smtp_server.received if m.subject == subject]
+    assert mail.recipients == [who.email]
+    assert f"From IP:   {ip}" in mail.text, mail.text
+    assert "Browser:   Firefox 133 on Windows" in mail.text, mail.text
+    assert f"{server.settings.public_url}/account" in mail.text
+
+    await server.audit_filed()
+    async with server.services.db() as db:
+        rows = (
+            await db.exec(select(AuditEvent).where(AuditEvent.user_id == who.user_id))
+        ).all()
+    decided = [r for r in rows if r.kind == "approval.decided" and r.approval_id == approval["id"]]
+    assert len(decided) == 1 and decided[0].device_id == who.phone.device_id, decided
+    assert json.loads(decided[0].detail or "{}") == {"status": "denied", "reason": "fraud"}
+    [locked] = [r for r in rows if r.kind == "user.locked"]
+    assert locked.approval_id == approval["id"]
+    detail = json.loads(locked.detail or "{}")
+    assert detail["reason"] == "fraud_reported" and detail["login_ip"] == ip, detail
+    assert detail["browser"] == "Firefox 133", detail
+
+
+async def test_relying_parties_get_the_same_one_pending_rule_backoff_and_matching(
+    server_factory: ServerFactory, make_person: MakePerson
+) -> None:
+    clock = ManualClock(time.time())
+    server = await server_factory(clock=clock)
+    who = await make_person(server, "relied")
+    key = await api_key(server)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as rp:
+
+        async def ask() -> httpx.Response:
+            return await rp.post(
+                "/api/v1/approvals", json={"user": who.email, "context": {"browser": "ssh"}}
+            )
+
+        async def rp_status(approval_id: str) -> str:
+            found: str = (await rp.get(f"/api/v1/approvals/{approval_id}")).json()["status"]
+            return found
+
+        async def pending_on_phone() -> list[str]:
+            async with httpx.AsyncClient(base_url=server.url, headers=who.phone.auth) as app:
+                approvals = (await app.get("/api/devices/me/approvals")).json()["approvals"]
+            return [a["id"] for a in approvals]
+
+        # One pending request per user: a second supersedes the first...
+        first, second = await ask(), await ask()
+        assert first.status_code == second.status_code == 201, (first.text, second.text)
+        assert await rp_status(first.json()["approval_id"]) == "expired"
+        assert await pending_on_phone() == [second.json()["approval_id"]]
+        # ...and counts as unanswered: the backoff holds relying parties and sign-ins alike.
+        backed_off(await ask(), 10)
+        backed_off(await login(server, who), 10)
+
+        # Number matching: a wrong number denies the request and doubles the wait.
+        approval = await device_view(server, who.phone, second.json()["approval_id"])
+        right = second.json()["number"]
+        wrong = f"{(int(right) + 1) % 100:02d}"
+        answer = await decide(
+            server,
+            who.phone,
+            approval["id"],
+            who.phone.sign(approval, number=wrong, iat=clock.now()),
+        )
+        assert_error(answer, 422, "wrong_number")
+        assert await rp_status(approval["id"]) == "denied"
+        backed_off(await ask(), 20)
+        clock.advance(20)
+
+        # A sign-in supersedes a relying party's request too: one pending per user, any kind.
+        third = await ask()
+        assert third.status_code == 201, third.text
+        assert (await login(server, who)).status_code == 202
+        assert await rp_status(third.json()["approval_id"]) == "expired"
+        backed_off(await ask(), 40)
+        clock.advance(40)
+
+        # Approved with the right number: the backoff is gone at once.
+        fourth = await ask()
+        assert fourth.status_code == 201, fourth.text
+        approval = await device_view(server, who.phone, fourth.json()["approval_id"])
+        answer = await decide(
+            server,
+            who.phone,
+            approval["id"],
+            who.phone.sign(approval, number=fourth.json()["number"], iat=clock.now()),
+        )
+        assert answer.json() == {"status": "approved"}, answer.text
+        assert await rp_status(approval["id"]) == "approved"
+        assert (await ask()).status_code == 201

@@ -163,6 +163,8 @@ async def test_fuzzed_logins(
         body["email"] = who.email
         if isinstance(body.get("password"), str) and len(body["password"]) % 3 == 0:
             body["password"] = PASSWORD
+    # A clean slate on purpose: hundreds of examples on one account would otherwise all be
+    # answered by the rate limit, and the password check would go unfuzzed.
     await clear_limits(shared)
     response = await _post(cast, "/api/login", body, raw)
     assert_sane(response, {202, 401, 422, 429})

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import select
 from starlette.routing import Match, Mount, Route, WebSocketRoute
 
+from app.db.models import Device, User
 from app.main import all_routes
 from tests.fixtures.app import LiveServer
 from tests.security.harness import EVIL, assert_error, assert_sane, person
@@ -23,6 +25,7 @@ from tests.security.routes import (
     HTTP_ROUTES,
     ROUTES,
     RouteSpec,
+    Target,
     drop_path,
     get_path,
     leaves,
@@ -201,14 +204,96 @@ async def test_bodies_that_do_not_parse_are_422_naming_the_field(
     await _all(checks)
 
 
+INJECTED_USER = "0" * 32
+
+
+def _shape(value: Any) -> Any:
+    """A JSON value with ids, tokens and times blurred to their types; statuses and error
+    codes kept, since those say what happened."""
+    if isinstance(value, dict):
+        return {
+            k: v if k in ("status", "error") else _shape(v) for k, v in sorted(value.items())
+        }
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value).__name__
+
+
+async def _login_status(t: Target, approval_id: str) -> str:
+    found: str = (await t.client.get(f"/api/login/{approval_id}")).json()["status"]
+    return found
+
+
+async def _owned_by_caller(t: Target, approval_id: str) -> None:
+    """The approval is the caller's (its phone may read it) and still waits for an answer."""
+    async with httpx.AsyncClient(base_url=t.server.url, headers=t.who.phone.auth) as phone:
+        seen = await phone.get(f"/api/approvals/{approval_id}")
+    assert seen.status_code == 200 and seen.json()["status"] == "pending", seen.text
+
+
+async def _login_effect(t: Target, response: httpx.Response) -> None:
+    assert response.json()["status"] == "approval_required"
+    await _owned_by_caller(t, response.json()["approval_id"])
+    assert await _login_status(t, response.json()["approval_id"]) == "pending"
+
+
+async def _code_effect(t: Target, response: httpx.Response) -> None:
+    assert await _login_status(t, t.url.split("/")[3]) == "pending"
+
+
+async def _enroll_effect(t: Target, response: httpx.Response) -> None:
+    device_id = response.json()["device_id"]
+    listed = (await t.who.session.get("/api/devices")).json()["devices"]
+    assert device_id in [d["id"] for d in listed], listed
+
+
+async def _rp_effect(t: Target, response: httpx.Response) -> None:
+    approval_id = response.json()["approval_id"]
+    status = await t.client.get(f"/api/v1/approvals/{approval_id}", headers=t.headers)
+    assert status.json()["status"] == "pending", status.text
+    await _owned_by_caller(t, approval_id)
+
+
+async def _decision_effect(t: Target, response: httpx.Response) -> None:
+    # The body said "status": "approved"; the signed decision said deny.
+    assert response.json() == {"status": "denied"}
+
+
+async def _account_effect(t: Target, response: httpx.Response) -> None:
+    assert response.json()["email"] == t.who.email and response.json()["sms_fallback"] is True
+
+
+async def _device_update_effect(t: Target, response: httpx.Response) -> None:
+    listed = (await t.who.session.get("/api/devices")).json()["devices"]
+    assert {d["id"]: d["name"] for d in listed}[t.who.phone.device_id] == "Renamed", listed
+
+
+# What each route changed, checked to be the caller's own and nothing more.
+EFFECTS: dict[str, Callable[[Target, httpx.Response], Awaitable[None]]] = {
+    "POST /api/login": _login_effect,
+    "POST /api/login/{approval_id}/code": _code_effect,
+    "POST /api/devices": _enroll_effect,
+    "POST /api/v1/approvals": _rp_effect,
+    "POST /api/approvals/{approval_id}/decision": _decision_effect,
+    "PATCH /api/account": _account_effect,
+    "PATCH /api/devices/me": _device_update_effect,
+}
+# Their one approval is decided by the first well-formed answer: no second answer to compare.
+ANSWERED_ONCE = {"POST /api/approvals/{approval_id}/decision"}
+
+
 @by_key(BODY_ROUTES)
 async def test_extra_fields_are_ignored(server: LiveServer, spec: RouteSpec) -> None:
+    """Fields the contract does not name (`is_admin`, `user_id`, `status`, prototype keys)
+    are not refused, and change nothing: the answer is the one the same call gets without
+    them, and what the call changed is the caller's own."""
     t = await target(server, spec)
+    clean = None if spec.key in ANSWERED_ONCE else await t.send(json_body=await t.body())
     body = await t.body()
     body.update(
         {
             "is_admin": True,
-            "user_id": "0" * 32,
+            "user_id": INJECTED_USER,
             "__proto__": {"admin": True},
             "constructor": {"prototype": {}},
             "status": "approved",
@@ -219,6 +304,20 @@ async def test_extra_fields_are_ignored(server: LiveServer, spec: RouteSpec) -> 
             body = set_path(body, (*path, "injected"), "x")
     response = await t.send(json_body=body)
     assert_sane(response, {spec.ok})
+    assert "injected" not in response.text and INJECTED_USER not in response.text
+    assert "admin" not in response.text.lower(), response.text
+    if clean is not None:
+        assert clean.status_code == response.status_code, clean.text
+        assert _shape(clean.json()) == _shape(response.json()), (clean.text, response.text)
+    effect = EFFECTS.get(spec.key)
+    if effect is not None:
+        await effect(t, response)
+    async with server.services.db() as db:
+        assert await db.get(User, INJECTED_USER) is None
+        stray = await db.exec(select(Device).where(Device.user_id == INJECTED_USER))
+        assert stray.first() is None
+    pending = server.services.keys.user_pending(INJECTED_USER)
+    assert not await server.services.redis.exists(pending)
 
 
 @by_key(BODY_ROUTES)

@@ -104,8 +104,14 @@ def test_device_json_is_the_protocol_approval_object() -> None:
             "os": "Linux",
         },
         "match": {"mode": "typed", "digits": 2},
+        "requester": {"kind": "login", "name": None},
         "challenge": approval.challenge,
     }
+
+
+def test_a_relying_partys_approval_names_the_requester_for_the_phone() -> None:
+    approval = _approval(kind="rp", requester_name="vpn")
+    assert approval.device_json()["requester"] == {"kind": "rp", "name": "vpn"}
 
 
 def test_number_choices_appear_only_in_choices_mode() -> None:
@@ -121,6 +127,7 @@ def test_number_choices_appear_only_in_choices_mode() -> None:
         "expires_at",
         "context",
         "match",
+        "requester",
         "number_choices",
         "challenge",
     ]
@@ -185,6 +192,32 @@ def test_in_choices_mode_the_number_is_only_one_of_three_choices() -> None:
 
 def test_device_json_shows_a_final_status() -> None:
     assert _approval(status=Status.DENIED).device_json()["status"] == "denied"
+
+
+@pytest.mark.parametrize(
+    ("status", "stored", "reason"),
+    [
+        (Status.PENDING, None, None),
+        (Status.APPROVED, "sms_code", "sms_code"),
+        (Status.EXPIRED, "superseded", "superseded"),
+        # Ended before every end stored its reason: the status's default.
+        (Status.APPROVED, None, "device"),
+        (Status.DENIED, None, "denied"),
+        (Status.EXPIRED, None, "timeout"),
+    ],
+)
+def test_a_final_approval_says_why_it_ended(
+    status: Status, stored: str | None, reason: str | None
+) -> None:
+    assert _approval(status=status, reason=stored).final_reason == reason
+
+
+def test_a_relying_partys_approval_names_it_and_the_name_survives_the_store() -> None:
+    approval = _approval(kind="rp", api_key_id="k" * 32, requester_name="vpn")
+    assert approval.device_json()["requester"] == {"kind": "rp", "name": "vpn"}
+    stored = PendingApproval.from_fields(approval.to_fields())
+    assert stored.requester_name == "vpn"
+    assert stored.device_json() == approval.device_json()
 
 
 def test_fields_are_flat_strings_without_none() -> None:
@@ -278,6 +311,7 @@ times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
     reason=optional_text,
     browser_binding=optional_text,
     api_key_id=optional_text,
+    requester_name=optional_text,
     remember_browser=st.booleans(),
     completed=st.booleans(),
     channels=st.lists(st.text(max_size=10), max_size=4),
@@ -303,9 +337,11 @@ def test_an_empty_list_written_by_a_lua_script_reads_back() -> None:
 
 def test_a_result_event_ends_the_approval_with_its_status_and_time() -> None:
     pending = _approval(api_key_id="key-1")
-    ended = pending.ended({"type": "result", "status": "approved", "decided_at": "1700000123.5"})
+    event = {"type": "result", "status": "expired", "decided_at": "1700000123.5"}
+    ended = pending.ended(event | {"reason": "superseded"})
     assert ended is not None
-    assert (ended.status, ended.decided_at) == (Status.APPROVED, 1700000123.5)
+    assert (ended.status, ended.decided_at) == (Status.EXPIRED, 1700000123.5)
+    assert ended.final_reason == "superseded"
     assert (ended.id, ended.created_at, ended.api_key_id) == (
         pending.id,
         pending.created_at,
@@ -322,6 +358,9 @@ def test_a_result_event_ends_the_approval_with_its_status_and_time() -> None:
         {"type": "result", "status": "pending", "decided_at": "1700000123.5"},
         {"type": "result", "status": "maybe", "decided_at": "1700000123.5"},
         {"type": "result", "status": "denied", "decided_at": "soon"},
+        # No reason (an event from an older process): the waiter reads the approval instead.
+        {"type": "result", "status": "expired", "decided_at": "1700000123.5"},
+        {"type": "result", "status": "expired", "decided_at": "1700000123.5", "reason": ""},
     ],
 )
 def test_a_result_event_that_does_not_say_enough_ends_nothing(event: dict[str, str]) -> None:

@@ -24,17 +24,32 @@ async def test_no_more_hashes_run_at_once_than_there_are_hashing_threads() -> No
     running = 0
     most = 0
     lock = threading.Lock()
+    gate = threading.Event()
 
     def hold() -> None:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        time.sleep(0.05)
+        # Held until the test has seen the hashing threads all busy at once: how long the
+        # threads take to start on a loaded machine does not matter.
+        assert gate.wait(30), "the gate never opened"
         with lock:
             running -= 1
 
-    await asyncio.gather(*(hashing.run_hashing(hold) for _ in range(4 * hashing.HASHING_THREADS)))
+    work = asyncio.gather(*(hashing.run_hashing(hold) for _ in range(4 * hashing.HASHING_THREADS)))
+    try:
+        deadline = time.monotonic() + 30
+        while running < hashing.HASHING_THREADS:
+            assert time.monotonic() < deadline, f"only {running} hashing threads ran at once"
+            await asyncio.sleep(0.01)
+        # Every thread that could take one of the waiting calls is busy: there are no more.
+        threads = [t for t in threading.enumerate() if t.name.startswith("argon2")]
+        assert len(threads) == hashing.HASHING_THREADS, threads
+        assert running == hashing.HASHING_THREADS
+    finally:
+        gate.set()
+        await work
     assert most == hashing.HASHING_THREADS
 
 

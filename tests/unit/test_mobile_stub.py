@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +42,7 @@ from mobile_stub import (
     parse_enroll,
     save_state,
 )
-from mobile_stub.cli import main
+from mobile_stub.cli import Output, event_printer, main
 from mobile_stub.protocol import close_is_fatal, decision_claims, device_ws_url, seconds_left
 from mobile_stub.state import check_writable
 
@@ -833,6 +834,21 @@ def test_a_missing_state_file_is_a_usage_error_in_json(
     assert json.loads(capsys.readouterr().out)["error"] == "usage"
 
 
+def test_an_unreachable_server_is_named_in_the_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as closed:  # a port nobody listens on once the socket is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    link = f"tapprove://enroll?url=http%3A%2F%2F127.0.0.1%3A{port}&code=abc"
+
+    assert main(["enroll", link, "--state", str(tmp_path / "phone.json")]) == 1
+
+    err = capsys.readouterr().err
+    assert f"cannot reach the server at http://127.0.0.1:{port}/api/devices" in err
+    assert not (tmp_path / "phone.json").exists()
+
+
 async def test_run_auto_approve_once_reads_the_number_from_stdin(tmp_path: Path) -> None:
     async def script(ws: ServerConnection, fake: FakeServer) -> None:
         await send_request(ws, make_approval(number_choices=["17", "42", "88"]))
@@ -862,6 +878,87 @@ async def test_run_auto_approve_once_reads_the_number_from_stdin(tmp_path: Path)
     sent = next(e for e in events if e["event"] == "decision_sent")
     assert (sent["decision"], sent["number"]) == ("approve", "42")
     assert {"event": "decision_result", "id": "apr-1", "status": "approved"} in events
+
+
+async def _read_until(stream: asyncio.StreamReader, seen: bytearray, marker: bytes) -> None:
+    """Read `stream` into `seen` until `seen` holds `marker` (what the person would see)."""
+    while marker not in seen:
+        chunk = await asyncio.wait_for(stream.read(4096), 20)
+        assert chunk, f"output ended before {marker!r}: {bytes(seen)!r}"
+        seen += chunk
+
+
+async def test_interactive_run_asks_again_below_lines_that_arrive_and_keeps_the_request_open(
+    tmp_path: Path,
+) -> None:
+    """A server restart while the question is open: the reconnect lines do not land on the
+    prompt's line, the prompt comes back below them, and the replayed request is not called
+    handled (it was not); the answer typed afterwards is the one sent."""
+    restart = asyncio.Event()
+
+    async def script(ws: ServerConnection, fake: FakeServer) -> None:
+        await send_request(ws, make_approval())
+        await fake.recv(ws)  # ack
+        if fake.connections == 1:
+            await restart.wait()
+            await ws.close(1012, "service restart")
+            return
+        decision = await fake.recv(ws)
+        number = jwt.decode(decision["jws"], options={"verify_signature": False})["number"]
+        status = "approved" if number == "17" else "denied"
+        await ws.send(json.dumps({"type": "decision_result", "id": "apr-1", "status": status}))
+        await ws.wait_closed()
+
+    prompt = b"Number shown in the browser: "
+    async with fake_server(script) as fake:
+        state_path = tmp_path / "phone.json"
+        save_state(state_path, make_state(fake.url))
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "mobile_stub", "run", "--state", str(state_path), "--once"],
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        seen = bytearray()
+        try:
+            await _read_until(proc.stdout, seen, prompt)
+            restart.set()
+            replayed = b"still waiting for your answer)\n" + prompt
+            await _read_until(proc.stdout, seen, replayed)
+            proc.stdin.write(b"17\na\n")
+            await proc.stdin.drain()
+            rest, stderr = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    text = (bytes(seen) + rest).decode()
+    assert proc.returncode == 0, text + stderr.decode()
+    lines = text.splitlines()
+    # Nothing was printed after a prompt on the same line (a pipe echoes no typing).
+    assert [line for line in lines if line.startswith(prompt.decode()) and line != prompt.decode()
+            and not line.startswith(prompt.decode() + "Approve")] == []  # fmt: skip
+    assert "already handled" not in text
+    assert (
+        "Disconnected (close 1012 service restart)\n" in text
+        and "(request apr-1 sent again by the server after a reconnect; still waiting for your "
+        "answer)\n" + prompt.decode() + "Approve, deny or report fraud? [a/d/f]: " in text
+    ), text
+    assert "Result for apr-1: approved" in text
+
+
+def test_a_wrong_number_reads_as_a_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    show = event_printer(Output(as_json=False))
+    show({"event": "error", "id": "apr-1", "error": "wrong_number", "message": "no match"})
+    show({"event": "error", "id": "apr-2", "error": "something_new"})
+    out = capsys.readouterr().out
+    assert out == (
+        "Wrong number: the request was denied (request apr-1)\n"
+        "Server error for apr-2: something_new\n"
+    )
 
 
 def test_the_stub_imports_nothing_from_the_server() -> None:
