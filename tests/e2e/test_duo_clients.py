@@ -328,6 +328,7 @@ def test_auth_push_approved_on_the_phone_is_allow(duo: DuoDeployment) -> None:
     }
     [approval] = answering.seen  # type: ignore[attr-defined]
     # What the phone shows: who asks (the integration), from where, and the pushinfo lines.
+    assert approval["requester"] == {"kind": "rp", "name": "ssh"}
     assert approval["context"]["browser"] == "ssh"
     assert approval["context"]["ip"] == "198.51.100.7"
     assert approval["context"]["details"] == [
