@@ -112,7 +112,13 @@ async def start_approval(
             user_id=user_id,
             approval_id=approval.id,
             ip=context.ip,
-            detail={"kind": kind, "channels": approval.channels, "browser": context.browser},
+            detail={
+                "kind": kind,
+                "channels": approval.channels,
+                "browser": context.browser,
+                # Who asked, for a relying party (an API key's or a Duo integration's name).
+                **({"requester": requester_name} if requester_name else {}),
+            },
             now=now,
         )
         # The last attempt does not check: a user whose phones keep coming and going still

@@ -10,6 +10,8 @@ only that integration can read it back.
 
 from __future__ import annotations
 
+import logging
+
 from app.account_cache import Recipient
 from app.approval_flow import start_approval, wait_for_end
 from app.core.approvals import ApprovalContext, PendingApproval, Status
@@ -20,6 +22,8 @@ from app.duo.answers import Answer
 from app.duo.integrations import LiveIntegration
 from app.services import Services
 from app.web.common import plausible_id
+
+log = logging.getLogger(__name__)
 
 # A synchronous auth waits this much past the approval's deadline for its end to arrive.
 _END_SLACK = 5.0
@@ -62,13 +66,20 @@ async def start(
             match=integration.match,
         )
     except ApiError as exc:
-        if exc.code == "locked":
-            return answers.LOCKED
+        refusals = {"locked": answers.LOCKED, "unknown_user": answers.DENIED}
         if exc.code == "rate_limited":
-            return answers.backed_off(int(exc.headers.get("Retry-After", "10")))
-        if exc.code == "unknown_user":
-            return answers.DENIED
-        raise
+            refusal = answers.backed_off(int(exc.headers.get("Retry-After", "10")))
+        elif exc.code in refusals:
+            refusal = refusals[exc.code]
+        else:
+            raise
+        log.info(
+            "duo auth for integration %s refused: %s",
+            integration.name,
+            exc.code,
+            extra={"integration": integration.name, "user_id": user.user.id, "result": exc.code},
+        )
+        return refusal
 
 
 async def until_end(svc: Services, approval: PendingApproval) -> Answer:
