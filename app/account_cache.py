@@ -3,7 +3,7 @@
 Every new approval needs the user (locked?), their devices (where to send it) and which of
 those hold a socket, and these change rarely, so each process keeps what it last saw. The
 approval's create script checks that view against Redis in the same atomic step (the user's
-account version and connected devices, app.store.presence.SNAPSHOT_LUA) and creates nothing
+account version and connected devices: the `snapshot` Lua library) and creates nothing
 when it is out of date; the caller then refreshes it here and plans again. Whoever changes
 a user or their devices, in any process or the CLI, calls `account_changed()` after the
 commit, so a change is seen by the next approval in every process.

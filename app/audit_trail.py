@@ -50,19 +50,24 @@ async def drain(
     redis: aioredis.Redis, keys: KeySpace, db: async_sessionmaker[AsyncSession]
 ) -> int:
     """File every line nobody has taken yet (for one-shot readers such as `tapprove audit`)."""
-    stream = AuditStream(redis, keys, consumer=f"drain-{new_id()}")
-    await stream.ensure_group()
     filed = 0
-    while events := await stream.read_new(count=BATCH, block_ms=None):
-        await file_lines(db, stream, events)
-        filed += len(events)
-    await stream.leave()  # reached only with every line it took filed
+    for shard in keys.shards:
+        stream = AuditStream(redis, keys, f"drain-{new_id()}", shard)
+        await stream.ensure_group()
+        while events := await stream.read_new(count=BATCH, block_ms=None):
+            await file_lines(db, stream, events)
+            filed += len(events)
+        await stream.leave()  # reached only with every line it took filed
     return filed
 
 
 async def run_audit_writer(svc: Services, stop: asyncio.Event) -> None:
-    """Consumer: file audit lines into SQL in batches until `stop`."""
-    stream = AuditStream(svc.redis, svc.keys, consumer=svc.process_id)
+    """Consumer: file audit lines into SQL in batches until `stop`, from every shard."""
+    await asyncio.gather(*(_write_shard(svc, stop, shard) for shard in svc.keys.shards))
+
+
+async def _write_shard(svc: Services, stop: asyncio.Event, shard: int) -> None:
+    stream = AuditStream(svc.redis, svc.keys, svc.process_id, shard)
     loop = asyncio.get_running_loop()
     next_reclaim = 0.0
     ready = False
@@ -93,7 +98,9 @@ async def run_audit_writer(svc: Services, stop: asyncio.Event) -> None:
 async def recent_events(svc: Services, user_id: str, limit: int = 50) -> list[AuditEvent]:
     """The user's latest audit events, newest first, including lines not yet filed."""
     # The stream first: a line filed (and deleted) between the two reads is then in SQL.
-    waiting = await AuditStream(svc.redis, svc.keys, svc.process_id).newest(MERGE_WINDOW)
+    # A user's approval lines are all on the stream of the user's shard.
+    stream = AuditStream(svc.redis, svc.keys, svc.process_id, svc.keys.shard_of(user_id))
+    waiting = await stream.newest(MERGE_WINDOW)
     async with svc.db() as db:
         stored = await audit.recent(db, user_id, limit=limit)
     filed = {event.stream_id for event in stored if event.stream_id}

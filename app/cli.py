@@ -246,13 +246,17 @@ def _now() -> float:
 async def reset_push_fatigue(settings: Settings, user_id: str) -> None:
     """After an operator unlock: clear the user's push-fatigue backoff in Redis, and tell
     the running servers that the account changed (they cache `locked`)."""
+    from app.approval.store import ApprovalStore
+    from app.store.jobs import JobQueue
     from app.store.presence import account_changed
     from app.store.redis import KeySpace, connect
 
     handle = await connect(settings)
-    keys = KeySpace(settings.redis_prefix)
+    keys = KeySpace.of(settings)
+    clock = SystemClock()
     try:
-        await handle.client.delete(keys.user_fatigue(user_id))
+        store = ApprovalStore(handle.client, keys, clock, JobQueue(handle.client, keys, clock))
+        await store.clear_fatigue(user_id)
         await account_changed(handle.client, keys, user_id)
     finally:
         await handle.close()
@@ -267,7 +271,7 @@ async def _file_pending_audit_lines(settings: Settings) -> None:
     handle = await connect(settings)
     engine = make_engine(settings)
     try:
-        await drain(handle.client, KeySpace(settings.redis_prefix), make_sessionmaker(engine))
+        await drain(handle.client, KeySpace.of(settings), make_sessionmaker(engine))
     finally:
         await engine.dispose()
         await handle.close()
@@ -545,7 +549,7 @@ async def _forget_devices_and_sessions(
     from app.store.sessions import SessionStore
 
     handle = await connect(settings)
-    keys = KeySpace(settings.redis_prefix)
+    keys = KeySpace.of(settings)
     events = EventBus(handle.client)
     try:
         await account_changed(handle.client, keys, user_id)

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from app.core.redaction import REDACTED, is_secret
 from app.settings import Settings
 
 _request_id: ContextVar[str | None] = ContextVar("tapprove_request_id", default=None)
@@ -25,26 +26,6 @@ _request_id: ContextVar[str | None] = ContextVar("tapprove_request_id", default=
 # What a caller may hand us in `X-Request-Id`: short and harmless in a log line.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
-# Extra fields that must never reach a log line, whoever passes them.
-SECRET_FIELDS = frozenset(
-    {
-        "password",
-        "password_hash",
-        "token",
-        "device_token",
-        "push_token",
-        "api_key",
-        "code",
-        "jws",
-        "challenge",
-        "number",
-        "secret",
-        "cookie",
-        "session",
-        "authorization",
-    }
-)
-REDACTED = "[redacted]"
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -99,7 +80,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
             continue
         if value is None:
             continue
-        found[key] = REDACTED if key.lower() in SECRET_FIELDS else value
+        found[key] = REDACTED if is_secret(key) else value
     return found
 
 

@@ -21,6 +21,7 @@ from app.web.device_socket import DeviceSocketShortcut
 from app.web.errors import EXCEPTION_HANDLERS, BodyLimit
 from app.web.requestlog import RequestLog
 from app.web.security import SecurityHeaders
+from app.worker import run_worker as run_consumers
 
 
 def all_routes() -> list[BaseRoute]:
@@ -68,8 +69,6 @@ def create_app(
         worker_task: asyncio.Task[None] | None = None
         stop = asyncio.Event()
         if run_worker:
-            from app.worker import run_worker as run_consumers
-
             worker_task = asyncio.create_task(run_consumers(services, stop), name="worker")
         try:
             yield

@@ -3,7 +3,7 @@
 Every web process serves its own at `GET /metrics`; `tapprove worker` serves its own on
 `TAPPROVE_METRICS_PORT` when set. Prometheus scrapes each process as its own target and
 sums across them (`sum by (outcome) (rate(tapprove_approvals_total[5m]))`). An approval's end
-is counted once, by the process whose atomic step ended it (app.store.approvals).
+is counted once, by the process whose atomic step ended it (app.approval.store).
 """
 
 from __future__ import annotations

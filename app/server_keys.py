@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -77,17 +77,33 @@ def _create_key_file(path: Path) -> None:
         out.write(new_secret_key() + "\n")
 
 
+def _purpose_key(master_key: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label).derive(
+        master_key
+    )
+
+
+class KeyedHash:
+    """HMAC-SHA256 under a per-purpose key: the stored form of short codes a person types.
+
+    A plain hash of a 6-digit code is undone by trying a million codes; without the server's
+    key, a copy of Redis tells nothing about the codes in it.
+    """
+
+    def __init__(self, master_key: bytes, purpose: str) -> None:
+        self._key = _purpose_key(master_key, b"tapprove mac " + purpose.encode())
+
+    def __call__(self, text: str) -> str:
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        mac.update(text.encode())
+        return mac.finalize().hex()
+
+
 class SecretBox:
     """Seal and open small secrets for one purpose (e.g. "duo-skey", "totp-seed")."""
 
     def __init__(self, master_key: bytes, purpose: str) -> None:
-        derived = HKDF(
-            algorithm=hashes.SHA256(),
-            length=KEY_BYTES,
-            salt=None,
-            info=b"tapprove seal " + purpose.encode(),
-        ).derive(master_key)
-        self._aead = AESGCM(derived)
+        self._aead = AESGCM(_purpose_key(master_key, b"tapprove seal " + purpose.encode()))
 
     def seal(self, plaintext: bytes, *, record: str) -> str:
         """The sealed form of `plaintext`, bound to `record` (e.g. the row's id)."""

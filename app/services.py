@@ -11,21 +11,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.account_cache import AccountCache
+from app.approval.store import ApprovalStore
+from app.approval.waiters import Waiters
 from app.core.clock import Clock, SystemClock
 from app.core.tokens import new_id
 from app.core.ttlcache import TtlCache
 from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import ApiKey
-from app.delivery.push import Providers, build_providers
+from app.delivery.providers import build_providers
+from app.delivery.push import Providers
+from app.server_keys import KeyedHash, secret_key
 from app.settings import Settings
-from app.store.approvals import ApprovalStore
+from app.store.codes import OneTimeCodes
 from app.store.events import EventBus
 from app.store.jobs import JobQueue
 from app.store.presence import Presence
 from app.store.ratelimit import RateLimiter
 from app.store.redis import KeySpace, RedisHandle, connect
 from app.store.sessions import SessionStore
-from app.store.waiters import Waiters
 
 # How long a revoked API key may still be accepted by a process that saw it live.
 API_KEY_CACHE_SECONDS = 10.0
@@ -52,6 +55,7 @@ class Services:
     accounts: AccountCache
     waiters: Waiters
     jobs: JobQueue  # delivery jobs (push, ack checks, SMS)
+    codes: OneTimeCodes  # SMS sign-in codes, phone verification codes
     process_id: str = field(default_factory=new_id)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -87,13 +91,14 @@ async def build_services(
     """Connect to Redis and the database and assemble the adapters."""
     clock = clock or SystemClock()
     handle = await connect(settings)
-    keys = KeySpace(settings.redis_prefix)
+    keys = KeySpace.of(settings)
     engine = make_engine(settings)
     events = EventBus(handle.client)
     process_id = new_id()
     sessions = make_sessionmaker(engine)
     presence = Presence(handle.client, keys, process_id)
-    approvals = ApprovalStore(handle.client, keys, clock)
+    jobs = JobQueue(handle.client, keys, clock)
+    approvals = ApprovalStore(handle.client, keys, clock, jobs)
     services = Services(
         settings=settings,
         clock=clock,
@@ -111,6 +116,9 @@ async def build_services(
         api_keys=TtlCache(clock, ttl=API_KEY_CACHE_SECONDS, max_entries=1024),
         accounts=AccountCache(sessions, presence, clock),
         waiters=Waiters(events, approvals, keys, process_id),
-        jobs=JobQueue(handle.client, keys, clock),
+        jobs=jobs,
+        codes=OneTimeCodes(
+            handle.client, keys, clock, KeyedHash(secret_key(settings), "one-time-codes")
+        ),
     )
     return services

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "tapprove:"
+    # How many hash tags a user's keys are spread over (app.store.redis.KeySpace); more than
+    # one only matters on a Redis Cluster. Changing it orphans the approvals under way.
+    redis_shards: int = Field(default=1, ge=1, le=256)
     # Unset: derived from where `tapprove serve` listens (see listening_public_url), and read
     # by CLI commands from the data dir's server record (see with_recorded_public_url).
     public_url: str = DEFAULT_PUBLIC_URL

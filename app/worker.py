@@ -14,8 +14,15 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from app.approval.waiting import run_expiry_sweeper
+from app.audit_trail import run_audit_writer
+from app.delivery.dispatch import run_delivery_jobs
+from app.delivery.outbox import run_outbox
+from app.logs import configure_logging
+from app.metrics import serve_metrics
 from app.services import Services, build_services
 from app.settings import Settings
+from app.verification import run_user_events
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +31,6 @@ Consumer = Callable[[Services, asyncio.Event], Awaitable[None]]
 
 def consumers() -> list[Consumer]:
     """The consumers one worker runs, each until `stop` is set."""
-    from app.audit_trail import run_audit_writer
-    from app.delivery.dispatch import run_delivery_jobs, run_expiry_sweeper
-    from app.delivery.outbox import run_outbox
-    from app.verification import run_user_events
-
     return [run_outbox, run_user_events, run_delivery_jobs, run_expiry_sweeper, run_audit_writer]
 
 
@@ -54,12 +56,8 @@ async def run_worker(services: Services, stop: asyncio.Event) -> None:
 
 def run_worker_forever(settings: Settings) -> None:
     """Entry point of `tapprove worker`: run consumers until SIGTERM or SIGINT."""
-    from app.logs import configure_logging
-
     configure_logging(settings)
     if settings.metrics_port:
-        from app.metrics import serve_metrics
-
         serve_metrics(settings.metrics_port)
         log.info("metrics on port %d", settings.metrics_port)
 

@@ -18,6 +18,7 @@ from argon2.exceptions import Argon2Error
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import ColumnElement, func, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -304,6 +305,12 @@ async def list_active_devices(session: AsyncSession, user_id: str) -> list[Devic
         select(Device).where(Device.user_id == user_id, Device.revoked_at == None)  # noqa: E711
     )
     return list(result.all())
+
+
+async def active_devices(db: async_sessionmaker[AsyncSession], user_id: str) -> list[Device]:
+    """The user's enrolled, unrevoked devices, read in a session of their own."""
+    async with db() as session:
+        return await list_active_devices(session, user_id)
 
 
 async def revoke_all_devices(session: AsyncSession, user_id: str, *, now: float) -> list[Device]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy.dialects import postgresql, sqlite
@@ -11,31 +12,21 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.core.clock import rfc3339, to_datetime
+from app.core.redaction import REDACTED, is_secret
 from app.db.models import AuditEvent
-from app.store.audit_stream import StreamedEvent
 
-# Keys whose values are replaced before a detail is stored: a careless caller must not be
-# able to write a password, token or code into the log.
-SECRET_KEYS = frozenset(
-    {
-        "password",
-        "password_hash",
-        "token",
-        "device_token",
-        "push_token",
-        "api_key",
-        "code",
-        "jws",
-        "challenge",
-        "secret",
-        "cookie",
-        "session",
-        "authorization",
-    }
-)
-REDACTED = "[redacted]"
 MAX_DETAIL_CHARS = 4000
 MAX_RECENT = 500
+
+
+class StreamedLine(Protocol):
+    """An audit line read back from the audit stream (app.store.audit_stream)."""
+
+    @property
+    def stream_id(self) -> str: ...
+
+    @property
+    def fields(self) -> dict[str, Any]: ...
 
 
 async def record(
@@ -88,7 +79,7 @@ def line(
     )
 
 
-def _row(event: StreamedEvent) -> dict[str, Any]:
+def _row(event: StreamedLine) -> dict[str, Any]:
     """The `auditevent` row of a streamed line (fields cut to their column sizes)."""
     data = event.fields
 
@@ -109,7 +100,7 @@ def _row(event: StreamedEvent) -> dict[str, Any]:
     }
 
 
-async def insert_streamed(session: AsyncSession, events: list[StreamedEvent]) -> None:
+async def insert_streamed(session: AsyncSession, events: Sequence[StreamedLine]) -> None:
     """Add streamed audit lines in one statement; lines stored before are skipped."""
     rows = [_row(event) for event in events if event.fields]
     if not rows:
@@ -122,7 +113,7 @@ async def insert_streamed(session: AsyncSession, events: list[StreamedEvent]) ->
     await session.exec(statement, params=rows)
 
 
-def as_event(event: StreamedEvent) -> AuditEvent:
+def as_event(event: StreamedLine) -> AuditEvent:
     """A streamed line not yet in SQL, shaped like a stored row (no `id` yet)."""
     return AuditEvent(**_row(event))
 
@@ -159,7 +150,7 @@ def event_json(event: AuditEvent) -> dict[str, Any]:
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
         return {
-            str(key): REDACTED if str(key).lower() in SECRET_KEYS else _scrub(item)
+            str(key): REDACTED if is_secret(str(key)) else _scrub(item)
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):

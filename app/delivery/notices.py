@@ -10,7 +10,7 @@ from typing import Literal
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from app.core.approvals import ApprovalContext, PendingApproval
+from app.approval.model import ApprovalContext, PendingApproval
 from app.core.clock import rfc3339
 from app.db.models import Device, OutboxMessage, User
 from app.delivery import outbox

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from app.core.clock import rfc3339
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 Outcome = Literal["accepted", "invalid_token", "retry", "failed"]
 
@@ -44,23 +41,6 @@ class PushResult:
     retry_after: float | None = None
     detail: str = ""
     latency: float = 0.0
-
-
-def observe_attempt(
-    channel: str, result: PushResult, *, attempt: int, latency: float
-) -> dict[str, object]:
-    """Count one delivery attempt (any channel) in the metrics and return its audit detail."""
-    from app import metrics
-
-    metrics.DELIVERY_ATTEMPTS.labels(channel, result.outcome).inc()
-    metrics.DELIVERY_LATENCY.labels(channel).observe(latency)
-    return {
-        "channel": channel,
-        "outcome": result.outcome,
-        "attempt": attempt + 1,
-        "latency_ms": round(latency * 1000, 1),
-        "detail": result.detail[:200],
-    }
 
 
 class PushSender(Protocol):
@@ -103,29 +83,3 @@ class Providers:
         for sender in (self.fcm, self.apns, self.sms):
             if isinstance(sender, _Closeable):
                 await sender.close()
-
-
-async def build_providers(settings: Settings) -> Providers:
-    """Build the adapters whose settings are present; the rest stay None.
-
-    FCM needs TAPPROVE_FCM_CREDENTIALS (project id from the setting or the file); APNs the
-    key file, key id, team id and topic; SMS the Twilio account sid, auth token and sender.
-    A provider with only some of its settings raises ValueError (fail at startup).
-
-    SMS is never None here: without Twilio settings it goes to the log (`LogSms`), as mail
-    does without SMTP, so the embedded default can still verify phones and show the SMS
-    fallback; the operator reads the codes from the log.
-    """
-    # Imported here: the adapters import this module for PushMessage / PushResult.
-    from app.delivery.apns import ApnsSender
-    from app.delivery.fcm import FcmSender
-    from app.delivery.sms import LogSms, TwilioSms
-
-    sms: SmsSender = (
-        TwilioSms.from_settings(settings) if TwilioSms.configured(settings) else LogSms()
-    )
-    return Providers(
-        fcm=FcmSender.from_settings(settings) if FcmSender.configured(settings) else None,
-        apns=ApnsSender.from_settings(settings) if ApnsSender.configured(settings) else None,
-        sms=sms,
-    )

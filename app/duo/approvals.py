@@ -1,11 +1,11 @@
-"""The Duo face's one door to tapprove's approvals: start one for an integration, wait for
-it, and say how it stands in Duo's words.
+"""The Duo face's one door to tapprove's approvals (app.approval): start one for an
+integration, wait for it, and say how it stands in Duo's words.
 
 Everything else in app/duo goes through here, so when the approval use cases change shape
-(where they live, which errors they raise) only this module follows. An approval made here
-is an ordinary relying-party approval: the same one-pending rule, push-fatigue backoff and
-fraud lock, pushed to every device at once; `api_key_id` holds the integration's id, so
-only that integration can read it back.
+only this module follows; their refusals (domain errors) become Duo answers here. An approval
+made here is an ordinary relying-party approval: the same one-pending rule, push-fatigue
+backoff and fraud lock, pushed to every device at once; `api_key_id` holds the
+integration's id, so only that integration can read it back.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 
 from app.account_cache import Recipient
-from app.approval_flow import start_approval, wait_for_end
-from app.core.approvals import ApprovalContext, PendingApproval, Status
-from app.core.errors import ApiError
+from app.approval.errors import BackedOff, Locked, UnknownUser
+from app.approval.model import ApprovalContext, PendingApproval, Status
+from app.approval.start import start_approval
+from app.approval.waiting import wait_for_end
 from app.db.accounts import get_user
 from app.duo import answers
 from app.duo.answers import Answer
@@ -65,14 +66,9 @@ async def start(
             requester_name=integration.name,
             match=integration.match,
         )
-    except ApiError as exc:
-        refusals = {"locked": answers.LOCKED, "unknown_user": answers.DENIED}
-        if exc.code == "rate_limited":
-            refusal = answers.backed_off(int(exc.headers.get("Retry-After", "10")))
-        elif exc.code in refusals:
-            refusal = refusals[exc.code]
-        else:
-            raise
+    except (BackedOff, Locked, UnknownUser) as exc:
+        refusal = answers.backed_off(exc.retry_after) if isinstance(exc, BackedOff) else None
+        refusal = refusal or (answers.LOCKED if isinstance(exc, Locked) else answers.DENIED)
         log.info(
             "duo auth for integration %s refused: %s",
             integration.name,

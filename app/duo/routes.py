@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from app.account_cache import Recipient
-from app.core.approvals import ApprovalContext
+from app.approval.model import ApprovalContext
 from app.duo import answers
 from app.duo import approvals as duo_approvals
 from app.duo.answers import Answer, Phone, Preauth

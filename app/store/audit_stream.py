@@ -1,7 +1,8 @@
 """Audit events about approvals, on their way to the SQL audit log through a Redis Stream.
 
 An approval lives in Redis, so the line that reports its change is appended by the same Lua
-script that makes the change: an approval is never created or decided without its audit
+script that makes the change (the `audit` Lua library, app/store/scripts/audit.lua), on the
+stream of the approval's shard: an approval is never created or decided without its audit
 line, and the request pays no database round trip for it. A worker moves the lines into
 the `auditevent` table in batches (app.audit_trail); each line is deleted from the stream
 only after its row is committed, and the row carries the entry id, so a line copied twice
@@ -21,14 +22,6 @@ from app.store.streams import Entry, StreamGroup
 
 GROUP = "audit-writer"
 FIELD = "e"
-
-# Lua: append one audit line (JSON, app.db.audit.line) to the stream.
-APPEND_LUA = """
-local function audit(prefix, line)
-  redis.call('XADD', prefix .. 'audit', '*', 'e', line)
-end
-"""
-
 
 @dataclass(frozen=True)
 class StreamedEvent:
@@ -51,10 +44,11 @@ def _parse(raw: list[Entry]) -> list[StreamedEvent]:
 
 
 class AuditStream:
-    """Read and retire the audit lines that the approval scripts append."""
+    """Read and retire the audit lines that the approval scripts append to one shard's
+    stream (a writer reads every shard's: KeySpace.shards)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: KeySpace, consumer: str) -> None:
-        self.key = keys("audit")
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, consumer: str, shard: int) -> None:
+        self.key = keys.audit(shard)
         self._group = StreamGroup(redis, self.key, GROUP, consumer)
 
     async def ensure_group(self) -> None:

@@ -1,8 +1,11 @@
-"""A small durable job queue in Redis: delayed jobs, leases, retries.
+"""A small durable job queue in Redis: delayed jobs, leases, retries, one queue per shard.
 
 `due` (ZSET, score = run at) holds waiting jobs; `claim` moves due ones to `leased`
 (ZSET, score = lease end) atomically, so two workers never take the same job; a job whose
-worker died is put back when its lease ends. Job bodies live in a hash by id.
+worker died is put back when its lease ends. Job bodies live in a hash by id. Each shard
+(app.store.redis.KeySpace) has its own three keys, so a script that creates an approval can
+queue its jobs in the same step; workers claim from every shard. Scripts that queue or
+cancel jobs use the `schedule` Lua library (app/store/scripts/schedule.lua).
 """
 
 from __future__ import annotations
@@ -16,75 +19,47 @@ from redis.asyncio.client import Pipeline
 
 from app.core.clock import Clock
 from app.core.tokens import new_id
+from app.store.lua import Script
 from app.store.redis import KeySpace
 
 LEASE_SECONDS = 30
 
-# Lua for scripts that schedule or cancel jobs in the same atomic step as their own change.
-# enqueue_jobs(prefix, now, jobs): jobs is a list of {id, body, run_at} (PreparedJob.lua()).
-# cancel_job(prefix, id): a job not yet claimed never runs.
-SCHEDULE_LUA = """
-local function enqueue_jobs(prefix, now, jobs)
-  local wake = false
-  for _, job in ipairs(jobs) do
-    redis.call('HSET', prefix .. 'jobs:data', job[1], job[2])
-    redis.call('ZADD', prefix .. 'jobs:due', job[3], job[1])
-    if tonumber(job[3]) <= now then wake = true end
-  end
-  if wake then redis.call('PUBLISH', prefix .. 'jobs:wake', '1') end
-end
-local function cancel_job(prefix, id)
-  redis.call('ZREM', prefix .. 'jobs:due', id)
-  redis.call('HDEL', prefix .. 'jobs:data', id)
-end
-"""
-
-# KEYS: due, leased, data. ARGV: now, lease end, max count.
-_CLAIM = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, id in ipairs(expired) do
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('ZADD', KEYS[1], ARGV[1], id)
-end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local body = redis.call('HGET', KEYS[3], id)
-  if body then
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
-    out[#out + 1] = id
-    out[#out + 1] = body
-  end
-end
-return out
-"""
-
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of delivery work."""
+    """One unit of delivery work, from the queue of `shard`."""
 
     id: str
     kind: str
     payload: dict[str, Any]
     attempt: int = 0
+    shard: int = 0
 
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """A job to be stored by a Lua script (SCHEDULE_LUA) together with another change."""
+    """A job to be stored together with another change (by a script, or `store_in`)."""
 
     id: str
     body: str
     run_at: float
 
     def lua(self) -> list[object]:
+        """The form the `schedule` Lua library takes: {id, body, run_at}."""
         return [self.id, self.body, repr(self.run_at)]
 
 
-def _body(kind: str, payload: dict[str, Any], attempt: int) -> bytes:
-    return orjson.dumps({"kind": kind, "payload": payload, "attempt": attempt})
+@dataclass(frozen=True)
+class JobKeys:
+    """The keys of one shard's queue."""
+
+    due: str
+    leased: str
+    data: str
+
+
+def _body(kind: str, payload: dict[str, Any], attempt: int) -> str:
+    return orjson.dumps({"kind": kind, "payload": payload, "attempt": attempt}).decode()
 
 
 class JobQueue:
@@ -92,72 +67,81 @@ class JobQueue:
 
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, clock: Clock) -> None:
         self._redis = redis
+        self._space = keys
         self._clock = clock
-        # SCHEDULE_LUA builds the same names from the prefix.
-        self._due = keys("jobs", "due")
-        self._leased = keys("jobs", "leased")
-        self._data = keys("jobs", "data")
         self.wake_channel = keys("jobs", "wake")
-        self._claim = redis.register_script(_CLAIM)
+        self._claim = Script(redis, "app.store", "jobs_claim")
+
+    def keys(self, shard: int) -> JobKeys:
+        """The keys of the queue of `shard`."""
+        return JobKeys(
+            due=self._space.in_shard(shard, "jobs", "due"),
+            leased=self._space.in_shard(shard, "jobs", "leased"),
+            data=self._space.in_shard(shard, "jobs", "data"),
+        )
+
+    @property
+    def shards(self) -> range:
+        return self._space.shards
+
+    def prepare(
+        self, kind: str, payload: dict[str, Any], *, run_at: float | None = None, attempt: int = 0
+    ) -> PreparedJob:
+        """A job to store with another change; it runs at `run_at` (now by default)."""
+        at = self._clock.now() if run_at is None else run_at
+        return PreparedJob(new_id(), _body(kind, payload, attempt), at)
 
     async def enqueue(
-        self, kind: str, payload: dict[str, Any], *, run_at: float | None = None, attempt: int = 0
-    ) -> Job:
-        """Store a job to run at `run_at` (now by default)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            job = self.enqueue_in(pipe, kind, payload, run_at=run_at, attempt=attempt)
-            await pipe.execute()
-        return job
-
-    def enqueue_in(
         self,
-        pipe: Pipeline,
         kind: str,
         payload: dict[str, Any],
         *,
+        shard: int,
         run_at: float | None = None,
         attempt: int = 0,
-    ) -> Job:
-        """Add the commands that store a job to `pipe`, so it is sent with the caller's own."""
-        job = Job(new_id(), kind, payload, attempt)
-        at = self._clock.now() if run_at is None else run_at
-        body = _body(kind, payload, attempt)
-        pipe.hset(self._data, job.id, body)
-        pipe.zadd(self._due, {job.id: at})
-        if run_at is None:
-            pipe.publish(self.wake_channel, b"1")
-        return job
+    ) -> None:
+        """Store a job in the queue of `shard`, to run at `run_at` (now by default)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            job = self.prepare(kind, payload, run_at=run_at, attempt=attempt)
+            self.store_in(pipe, shard, [job])
+            await pipe.execute()
 
-    def prepare(
-        self, kind: str, payload: dict[str, Any], *, run_at: float | None = None
-    ) -> PreparedJob:
-        """A job for a script to store (see SCHEDULE_LUA); it runs at `run_at` (now by default)."""
-        at = self._clock.now() if run_at is None else run_at
-        return PreparedJob(new_id(), _body(kind, payload, 0).decode(), at)
-
-    async def claim(self, limit: int = 50) -> list[Job]:
-        """Take up to `limit` due jobs under a lease."""
+    def store_in(self, pipe: Pipeline, shard: int, jobs: list[PreparedJob]) -> None:
+        """Add the commands that store `jobs` to `pipe`, so they go with the caller's own."""
+        keys = self.keys(shard)
         now = self._clock.now()
+        for job in jobs:
+            pipe.hset(keys.data, job.id, job.body)
+            pipe.zadd(keys.due, {job.id: job.run_at})
+        if any(job.run_at <= now for job in jobs):
+            pipe.publish(self.wake_channel, b"1")
+
+    async def claim(self, shard: int, limit: int = 50) -> list[Job]:
+        """Take up to `limit` due jobs of `shard` under a lease."""
+        now = self._clock.now()
+        keys = self.keys(shard)
         flat = await self._claim(
-            keys=[self._due, self._leased, self._data],
-            args=[repr(now), repr(now + LEASE_SECONDS), limit],
+            {"due": keys.due, "leased": keys.leased, "data": keys.data},
+            {"now": repr(now), "lease_until": repr(now + LEASE_SECONDS), "limit": limit},
         )
         jobs = []
         for i in range(0, len(flat), 2):
             body = orjson.loads(flat[i + 1])
-            jobs.append(Job(flat[i], body["kind"], body["payload"], int(body.get("attempt", 0))))
+            attempt = int(body.get("attempt", 0))
+            jobs.append(Job(flat[i], body["kind"], body["payload"], attempt, shard))
         return jobs
 
     async def done(self, job: Job) -> None:
+        keys = self.keys(job.shard)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._leased, job.id)
-            pipe.hdel(self._data, job.id)
+            pipe.zrem(keys.leased, job.id)
+            pipe.hdel(keys.data, job.id)
             await pipe.execute()
 
-    async def next_due(self) -> float | None:
-        first = await self._redis.zrange(self._due, 0, 0, withscores=True)
+    async def next_due(self, shard: int) -> float | None:
+        first = await self._redis.zrange(self.keys(shard).due, 0, 0, withscores=True)
         return float(first[0][1]) if first else None
 
     async def depth(self) -> int:
-        count: int = await self._redis.hlen(self._data)
-        return count
+        """Jobs stored in every shard (waiting, leased or due)."""
+        return sum([await self._redis.hlen(self.keys(shard).data) for shard in self.shards])

@@ -1,7 +1,9 @@
 """Which devices hold a WebSocket right now, and on which process.
 
-Each entry names the process that holds the socket; a process proves it is alive with a
-short-lived key, so a crashed process's sockets stop counting within 30 s by themselves.
+Each entry of a user's presence hash names the process that holds the device's socket.
+Processes say they are alive with a heartbeat in their shard's process registry (Redis's
+own clock), so a crashed process's sockets stop counting within PROCESS_TTL seconds by
+themselves: the scripts that read presence look each process up there, in the same step.
 """
 
 from __future__ import annotations
@@ -12,48 +14,18 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from app.core.tokens import new_id
+from app.store.lua import Script
 from app.store.redis import KeySpace
 
 log = logging.getLogger(__name__)
 
 PROCESS_TTL = 30
 HEARTBEAT = 10
-
-# KEYS: presence hash. ARGV: device id, process id. Deletes only our own entry.
-_LEAVE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-"""
-
-
-# Lua: snapshot(prefix, user_id) is the account version ('' before any change) followed by
-# the ids of the user's devices whose socket a live process holds, sorted (Snapshot.lua()).
-# The approval create script uses it too, to check what its caller assumed.
-SNAPSHOT_LUA = """
-local function snapshot(prefix, uid)
-  local entries = redis.call('HGETALL', prefix .. 'presence:' .. uid)
-  local live = {}
-  local alive = {}
-  for i = 1, #entries, 2 do
-    local process = entries[i + 1]
-    if alive[process] == nil then
-      alive[process] = redis.call('EXISTS', prefix .. 'proc:' .. process) == 1
-    end
-    if alive[process] then live[#live + 1] = entries[i] end
-  end
-  table.sort(live)
-  table.insert(live, 1, redis.call('GET', prefix .. 'user:' .. uid .. ':account-version') or '')
-  return live
-end
-"""
-
-# KEYS: presence hash, account version (declared for the reader; snapshot builds them).
-# ARGV: prefix, user id.
-_SNAPSHOT = SNAPSHOT_LUA + "return snapshot(ARGV[1], ARGV[2])"
+# A process gone this long leaves the registry (its entries no longer count long before).
+FORGET_AFTER = 86400
 
 
 @dataclass(frozen=True)
@@ -68,7 +40,7 @@ class Snapshot:
         return cls(connected=frozenset(found[1:]), account_version=found[0])
 
     def lua(self) -> str:
-        """The form SNAPSHOT_LUA's result takes, joined: the create script compares it."""
+        """The `snapshot` Lua library's result, joined: the create script compares it."""
         return "\n".join([self.account_version, *sorted(self.connected)])
 
 
@@ -88,47 +60,65 @@ class Presence:
         self._redis = redis
         self._keys = keys
         self.process_id = process_id
-        self._leave = redis.register_script(_LEAVE)
-        self._snapshot = redis.register_script(_SNAPSHOT)
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._leave = Script(redis, "app.store", "presence_leave")
+        self._snapshot = Script(redis, "app.store", "presence_snapshot")
+        self._heartbeat = Script(redis, "app.store", "presence_heartbeat")
+        self._beating: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Announce this process and keep announcing it."""
-        if self._heartbeat is None:
-            self._heartbeat = asyncio.create_task(self._beat(), name="presence-heartbeat")
+        if self._beating is None:
+            self._beating = asyncio.create_task(self._beat(), name="presence-heartbeat")
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        if self._beating is not None:
+            self._beating.cancel()
             with contextlib.suppress(BaseException):
-                await self._heartbeat
-            self._heartbeat = None
+                await self._beating
+            self._beating = None
         with contextlib.suppress(Exception):
-            await self._redis.delete(self._keys.process(self.process_id))
+            for shard in self._keys.shards:
+                await self._redis.zrem(self._keys.processes(shard), self.process_id)
 
     async def _beat(self) -> None:
         while True:
             try:
-                await self._redis.set(self._keys.process(self.process_id), "1", ex=PROCESS_TTL)
+                for shard in self._keys.shards:
+                    await self._say_alive(shard)
             except Exception as exc:
                 log.warning("presence heartbeat failed: %s", type(exc).__name__)
             await asyncio.sleep(HEARTBEAT)
+
+    async def _say_alive(self, shard: int, client: aioredis.Redis | Pipeline | None = None) -> None:
+        await self._heartbeat(
+            {"processes": self._keys.processes(shard)},
+            {"process": self.process_id, "forget_after": FORGET_AFTER},
+            client=client,
+        )
 
     async def join(self, user_id: str, device_id: str) -> None:
         """Record the device's socket as held here (again after Redis lost it, too)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._keys.presence(user_id), device_id, self.process_id)
-            pipe.set(self._keys.process(self.process_id), "1", ex=PROCESS_TTL)
+            # Counted at once, even before the next heartbeat (a restarted Redis lost them).
+            await self._say_alive(self._keys.shard_of(user_id), client=pipe)
             await pipe.execute()
 
     async def leave(self, user_id: str, device_id: str) -> None:
-        await self._leave(keys=[self._keys.presence(user_id)], args=[device_id, self.process_id])
+        await self._leave(
+            {"presence": self._keys.presence(user_id)},
+            {"device": device_id, "process": self.process_id},
+        )
 
     async def snapshot(self, user_id: str) -> Snapshot:
         """The user's connected devices and account version, in one round trip."""
         found: list[str] = await self._snapshot(
-            keys=[self._keys.presence(user_id), self._keys.account_version(user_id)],
-            args=[self._keys.prefix, user_id],
+            {
+                "presence": self._keys.presence(user_id),
+                "account_version": self._keys.account_version(user_id),
+                "processes": self._keys.processes(self._keys.shard_of(user_id)),
+            },
+            {"process_ttl": PROCESS_TTL},
         )
         return Snapshot.from_lua(found)
 

@@ -7,29 +7,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from app.core.clock import Clock
+from app.store.lua import Script
 from app.store.redis import KeySpace
-
-# KEYS: counter. ARGV: limit, window seconds, cost. Returns {allowed, count, ttl}.
-_HIT = """
-local count = tonumber(redis.call('GET', KEYS[1]) or '0')
-local limit, window, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if count + cost > limit then
-  local ttl = redis.call('TTL', KEYS[1])
-  if ttl < 0 then ttl = window end
-  return {0, count, ttl}
-end
-count = redis.call('INCRBY', KEYS[1], cost)
-if count == cost then redis.call('EXPIRE', KEYS[1], window) end
-return {1, count, redis.call('TTL', KEYS[1])}
-"""
-
-
-# KEYS: counter. Gives one call back, never below zero and never reviving an expired window.
-_REFUND = """
-local count = tonumber(redis.call('GET', KEYS[1]) or '0')
-if count > 0 then return redis.call('DECR', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -47,20 +26,22 @@ class RateLimiter:
         self._redis = redis
         self._keys = keys
         self._clock = clock
-        self._hit = redis.register_script(_HIT)
-        self._refund = redis.register_script(_REFUND)
+        self._hit = Script(redis, "app.store", "ratelimit_hit")
+        self._refund = Script(redis, "app.store", "ratelimit_refund")
 
     def key(self, *parts: str) -> str:
         return self._keys("rl", *parts)
 
     async def hit(self, key: str, *, limit: int, window: int, cost: int = 1) -> Verdict:
         """Count one call against `limit` per `window` seconds."""
-        allowed, _count, ttl = await self._hit(keys=[key], args=[limit, window, cost])
+        allowed, _count, ttl = await self._hit(
+            {"counter": key}, {"limit": limit, "window": window, "cost": cost}
+        )
         return Verdict(bool(allowed), 0 if allowed else max(1, int(ttl)))
 
     async def refund(self, key: str) -> None:
         """Give back one call spent by `hit()` (it turned out not to count)."""
-        await self._refund(keys=[key])
+        await self._refund({"counter": key}, {})
 
     async def peek(self, key: str, *, limit: int) -> Verdict:
         """Would one more call be over the limit?"""

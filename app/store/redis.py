@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,37 +21,48 @@ from app.settings import Settings
 
 
 class KeySpace:
-    """Every Redis key and channel name, under one prefix so deployments can share a server."""
+    """Redis key and channel names under one prefix, so deployments can share a server.
 
-    def __init__(self, prefix: str) -> None:
+    Keys that one script touches together share a hash tag, as Redis Cluster requires: the
+    shard `{s<k>}` of the user they belong to, k = a stable hash of the user id modulo
+    `TAPPROVE_REDIS_SHARDS`. Per user: presence and account version (here) and the
+    approval's keys (app.approval.keys, the only home of those names); per shard: the
+    process registry, the delivery jobs and the audit stream. Everything else (sessions,
+    rate limits, the outbox, the user events stream, channels) is untagged.
+    """
+
+    def __init__(self, prefix: str, shards: int) -> None:
         self.prefix = prefix
+        self.shards = range(shards)
+
+    @classmethod
+    def of(cls, settings: Settings) -> KeySpace:
+        return cls(settings.redis_prefix, settings.redis_shards)
 
     def __call__(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    def approval(self, approval_id: str) -> str:
-        return self("approval", approval_id)
+    def shard_of(self, user_id: str) -> int:
+        """The shard of a user's keys: stable across processes and restarts."""
+        return zlib.crc32(user_id.encode()) % len(self.shards)
 
-    def approval_acks(self, approval_id: str) -> str:
-        return self("approval", approval_id, "acks")
-
-    def approval_inflight(self, approval_id: str) -> str:
-        return self("approval", approval_id, "inflight")
-
-    def user_pending(self, user_id: str) -> str:
-        return self("user", user_id, "pending")
-
-    def user_fatigue(self, user_id: str) -> str:
-        return self("user", user_id, "fatigue")
-
-    def deadlines(self) -> str:
-        return self("approvals", "deadlines")
+    def in_shard(self, shard: int, *parts: str) -> str:
+        """A key under shard `shard`'s hash tag."""
+        return f"{self.prefix}{{s{shard}}}:" + ":".join(parts)
 
     def presence(self, user_id: str) -> str:
-        return self("presence", user_id)
+        return self.in_shard(self.shard_of(user_id), "presence", user_id)
 
-    def process(self, process_id: str) -> str:
-        return self("proc", process_id)
+    def account_version(self, user_id: str) -> str:
+        return self.in_shard(self.shard_of(user_id), "user", user_id, "account-version")
+
+    def processes(self, shard: int) -> str:
+        """The process registry of a shard: process id -> its last heartbeat (Redis time)."""
+        return self.in_shard(shard, "processes")
+
+    def audit(self, shard: int) -> str:
+        """The shard's audit stream (app.store.audit_stream)."""
+        return self.in_shard(shard, "audit")
 
     def session(self, session_hash: str) -> str:
         return self("session", session_hash)
@@ -58,23 +70,12 @@ class KeySpace:
     def user_sessions(self, user_id: str) -> str:
         return self("user", user_id, "sessions")
 
-    def account_version(self, user_id: str) -> str:
-        return self("user", user_id, "account-version")
-
     def user_channel(self, user_id: str) -> str:
         return self("ev", "user", user_id)
-
-    def approval_waiters(self, approval_id: str) -> str:
-        return self("approval", approval_id, "waiters")
 
     def process_inbox(self, process_id: str) -> str:
         """Where the ends of approvals this process waits for are announced (app.store.waiters)."""
         return self("ev", "proc", process_id)
-
-    def delivery_channel(self, approval_id: str) -> str:
-        """Where each channel that reached the person (`delivered`) is announced: only the
-        browser's stream shows these, so relying parties waiting for the end never get them."""
-        return self("ev", "approval", approval_id, "delivered")
 
 
 MAX_CONNECTIONS = 256

@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app.approval_flow import active_devices
 from app.audit_trail import recent_events
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
-from app.core.tokens import hash_token, new_numeric_code, same_secret
+from app.core.tokens import hash_token, new_numeric_code
 from app.db import audit
+from app.db.accounts import active_devices
 from app.db.models import TrustedBrowser, User
 from app.services import Services
 from app.web.common import TRUST_COOKIE, client_ip, current_session, json, plausible_id, services
@@ -38,6 +38,8 @@ class PhoneCode(StrictBody):
     code: str = Field(min_length=1, max_length=32)
 
 
+PHONE_CODE = "phone-verify"  # the one-time code store's purpose (app.store.codes)
+PHONE_CODE_DIGITS = 6
 PHONE_CODE_LIFE = 600
 PHONE_CODE_ATTEMPTS = 5
 
@@ -75,7 +77,7 @@ async def _account_json(svc: Services, user: User, request: Request) -> dict[str
         "phone_verified": user.phone_verified,
         "sms_fallback": user.sms_fallback,
         "locked": user.locked,
-        "devices": [device_json(d) for d in await active_devices(svc, user.id)],
+        "devices": [device_json(d) for d in await active_devices(svc.db, user.id)],
         "trusted_browsers": [
             trusted_browser_json(b, request.cookies.get(TRUST_COOKIE)) for b in browsers
         ],
@@ -179,13 +181,15 @@ async def start_phone_verification(request: Request) -> Response:
             "too many codes requested",
             {"Retry-After": str(verdict.retry_after)},
         )
-    code = new_numeric_code(6)
-    key = svc.keys("phone-verify", session.user_id)
-    await svc.redis.delete(key)
-    await svc.redis.hset(
-        key, mapping={"phone": phone, "code": hash_token(f"{phone}:{code}"), "attempts": 0}
+    code = new_numeric_code(PHONE_CODE_DIGITS)
+    await svc.codes.issue(
+        PHONE_CODE,
+        session.user_id,
+        code,
+        life=PHONE_CODE_LIFE,
+        keep=PHONE_CODE_LIFE,
+        data=phone,
     )
-    await svc.redis.expire(key, PHONE_CODE_LIFE)
     result = await svc.providers.sms.send(phone, f"Your tapprove verification code is {code}.")
     if result.outcome != "accepted":
         raise ApiError(502, "sms_failed", "the SMS provider did not accept the message")
@@ -198,30 +202,33 @@ async def verify_phone(request: Request) -> Response:
     check_csrf(request, svc.settings)
     session = await current_session(request, allow_restricted=False)
     body = await read_body(request, PhoneCode)
-    key = svc.keys("phone-verify", session.user_id)
-    pending: dict[str, str] = await svc.redis.hgetall(key)  # type: ignore[assignment]
-    if not pending:
+    checked = await svc.codes.check(
+        PHONE_CODE,
+        session.user_id,
+        body.code.strip(),
+        max_attempts=PHONE_CODE_ATTEMPTS,
+        keep=PHONE_CODE_LIFE,
+    )
+    if not checked.issued:
         raise ApiError(400, "invalid_code", "no code is pending; ask for a new one")
-    attempts = await svc.redis.hincrby(key, "attempts", 1)
-    expected = pending["code"]
-    right = same_secret(hash_token(f"{pending['phone']}:{body.code.strip()}"), expected)
-    if not right or attempts > PHONE_CODE_ATTEMPTS:
-        if attempts >= PHONE_CODE_ATTEMPTS:
-            await svc.redis.delete(key)
+    if not checked.right:
+        if checked.exhausted:
+            await svc.codes.forget(PHONE_CODE, session.user_id)
         raise ApiError(400, "invalid_code", "that code is not right")
-    await svc.redis.delete(key)
+    await svc.codes.forget(PHONE_CODE, session.user_id)
+    phone = checked.data
     async with svc.db() as db:
         user = await db.get(User, session.user_id)
         if user is None:
             raise ApiError(401, "unauthorized", "sign in first")
-        user.phone = pending["phone"]
+        user.phone = phone
         user.phone_verified = True
         db.add(user)
         await audit.record(
             db, "phone.verified", user_id=user.id, ip=client_ip(request), now=svc.clock.now()
         )
         await db.commit()
-    return json({"status": "verified", "phone": pending["phone"]})
+    return json({"status": "verified", "phone": phone})
 
 
 async def activity(request: Request) -> Response:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import replace
 from datetime import timedelta
-from typing import Any
 
-import orjson
 from pydantic import Field
 from sqlmodel import select
 from starlette.requests import Request
@@ -17,11 +14,15 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app import metrics
-from app.approval_flow import raise_if_final, start_approval
-from app.core.approvals import PendingApproval, Status
+from app.approval import login as sign_in
+from app.approval.errors import ApprovalError, Locked
+from app.approval.model import PendingApproval, Status
+from app.approval.rules import browser_binding
+from app.approval.start import start_approval
+from app.approval.waiting import Watch, watching
 from app.core.clock import rfc3339, to_datetime
 from app.core.errors import ApiError
-from app.core.tokens import hash_token, new_id, new_token, same_secret
+from app.core.tokens import hash_token, new_id, new_token
 from app.db import audit
 from app.db.accounts import (
     InvalidAccountData,
@@ -32,7 +33,6 @@ from app.db.accounts import (
 from app.db.models import TrustedBrowser, User
 from app.delivery.sms_codes import sms_phone
 from app.services import Services
-from app.store.events import RECONNECTED
 from app.store.ratelimit import Verdict
 from app.web.common import (
     LOGIN_COOKIE,
@@ -52,7 +52,6 @@ from app.web.security import check_csrf, origin_allowed
 FAILED_LOGIN_WINDOW = 15 * 60
 FAILED_PER_ACCOUNT = 10
 FAILED_PER_IP = 100
-MAX_RESENDS = 3
 
 
 class LoginBody(StrictBody):
@@ -141,7 +140,7 @@ async def login(request: Request) -> Response:
     if not user.email_verified:
         raise ApiError(403, "email_not_verified", "confirm your email address first")
     if user.locked:
-        raise ApiError(423, "locked", "sign-in is locked after a fraud report; contact support")
+        raise Locked()
 
     if trusted is not None and trusted.user_id == user.id:
         trusted_response = await _trusted_sign_in(svc, request, user, trusted)
@@ -181,7 +180,7 @@ async def login(request: Request) -> Response:
         recipient,
         kind="login",
         context=request_context(request),
-        browser_binding=hash_token(login_token),
+        browser_binding=browser_binding(login_token),
         remember_browser=body.remember_browser,
     )
     response = json(
@@ -227,54 +226,17 @@ async def _trusted_sign_in(
     return response
 
 
-def _bound_to_browser(approval: PendingApproval | None, login_cookie: str | None) -> bool:
-    return (
-        approval is not None
-        and approval.browser_binding is not None
-        and login_cookie is not None
-        and len(login_cookie) <= 128
-        and same_secret(hash_token(login_cookie), approval.browser_binding)
-    )
-
-
-async def _delivered(svc: Services, approval_id: str) -> list[str]:
-    raw = await svc.redis.hget(svc.keys.approval(approval_id), "delivered")
-    found: list[str] = orjson.loads(raw) if raw else []
-    return found
-
-
-async def _browser_approval(request: Request) -> PendingApproval:
-    """The approval named in the path, if this browser holds its `tapprove_login` cookie."""
-    svc = services(request)
-    approval = await svc.approvals.get(request.path_params["approval_id"])
-    if approval is None:
-        raise ApiError(404, "not_found", "no such approval")
-    if not _bound_to_browser(approval, request.cookies.get(LOGIN_COOKIE)):
-        raise ApiError(403, "not_allowed", "this browser did not start that sign-in")
-    return approval
-
-
-async def _pending_browser_approval(request: Request) -> PendingApproval:
-    svc = services(request)
-    approval = await _browser_approval(request)
-    past_deadline = approval.expires_at <= svc.clock.now()
-    raise_if_final(Status.EXPIRED if past_deadline else approval.status)
-    return approval
-
-
 async def login_status(request: Request) -> Response:
     """GET /api/login/<id>: the stream's information as JSON, for clients without sockets."""
-    svc = services(request)
-    approval = await _browser_approval(request)
-    if approval.status is Status.PENDING and approval.expires_at <= svc.clock.now():
-        await svc.approvals.expire_if_due(approval.id)
-        approval = await _browser_approval(request)
+    approval, delivered = await sign_in.current_state(
+        services(request), request.path_params["approval_id"], request.cookies.get(LOGIN_COOKIE)
+    )
     return json(
         {
             "approval_id": approval.id,
             "status": approval.status.value,
             "channels": approval.channels,
-            "delivered": await _delivered(svc, approval.id),
+            "delivered": delivered,
             "expires_at": rfc3339(approval.expires_at),
             "reason": approval.final_reason,
         }
@@ -285,10 +247,12 @@ async def login_stream(websocket: WebSocket) -> None:
     """WS /ws/login/<id>: status, each delivery, then the result; refused without cookie+Origin."""
     svc = services(websocket)
     approval_id = websocket.path_params["approval_id"]
-    approval = await svc.approvals.get(approval_id)
-    if not origin_allowed(websocket, svc.settings) or not _bound_to_browser(
-        approval, websocket.cookies.get(LOGIN_COOKIE)
-    ):
+    try:
+        await sign_in.browser_approval(svc, approval_id, websocket.cookies.get(LOGIN_COOKIE))
+        allowed = origin_allowed(websocket, svc.settings)
+    except ApprovalError:
+        allowed = False
+    if not allowed:
         await websocket.close()  # before accept: the client sees HTTP 403
         return
     await websocket.accept()
@@ -303,73 +267,33 @@ async def login_stream(websocket: WebSocket) -> None:
         closed.set()
 
     watcher = asyncio.create_task(watch_client())
-    # One queue hears both: each delivery (a channel of its own) and the end (the waiters).
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     try:
-        async with (
-            svc.events.subscribe(queue.put_nowait, svc.keys.delivery_channel(approval_id)),
-            svc.waiters.watch(approval_id, queue.put_nowait) as current,
-        ):
-            if current is None:
-                await websocket.close(1000)
-                return
-            if current.status is not Status.PENDING:
-                await _send_result(websocket, current)
-                return
-            await websocket.send_json(
-                {"type": "status", "status": "pending", "channels": current.channels}
-            )
-            for channel in await _delivered(svc, approval_id):
-                await websocket.send_json({"type": "delivered", "channel": channel})
-            ended = await _relay_until_final(svc, websocket, queue, current, closed)
-            if ended is not None:
-                await _send_result(websocket, ended)
+        async with watching(svc, approval_id, deliveries=True) as watch:
+            await _stream(svc, websocket, watch, closed)
     except WebSocketDisconnect:
         pass
     finally:
         watcher.cancel()
 
 
-async def _relay_until_final(
-    svc: Services,
-    websocket: WebSocket,
-    queue: asyncio.Queue[dict[str, Any]],
-    approval: PendingApproval,
-    closed: asyncio.Event,
-) -> PendingApproval | None:
-    """The approval once it has ended (None if the browser left first), relaying each
-    delivery meanwhile."""
-    while not closed.is_set():
-        until_deadline = approval.expires_at - svc.clock.now()
-        if until_deadline <= 0:
-            status = await svc.approvals.expire_if_due(approval.id)
-            if status is not None and status is not Status.PENDING:
-                # Read for the reason it ended with (this call's or another's).
-                return await svc.approvals.get(approval.id) or replace(approval, status=status)
-            until_deadline = 0.5
-        getter = asyncio.ensure_future(queue.get())
-        closer = asyncio.ensure_future(closed.wait())
-        done, _ = await asyncio.wait(
-            {getter, closer}, timeout=until_deadline + 0.05, return_when=asyncio.FIRST_COMPLETED
+async def _stream(svc: Services, websocket: WebSocket, watch: Watch, closed: asyncio.Event) -> None:
+    """The stream's frames: the state now, each delivery as it lands, then the result."""
+    current = watch.approval
+    if current is None:
+        await websocket.close(1000)
+        return
+    if current.status is Status.PENDING:
+        await websocket.send_json(
+            {"type": "status", "status": "pending", "channels": current.channels}
         )
-        for task in (getter, closer):
-            if task not in done:
-                task.cancel()
-        if getter not in done:
-            continue
-        event = getter.result()
-        if event is RECONNECTED:
-            latest = await svc.approvals.get(approval.id)
-            if latest is not None and latest.status is not Status.PENDING:
-                return latest
-        elif event.get("type") == "delivered":
-            await websocket.send_json(event)
-        elif event.get("type") == "result":
-            # The event carries status, time and reason; an older one without is read.
-            ended = approval.ended(event) or await svc.approvals.get(approval.id)
-            if ended is not None and ended.status is not Status.PENDING:
-                return ended
-    return None
+        for channel in await svc.approvals.delivered(current.id):
+            await websocket.send_json({"type": "delivered", "channel": channel})
+        while watch.pending and not closed.is_set():
+            landed = await watch.next(60.0, stop=closed)
+            if landed is not None:
+                await websocket.send_json({"type": "delivered", "channel": landed})
+    if watch.approval is not None and not watch.pending:
+        await _send_result(websocket, watch.approval)
 
 
 async def _send_result(websocket: WebSocket, ended: PendingApproval) -> None:
@@ -384,23 +308,9 @@ async def complete(request: Request) -> Response:
     """POST /api/login/<id>/complete: turn an approved sign-in into a session, once."""
     svc = services(request)
     check_csrf(request, svc.settings)
-    approval = await svc.approvals.get(request.path_params["approval_id"])
-    if approval is None or approval.kind != "login":
-        raise ApiError(404, "not_found", "no such approval")
-    if not _bound_to_browser(approval, request.cookies.get(LOGIN_COOKIE)):
-        raise ApiError(403, "not_allowed", "this browser did not start that sign-in")
-    outcome = await svc.approvals.complete(approval.id)
-    if outcome == "not_approved":
-        raise ApiError(
-            409,
-            "not_approved",
-            "the sign-in was not approved",
-            extra={"status": approval.status.value},
-        )
-    if outcome == "already_completed":
-        raise ApiError(409, "already_completed", "this sign-in was already completed")
-    if outcome == "not_found":
-        raise ApiError(404, "not_found", "no such approval")
+    approval = await sign_in.complete(
+        svc, request.path_params["approval_id"], request.cookies.get(LOGIN_COOKIE)
+    )
     token = await svc.sessions.create(
         approval.user_id,
         # An SMS code is not a device: such a session may not add another device, only
@@ -455,23 +365,19 @@ async def complete(request: Request) -> Response:
     return response
 
 
+async def _pending(request: Request) -> PendingApproval:
+    """The pending approval named in the path, if this browser started it."""
+    return await sign_in.pending_browser_approval(
+        services(request), request.path_params["approval_id"], request.cookies.get(LOGIN_COOKIE)
+    )
+
+
 async def resend(request: Request) -> Response:
     """POST /api/login/<id>/resend: send the pending request to the devices again (3 times)."""
-    from app.delivery import dispatch
-
     svc = services(request)
     check_csrf(request, svc.settings)
-    approval = await _pending_browser_approval(request)
-    count = await svc.redis.hincrby(svc.keys.approval(approval.id), "resends", 1)
-    if count > MAX_RESENDS:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"at most {MAX_RESENDS} resends per request",
-            {"Retry-After": str(max(1, int(approval.expires_at - svc.clock.now())))},
-        )
-    await dispatch.resend(svc, approval)
-    return json({"status": "resent", "resends_left": MAX_RESENDS - count}, status=202)
+    left = await sign_in.resend(svc, await _pending(request))
+    return json({"status": "resent", "resends_left": left}, status=202)
 
 
 class CodeBody(StrictBody):
@@ -480,59 +386,19 @@ class CodeBody(StrictBody):
 
 async def send_sms(request: Request) -> Response:
     """POST /api/login/<id>/sms: text a code to the user's verified phone."""
-    from app.delivery.sms_codes import request_code
-
     svc = services(request)
     check_csrf(request, svc.settings)
-    approval = await _pending_browser_approval(request)
-    verdict = await svc.limits.hit(
-        svc.limits.key("login-sms", approval.id), limit=3, window=svc.settings.approval_ttl + 60
-    )
-    if not verdict.allowed:
-        raise ApiError(
-            429,
-            "rate_limited",
-            "at most 3 SMS codes per sign-in",
-            {"Retry-After": str(verdict.retry_after)},
-        )
-    if not await request_code(svc, approval, automatic=False):
-        raise ApiError(
-            409, "sms_unavailable", "no verified phone number, SMS turned off, or not set up"
-        )
+    await sign_in.send_sms_code(svc, await _pending(request))
     return json({"status": "sms_sent"}, status=202)
 
 
 async def enter_code(request: Request) -> Response:
     """POST /api/login/<id>/code: approve with the SMS code; 5 wrong codes deny."""
-    from app.delivery.sms_codes import check_code
-
     svc = services(request)
     check_csrf(request, svc.settings)
-    approval = await _pending_browser_approval(request)
+    approval = await _pending(request)
     body = await read_body(request, CodeBody)
-    checked = await check_code(svc, approval, "".join(body.code.split()))
-    if checked == "denied":
-        raise ApiError(
-            400,
-            "invalid_code",
-            "that code is not right; too many wrong codes, so the sign-in was denied",
-            extra={"status": Status.DENIED.value},
-        )
-    if checked == "wrong":
-        raise ApiError(400, "invalid_code", "that code is not right")
-    audit_line = audit.line(
-        "approval.decided",
-        user_id=approval.user_id,
-        approval_id=approval.id,
-        ip=client_ip(request),
-        detail={"status": "approved", "via": "sms_code"},
-        now=svc.clock.now(),
-    )
-    result = await svc.approvals.decide(
-        approval.id, Status.APPROVED, audit_line=audit_line, reason="sms_code"
-    )
-    if result.kind != "decided":
-        raise_if_final(result.status or Status.EXPIRED)
+    await sign_in.approve_with_code(svc, approval, body.code, client_ip(request))
     return json({"status": "approved"})
 
 

@@ -9,7 +9,7 @@ from sqlmodel import select
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from app.core.approvals import ApprovalContext
+from app.approval.model import ApprovalContext
 from app.core.errors import ApiError
 from app.core.tokens import hash_token
 from app.db.models import Device

@@ -19,9 +19,8 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from app.approval_flow import KnownApproval, decide_with_jws
-from app.core.errors import ApiError
-from app.core.matching import MatchPolicy
+from app.approval.answer import decide
+from app.approval.errors import ApprovalError
 from app.core.signatures import peek_aid
 from app.core.tokens import hash_token
 from app.db.accounts import touch_device
@@ -115,7 +114,7 @@ def _bad_message(message: str) -> dict[str, Any]:
 class DeviceConnection:
     """One phone's socket: replay pending work, relay events, take acks and decisions."""
 
-    __slots__ = ("_known", "_outbox", "device", "svc", "ws")
+    __slots__ = ("_outbox", "device", "svc", "ws")
 
     def __init__(self, svc: Services, websocket: WebSocket, device: ConnectedDevice) -> None:
         self.svc = svc
@@ -124,25 +123,6 @@ class DeviceConnection:
         # Frames waiting to go out, while one caller sends them; None when idle (most of
         # a socket's life), so an idle socket holds no buffer.
         self._outbox: deque[dict[str, Any]] | None = None
-        # The pending approvals this socket relayed, so their answers need no read first
-        # (app.approval_flow.KnownApproval); None while there are none.
-        self._known: dict[str, KnownApproval] | None = None
-
-    def _remember(self, approval: dict[str, Any]) -> None:
-        try:
-            match = MatchPolicy.from_json(approval["match"])
-            known = KnownApproval(str(approval["challenge"]), match)
-        except (KeyError, TypeError, ValueError):
-            return  # answers to it take the long way
-        if self._known is None:
-            self._known = {}
-        self._known[str(approval["id"])] = known
-
-    def _forget(self, approval_id: object) -> None:
-        if self._known is not None:
-            self._known.pop(str(approval_id), None)
-            if not self._known:
-                self._known = None
 
     # --- out: one ordered stream of frames, whoever sends them -------------------------
 
@@ -178,11 +158,7 @@ class DeviceConnection:
         if event is RECONNECTED:
             # Redis may have restarted empty: say again that this phone is here.
             self.svc.spawn(self._rejoin())
-        elif kind == "approval_request":
-            self._remember(event.get("approval") or {})
-            self._send_soon(event)
-        elif kind == "approval_resolved":
-            self._forget(event.get("id"))
+        elif kind in ("approval_request", "approval_resolved"):
             self._send_soon(event)
         elif kind == "device_revoked" and event.get("device_id") == self.device.id:
             self.svc.spawn(self._close(CLOSE_UNAUTHORIZED, "device revoked"))
@@ -199,9 +175,7 @@ class DeviceConnection:
     async def offer_pending(self) -> None:
         approval = await self.svc.approvals.pending_for_user(self.device.user_id)
         if approval is not None:
-            offered = approval.device_json()
-            self._remember(offered)
-            await self.send({"type": "approval_request", "approval": offered})
+            await self.send({"type": "approval_request", "approval": approval.device_json()})
 
     # --- in: frames from the phone -----------------------------------------------------
 
@@ -234,19 +208,9 @@ class DeviceConnection:
         if not isinstance(approval_id, str) or len(approval_id) > 64:
             await self.send(_bad_message("ack needs an id"))
             return
-        event = orjson.dumps({"type": "delivered", "channel": "websocket"})
-        acked = await self.svc.approvals.ack(
-            approval_id, self.device.user_id, self.device.id, event
-        )
+        acked = await self.svc.approvals.ack(approval_id, self.device.user_id, self.device.id)
         if acked is None:
-            await self.send(
-                {
-                    "type": "error",
-                    "id": approval_id,
-                    "error": "not_found",
-                    "message": "no such approval",
-                }
-            )
+            await self.send(_error_frame(approval_id, "not_found", "no such approval"))
 
     async def on_decision(self, frame: dict[str, Any]) -> None:
         jws = frame.get("jws")
@@ -256,21 +220,28 @@ class DeviceConnection:
             return
         if not isinstance(approval_id, str):
             approval_id = peek_aid(jws)
+        if approval_id is None:
+            await self.send(_error_frame(None, "bad_signature", "the JWS names no approval"))
+            return
+        if not jws:
+            message = "jws: expected a compact JWS string"
+            await self.send(_error_frame(approval_id, "invalid_request", message))
+            return
         try:
-            if approval_id is None:
-                raise ApiError(400, "bad_signature", "the JWS names no approval")
-            known = self._known.get(approval_id) if self._known is not None else None
-            status = await decide_with_jws(
-                self.svc, self.device, approval_id, jws, ip=client_ip(self.ws), known=known
-            )
-            self._forget(approval_id)
-        except ApiError as exc:
-            error: dict[str, Any] = {"type": "error", "error": exc.code, "message": exc.message}
-            if approval_id:
-                error["id"] = approval_id
-            await self.send(error)
+            status = await decide(self.svc, self.device, approval_id, jws, ip=client_ip(self.ws))
+        except ApprovalError as exc:
+            await self.send(_error_frame(approval_id, exc.code, exc.message))
             return
         await self.send({"type": "decision_result", "id": approval_id, "status": status.value})
+
+
+def _error_frame(approval_id: str | None, code: str, message: str) -> dict[str, Any]:
+    """An `error` frame (PROTOCOL §3): the codes of the HTTP answers, the approval's id if
+    known. Every refusal of a decision (app.approval.errors) becomes one, by its own code."""
+    frame: dict[str, Any] = {"type": "error", "error": code, "message": message}
+    if approval_id:
+        frame["id"] = approval_id
+    return frame
 
 
 async def device_socket(websocket: WebSocket) -> None:

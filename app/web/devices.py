@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from app.approval_flow import active_devices, decide_with_jws
-from app.core.approvals import Status
+from app.approval.answer import decide
+from app.approval.errors import NotFound
+from app.approval.waiting import as_of_now
 from app.core.clock import rfc3339, to_datetime
 from app.core.enrollment import EnrollmentRefused, enrollment_kind, enrollment_uri
 from app.core.errors import ApiError
@@ -23,6 +24,7 @@ from app.core.signatures import parse_device_jwk
 from app.core.tokens import hash_token, new_id, new_token
 from app.db import audit
 from app.db.accounts import (
+    active_devices,
     consume_enrollment_code,
     create_enrollment_code,
     list_active_devices,
@@ -269,12 +271,10 @@ async def get_approval(request: Request) -> Response:
     """GET /api/approvals/<id>: one approval of the device's user (404 for anyone else's)."""
     svc = services(request)
     device = await authenticated_device(request)
-    approval = await svc.approvals.get(request.path_params["approval_id"])
-    if approval is None or approval.user_id != device.user_id:
-        raise ApiError(404, "not_found", "no such approval")
-    if approval.status is Status.PENDING and approval.expires_at <= svc.clock.now():
-        await svc.approvals.expire_if_due(approval.id)
-        approval = await svc.approvals.get(approval.id) or approval
+    found = await svc.approvals.get(request.path_params["approval_id"])
+    if found is None or found.user_id != device.user_id:
+        raise NotFound()
+    approval = await as_of_now(svc, found) or found
     return json(approval.device_json())
 
 
@@ -283,7 +283,7 @@ async def post_decision(request: Request) -> Response:
     svc = services(request)
     device = await authenticated_device(request)
     body = await read_body(request, DecisionBody)
-    status = await decide_with_jws(
+    status = await decide(
         svc, device, request.path_params["approval_id"], body.jws, ip=client_ip(request)
     )
     return json({"status": status.value})
@@ -293,7 +293,8 @@ async def list_devices(request: Request) -> Response:
     """GET /api/devices: the signed-in user's devices."""
     svc = services(request)
     session = await current_session(request)
-    return json({"devices": [device_json(d) for d in await active_devices(svc, session.user_id)]})
+    devices = await active_devices(svc.db, session.user_id)
+    return json({"devices": [device_json(d) for d in devices]})
 
 
 async def revoke_device(request: Request) -> Response:

@@ -18,6 +18,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
+from app.approval.errors import (
+    AlreadyCompleted,
+    AlreadyDecided,
+    ApprovalError,
+    BadSignature,
+    Expired,
+    InvalidCode,
+    Locked,
+    NotAllowed,
+    NotApproved,
+    NotFound,
+    RateLimited,
+    SmsUnavailable,
+    UnknownUser,
+    WrongNumber,
+)
 from app.core.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -85,6 +101,37 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return _observe(request, exc)
 
 
+# The HTTP status of each refusal of the approval's use cases (app.approval.errors), the one
+# place they are mapped; a subclass answers as its nearest listed base.
+APPROVAL_STATUS: dict[type[ApprovalError], int] = {
+    BadSignature: 400,
+    InvalidCode: 400,
+    NotAllowed: 403,
+    NotFound: 404,
+    UnknownUser: 404,
+    AlreadyDecided: 409,
+    NotApproved: 409,
+    AlreadyCompleted: 409,
+    SmsUnavailable: 409,
+    Expired: 410,
+    WrongNumber: 422,
+    Locked: 423,
+    RateLimited: 429,
+}
+
+
+def approval_api_error(exc: ApprovalError) -> ApiError:
+    """The protocol's answer to a refusal: its status, code, message and extra members."""
+    status = next(APPROVAL_STATUS[kind] for kind in type(exc).__mro__ if kind in APPROVAL_STATUS)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else {}
+    return ApiError(status, exc.code, exc.message, headers, exc.details())
+
+
+async def _approval_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApprovalError)
+    return _observe(request, approval_api_error(exc))
+
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -128,6 +175,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
+    ApprovalError: _approval_error,
     HTTPException: _http_error,
     **{kind: _dependency_down for kind in REDIS_UNAVAILABLE},
     **{kind: _dependency_down for kind in DATABASE_UNAVAILABLE},

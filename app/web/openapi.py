@@ -8,16 +8,16 @@ without an entry is still listed, and tests/integration/test_openapi.py fails un
 
 from __future__ import annotations
 
-import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from app.core.approvals import END_REASONS
+from app.approval.model import END_REASONS
 from app.web.account import AccountUpdate, PhoneBody, PhoneCode
 from app.web.browser import CodeBody, LoginBody
 from app.web.devices import DecisionBody, DeviceUpdate, EnrollBody
@@ -514,12 +514,10 @@ class HttpRoute:
     tag: str
 
 
-def http_routes() -> list[HttpRoute]:
-    """Every HTTP method of every route of the app (HEAD and static mounts left out)."""
-    from app.main import all_routes
-
+def http_routes(routes: Sequence[BaseRoute]) -> list[HttpRoute]:
+    """Every HTTP method of every route (HEAD and static mounts left out)."""
     found: list[HttpRoute] = []
-    for route in all_routes():
+    for route in routes:
         if not isinstance(route, Route):
             continue  # WebSocket routes and the /static mount
         doc = (route.endpoint.__doc__ or "").strip().splitlines()
@@ -531,10 +529,8 @@ def http_routes() -> list[HttpRoute]:
     return found
 
 
-def websocket_paths() -> list[str]:
-    from app.main import all_routes
-
-    return [_PARAM.sub(r"{\1}", r.path) for r in all_routes() if isinstance(r, WebSocketRoute)]
+def websocket_paths(routes: Sequence[BaseRoute]) -> list[str]:
+    return [_PARAM.sub(r"{\1}", r.path) for r in routes if isinstance(r, WebSocketRoute)]
 
 
 def _content(reply: Reply) -> dict[str, Any]:
@@ -623,14 +619,11 @@ def _body_schemas() -> dict[str, Schema]:
     return found
 
 
-@functools.lru_cache(maxsize=4)
-def document(public_url: str) -> dict[str, Any]:
-    """OpenAPI 3.1: every HTTP route with its parameters, request body and answers.
-
-    Built once per public URL; callers must not change the returned dict.
-    """
+def document(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    """OpenAPI 3.1: every HTTP route of `routes` (the app's table, passed in by whoever
+    serves the document) with its parameters, request body and answers."""
     paths: dict[str, dict[str, Any]] = {}
-    for route in http_routes():
+    for route in http_routes(routes):
         spec = OPERATIONS.get((route.method, route.path))
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, spec)
     return {
@@ -648,5 +641,5 @@ def document(public_url: str) -> dict[str, Any]:
             "schemas": {**_body_schemas(), **RESPONSE_SCHEMAS},
             "securitySchemes": SECURITY_SCHEMES,
         },
-        "x-websockets": websocket_paths(),
+        "x-websockets": websocket_paths(routes),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, text
@@ -16,6 +17,7 @@ from app import metrics
 from app.db.models import OutboxMessage
 from app.services import Services
 from app.web.common import json, services
+from app.web.openapi import document
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,11 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     """GET /openapi.json: the OpenAPI 3.1 description of every HTTP call."""
-    from app.web.openapi import document
-
-    return json(document(request.app.state.settings.public_url))
+    state = request.app.state
+    doc: dict[str, Any] | None = getattr(state, "openapi", None)
+    if doc is None:  # built once per app, from its own route table
+        doc = state.openapi = document(state.settings.public_url, request.app.routes)
+    return json(doc)
 
 
 routes: list[BaseRoute] = [

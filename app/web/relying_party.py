@@ -10,8 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from app.approval_flow import start_approval, wait_for_end
-from app.core.approvals import PendingApproval
+from app.approval.errors import NotFound, UnknownUser
+from app.approval.model import PendingApproval
+from app.approval.start import start_approval
+from app.approval.waiting import wait_for_end
 from app.core.clock import rfc3339
 from app.core.errors import ApiError
 from app.core.tokens import hash_token
@@ -92,7 +94,7 @@ async def create(request: Request) -> Response:
     email = body.user.strip().lower()
     recipient = svc.accounts.cached(email) or await svc.accounts.by_email(email)
     if recipient is None:
-        raise ApiError(404, "unknown_user", "no user with that email")
+        raise UnknownUser()
     approval = await start_approval(
         svc,
         recipient,
@@ -134,12 +136,12 @@ async def status(request: Request) -> Response:
     wait = _wait_seconds(request)
     approval_id = request.path_params["approval_id"]
     if not plausible_id(approval_id):
-        raise ApiError(404, "not_found", "no such approval")
+        raise NotFound()
     approval = await wait_for_end(
         svc, approval_id, wait, visible=lambda found: found.api_key_id == key.id
     )
     if approval is None or approval.api_key_id != key.id:
-        raise ApiError(404, "not_found", "no such approval")
+        raise NotFound()
     return json(_rp_json(approval))
 
 

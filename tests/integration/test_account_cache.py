@@ -15,12 +15,12 @@ import httpx
 import pytest
 from sqlalchemy import event
 
-from app.core.approvals import ApprovalContext, new_approval
+from app.approval.model import ApprovalContext, new_approval
+from app.approval.store import Changed, Created
 from app.core.matching import MatchPolicy
 from app.db import audit
 from app.db.accounts import create_api_key
 from app.delivery.push import Providers
-from app.store.approvals import Changed, Created
 from app.store.presence import Snapshot
 from tests.fakes import wait_until
 from tests.fakes.fcm import FakeFcm
@@ -201,6 +201,7 @@ async def test_the_create_step_creates_nothing_from_an_out_of_date_view(
         policy=MatchPolicy.for_mode("typed"),
         context=ApprovalContext(ip="10.0.0.1", user_agent="ua", browser="b", os="o"),
         now=now,
+        shard=svc.approvals.shard_for(user_id),
     )
     current = await svc.presence.snapshot(user_id)
     imagined = Snapshot(connected=frozenset({"a-phone-that-left"}), account_version="")

@@ -16,12 +16,18 @@ from sqlmodel import col, select
 from app import audit_trail
 from app.db import audit
 from app.db.models import AuditEvent
+from app.services import Services
 from app.store.audit_stream import AuditStream
 from tests.fixtures.app import LiveServer, Phone, ServerFactory, approval_for
 from tests.integration.test_ops import run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
+
+def stream_of(svc: Services, consumer: str) -> AuditStream:
+    """The audit stream these tests' approvals go to (one shard unless configured)."""
+    assert list(svc.keys.shards) == [0]
+    return AuditStream(svc.redis, svc.keys, consumer, 0)
 
 async def rows_for(server: LiveServer, approval_id: str) -> list[AuditEvent]:
     """The approval's `approval.*` rows in SQL (the lines that come through the stream)."""
@@ -68,7 +74,7 @@ async def test_an_approval_s_lines_are_filed_into_sql_once_each(server: LiveServ
     assert json.loads(decided.detail) == {"reason": "", "status": "approved"}
     assert all(r.stream_id for r in rows)
     svc = server.services
-    assert await svc.redis.xlen(AuditStream(svc.redis, svc.keys, "reader").key) == 0
+    assert await svc.redis.xlen(stream_of(svc, "reader").key) == 0
 
 
 async def test_the_activity_list_shows_lines_no_worker_has_filed_yet(
@@ -98,7 +104,7 @@ async def test_a_line_copied_twice_is_stored_once(server_factory: ServerFactory)
     server = await server_factory(run_worker=False)
     _, _, approval_id = await signed_in_with_approval(server, "twice@example.com")
     svc = server.services
-    lines = await AuditStream(svc.redis, svc.keys, "reader").newest(100)
+    lines = await stream_of(svc, "reader").newest(100)
     # Oldest first, as a writer reads them.
     mine = [line for line in reversed(lines) if line.fields.get("approval_id") == approval_id]
     assert len(mine) == 2
@@ -122,7 +128,7 @@ async def test_lines_a_dead_writer_took_are_filed_by_another(
     quiet = await server_factory(run_worker=False)
     _, _, approval_id = await signed_in_with_approval(quiet, "orphan@example.com")
     svc = quiet.services
-    dead = AuditStream(svc.redis, svc.keys, "writer-that-died")
+    dead = stream_of(svc, "writer-that-died")
     await dead.ensure_group()
     taken = await dead.read_new(count=100, block_ms=None)  # ... and it never files them
     assert {line.fields.get("approval_id") for line in taken} >= {approval_id}

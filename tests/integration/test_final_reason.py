@@ -17,7 +17,8 @@ import httpx
 import pytest
 import websockets
 
-from app.core.approvals import Status
+from app.approval.model import Status
+from app.approval.rules import Outcome
 from app.core.clock import ManualClock
 from app.db.accounts import create_api_key
 from app.store.events import Event
@@ -120,7 +121,8 @@ async def registered_waiter(server: LiveServer, approval_id: str) -> None:
     """Wait until a long poll or a stream is registered to hear the approval's end, so the
     end reaches it as an event (the path the reason has to travel)."""
     svc = server.services
-    key = svc.keys.approval_waiters(approval_id)
+    keys = svc.approvals.keys
+    key = keys.approval(approval_id, keys.shard_of(approval_id) or 0).waiters
     deadline = time.monotonic() + WAIT
     while not await svc.redis.exists(key):
         assert time.monotonic() < deadline, "nobody registered to wait for the approval"
@@ -302,9 +304,9 @@ async def test_the_result_event_a_waiter_hears_carries_the_reason(
             await pending(svc)  # the same user's next approval
         elif ending == "timeout":
             clock.advance(61)
-            assert await svc.approvals.expire_if_due(approval.id) is Status.EXPIRED
+            assert await svc.approvals.expire_if_due(approval) is Status.EXPIRED
         else:
-            await svc.approvals.decide(approval.id, Status.APPROVED, audit_line=b"{}")
+            await svc.approvals.decide(approval, Outcome(Status.APPROVED), audit_line=b"{}")
         event = await asyncio.wait_for(heard.get(), WAIT)
     status, reason = ENDINGS[ending]
     assert (event["type"], event["status"], event["reason"]) == ("result", status, reason)

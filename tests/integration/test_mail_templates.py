@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
 import app as app_package
-from app.core.approvals import ApprovalContext
+from app.approval.model import ApprovalContext
 from app.core.clock import ManualClock
 from app.core.signatures import device_public_jwk
 from app.db.accounts import create_enrollment_code, create_user

@@ -15,7 +15,8 @@ from app.core.clock import rfc3339
 from app.core.tokens import new_id
 from app.delivery.apns import ApnsSender
 from app.delivery.fcm import FcmSender
-from app.delivery.push import PushMessage, build_providers
+from app.delivery.providers import build_providers
+from app.delivery.push import PushMessage
 from app.delivery.sms import LogSms, TwilioSms
 from app.settings import Settings
 from tests.fakes import Reply, run_in_thread

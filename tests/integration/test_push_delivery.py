@@ -25,7 +25,8 @@ from sqlmodel import select
 from app import metrics
 from app.db.accounts import create_user
 from app.db.models import AuditEvent, Device
-from app.delivery.push import Providers, build_providers
+from app.delivery.providers import build_providers
+from app.delivery.push import Providers
 from app.settings import Settings
 from tests.fakes import apns as apns_replies
 from tests.fakes import fcm as fcm_replies
@@ -137,8 +138,9 @@ async def eventually(check: Callable[[], Any], timeout: float = WAIT) -> None:
 
 async def deliveries_settled(server: LiveServer, approval_id: str) -> bool:
     """Whether every delivery started for the approval has ended (pushes, ack checks)."""
-    key = server.services.keys("approval", approval_id, "inflight")
-    return int(await server.services.redis.scard(key)) == 0
+    store = server.services.approvals
+    keys = store.keys.approval(approval_id, store.keys.shard_of(approval_id) or 0)
+    return int(await server.services.redis.scard(keys.inflight)) == 0
 
 
 async def decide_over_http(
@@ -301,8 +303,7 @@ async def test_a_provider_down_for_the_whole_approval_ends_expired_with_no_send_
     # Once no job of this approval is queued or running and no delivery is under way,
     # nothing can send for it any more: then the count is final.
     async def nothing_left() -> bool:
-        bodies = await server.services.redis.hvals(server.services.keys("jobs", "data"))
-        queued = any(started["approval_id"] in str(body) for body in bodies)
+        queued = await queued_jobs_of(server, started["approval_id"])
         return not queued and await deliveries_settled(server, started["approval_id"])
 
     await eventually(nothing_left)
@@ -499,7 +500,9 @@ async def test_a_connected_phone_that_acks_gets_no_push(
 
 async def queued_jobs_of(server: LiveServer, approval_id: str) -> list[str]:
     """Kinds of the delivery jobs still stored for the approval (due or under a lease)."""
-    bodies = await server.services.redis.hvals(server.services.keys("jobs", "data"))
+    queue = server.services.jobs
+    shard = server.services.approvals.keys.shard_of(approval_id) or 0
+    bodies = await server.services.redis.hvals(queue.keys(shard).data)
     jobs = [orjson.loads(body) for body in bodies]
     return [j["kind"] for j in jobs if j["payload"].get("approval_id") == approval_id]
 

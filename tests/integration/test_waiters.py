@@ -11,8 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
-from app.approval_flow import wait_for_end
-from app.core.approvals import ApprovalContext, PendingApproval, Status, new_approval
+from app.approval.model import ApprovalContext, PendingApproval, Status, new_approval
+from app.approval.rules import Outcome
+from app.approval.store import Created, StillPending
+from app.approval.waiting import wait_for_end
 from app.core.matching import MatchPolicy
 from app.db import audit
 from app.services import Services
@@ -32,15 +34,27 @@ async def pending(svc: Services) -> PendingApproval:
         context=CONTEXT,
         now=svc.clock.now(),
         api_key_id="key",
+        shard=svc.approvals.shard_for("u" * 32),
     )
     event = orjson.dumps({"type": "approval_request", "approval": approval.device_json()})
-    await svc.approvals.create(approval, event, audit.line("approval.created", now=time.time()))
+    line = audit.line("approval.created", now=time.time())
+    created = await svc.approvals.create(approval, event, line)
+    if isinstance(created, StillPending):  # the user's previous one: supersede it
+        replaced = (created.approval_id, audit.line("approval.superseded", now=time.time()))
+        created = await svc.approvals.create(approval, event, line, superseding=replaced)
+    assert isinstance(created, Created), created
     return approval
 
 
 async def end(svc: Services, approval: PendingApproval) -> None:
-    result = await svc.approvals.decide(approval.id, Status.APPROVED, audit_line=b"{}")
+    result = await svc.approvals.decide(approval, Outcome(Status.APPROVED), audit_line=b"{}")
     assert result.kind == "decided"
+
+
+def waiters_key(svc: Services, approval: PendingApproval) -> str:
+    """Where the store registers the processes waiting for the approval's end."""
+    shard = svc.approvals.shard_for(approval.user_id)
+    return svc.approvals.keys.approval(approval.id, shard).waiters
 
 
 def anyone(_: Any) -> bool:
@@ -56,7 +70,7 @@ async def test_waiters_on_two_processes_each_hear_the_end_once(
         asyncio.create_task(wait_for_end(svc, approval.id, 20, visible=anyone))
         for svc in (here.services, here.services, there.services)
     ]
-    key = here.services.keys.approval_waiters(approval.id)
+    key = waiters_key(here.services, approval)
     deadline = time.monotonic() + 10
     while await here.services.redis.scard(key) < 2:  # both processes registered
         assert time.monotonic() < deadline
@@ -83,7 +97,7 @@ async def test_a_wait_on_an_ended_approval_returns_at_once_and_registers_nothing
     found = await asyncio.wait_for(wait_for_end(svc, approval.id, 20, visible=anyone), 5)
 
     assert found is not None and found.status is Status.APPROVED
-    assert not await svc.redis.exists(svc.keys.approval_waiters(approval.id))
+    assert not await svc.redis.exists(waiters_key(svc, approval))
 
 
 async def test_a_wait_the_caller_may_not_see_returns_at_once(
@@ -97,4 +111,4 @@ async def test_a_wait_the_caller_may_not_see_returns_at_once(
     )
 
     assert found is not None and found.status is Status.PENDING
-    assert await svc.approvals.watch("nope", svc.process_id) is None
+    assert await svc.approvals.watch("nope", svc.keys.process_inbox(svc.process_id)) is None

@@ -32,7 +32,6 @@ from app.db.accounts import create_api_key, create_user
 from app.db.migrate import upgrade_async
 from app.delivery.push import Providers
 from app.main import create_app
-from app.store.redis import KeySpace
 from tests.fixtures.app import PASSWORD, LiveServer, Phone, free_port, make_settings
 
 CHROME = (
@@ -157,7 +156,8 @@ async def clear_limits(server: LiveServer) -> None:
     without it: each has its own people and its own source IP (see conftest.py)."""
     redis = server.services.redis
     prefix = server.settings.redis_prefix
-    for pattern in (f"{prefix}rl:*", f"{prefix}user:*:fatigue"):
+    # Fatigue keys carry their user's shard tag: {prefix}{s<k>}:user:<id>:fatigue.
+    for pattern in (f"{prefix}rl:*", f"{prefix}*user:*:fatigue"):
         async for key in redis.scan_iter(match=pattern, count=1000):
             await redis.delete(key)
 
@@ -273,7 +273,13 @@ async def api_key(server: LiveServer, name: str = "rp") -> str:
 
 
 async def forget_fatigue(server: LiveServer, user_id: str) -> None:
-    await server.services.redis.delete(KeySpace(server.settings.redis_prefix).user_fatigue(user_id))
+    await server.services.approvals.clear_fatigue(user_id)
+
+
+def approval_key(server: LiveServer, approval_id: str) -> str:
+    """The Redis hash the approval store keeps an approval in."""
+    keys = server.services.approvals.keys
+    return keys.approval(approval_id, keys.shard_of(approval_id) or 0).hash
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tests.security.harness import (
     MakePerson,
     Person,
     api_key,
+    approval_key,
     assert_error,
     b64,
     claims_for,
@@ -313,7 +314,7 @@ async def test_an_expired_approval_answers_410(server: LiveServer) -> None:
     login = await pending_login(server, who)
     approval = await device_view(server, who.phone, login.approval_id)
     # Move the deadline into the past instead of waiting two minutes.
-    key = f"{server.settings.redis_prefix}approval:{login.approval_id}"
+    key = approval_key(server, login.approval_id)
     await server.services.redis.hset(key, "expires_at", repr(time.time() - 1))
     answer = await decide(
         server, who.phone, login.approval_id, who.phone.sign(approval, number=login.number)

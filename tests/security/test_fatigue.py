@@ -23,7 +23,6 @@ from sqlmodel import select
 
 from app.core.clock import ManualClock
 from app.db.models import AuditEvent
-from app.store.redis import KeySpace
 from tests.fakes import wait_until
 from tests.fixtures.app import PASSWORD, LiveServer, ServerFactory, loopback_address
 from tests.fixtures.mail import SmtpServer
@@ -46,10 +45,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def fatigue(server: LiveServer, user_id: str) -> dict[str, str]:
-    found: dict[str, str] = await server.services.redis.hgetall(
-        KeySpace(server.settings.redis_prefix).user_fatigue(user_id)
-    )
+    found: dict[str, str] = await server.services.redis.hgetall(fatigue_key(server, user_id))
     return found
+
+
+def fatigue_key(server: LiveServer, user_id: str) -> str:
+    """Where the approval store keeps the user's push-fatigue failures."""
+    return server.services.approvals.keys.user(user_id).fatigue
 
 
 async def login(server: LiveServer, who: Person) -> httpx.Response:
@@ -116,9 +118,7 @@ async def test_backoff_doubles_from_10_s_to_an_hour_and_a_success_resets_it(
     backed_off(await login(server, who), 80)
 
     # Many failures later the wait is capped at one hour.
-    await server.services.redis.hset(
-        KeySpace(server.settings.redis_prefix).user_fatigue(who.user_id), "failures", 30
-    )
+    await server.services.redis.hset(fatigue_key(server, who.user_id), "failures", 30)
     assert (await answer(server, clock, who, newest, "deny")).status_code == 200
     backed_off(await login(server, who), 3600)
     clock.advance(3599)

@@ -16,8 +16,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import select
 
-from app.core.approvals import Status
+from app.approval.model import ApprovalContext, Status, new_approval
+from app.approval.rules import Outcome
 from app.core.clock import ManualClock
+from app.core.matching import MatchPolicy
 from app.core.signatures import device_public_jwk
 from app.db.accounts import create_enrollment_code
 from app.db.models import AuditEvent, Device, TrustedBrowser
@@ -25,6 +27,7 @@ from tests.fixtures.app import LiveServer, ServerFactory
 from tests.security.harness import (
     MakePerson,
     add_user,
+    approval_key,
     approve,
     decide,
     device_socket,
@@ -175,7 +178,7 @@ async def test_approve_racing_the_expiry_sweeper(server_factory: ServerFactory) 
     who = await person(first, "sweeper")
     login = await pending_login(first, who)
     approval = await device_view(first, who.phone, login.approval_id)
-    key = f"{first.settings.redis_prefix}approval:{login.approval_id}"
+    key = approval_key(first, login.approval_id)
     expires_at = float(await first.services.redis.hget(key, "expires_at"))
     ws = await device_socket(second, who.phone)
     # Aim the first answers a quarter second before the deadline. This is aim, not
@@ -358,5 +361,15 @@ async def test_a_decision_racing_the_approvals_disappearance(
     """The phone read the approval, then its key expired before the decision's atomic step:
     the store says `not_found` (the route answers 404), it does not crash."""
     server = await server_factory()
-    result = await server.services.approvals.decide("0" * 32, Status.APPROVED, audit_line=b"{}")
+    never_stored = new_approval(
+        user_id="u" * 32,
+        kind="login",
+        ttl=60,
+        policy=MatchPolicy.for_mode("typed"),
+        context=ApprovalContext(ip="10.0.0.1", user_agent="ua", browser="b", os="o"),
+        now=server.services.clock.now(),
+    )
+    result = await server.services.approvals.decide(
+        never_stored, Outcome(Status.APPROVED), audit_line=b"{}"
+    )
     assert result.kind == "not_found" and result.status is None

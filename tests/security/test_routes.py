@@ -316,7 +316,7 @@ async def test_extra_fields_are_ignored(server: LiveServer, spec: RouteSpec) -> 
         assert await db.get(User, INJECTED_USER) is None
         stray = await db.exec(select(Device).where(Device.user_id == INJECTED_USER))
         assert stray.first() is None
-    pending = server.services.keys.user_pending(INJECTED_USER)
+    pending = server.services.approvals.keys.user(INJECTED_USER).pending
     assert not await server.services.redis.exists(pending)
 
 

@@ -187,7 +187,8 @@ async def test_a_phone_socket_and_a_long_poll_outlive_the_deadlines(server: Live
     socket = await device_socket(server, phone)
     request = await next_frame(socket, "approval_request")
     poll = asyncio.create_task(rp.get(f"/api/v1/approvals/{approval_id}?wait=30", headers=key))
-    waiters = server.services.keys.approval_waiters(approval_id)
+    keys = server.services.approvals.keys
+    waiters = keys.approval(approval_id, keys.shard_of(approval_id) or 0).waiters
     while not await server.services.redis.exists(waiters):  # the long poll is being held
         assert not poll.done(), poll.result().text
         await asyncio.sleep(0.01)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.core.approvals import (
+from app.approval.model import (
     ApprovalContext,
     PendingApproval,
     Status,

@@ -1,4 +1,5 @@
-"""Push-fatigue backoff (PROTOCOL §3): 10 s after a failed approval, doubling, at most 1 h."""
+"""Push-fatigue backoff (PROTOCOL §3): 10 s after a failed approval, doubling, at most 1 h.
+The rule lives in app.approval.rules; the store's scripts only look up its schedule."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.core.fatigue import BACKOFF_BASE, BACKOFF_CAP, backoff_seconds
+from app.approval.rules import BACKOFF_BASE, BACKOFF_CAP, backoff_schedule, backoff_seconds
 
 
 @pytest.mark.parametrize(
@@ -36,3 +37,11 @@ def test_the_wait_never_shrinks_and_never_passes_an_hour(failures: int) -> None:
     assert 0 <= wait <= BACKOFF_CAP
     assert backoff_seconds(failures + 1) >= wait
     assert isinstance(wait, int)
+
+
+def test_the_schedule_the_scripts_look_up_is_the_rule() -> None:
+    schedule = backoff_schedule()
+    assert schedule == (10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600)
+    # The scripts take entry min(failures, len) - 1: the same wait as the rule, always.
+    for failures in range(1, 40):
+        assert schedule[min(failures, len(schedule)) - 1] == backoff_seconds(failures)

@@ -1,9 +1,9 @@
 """Waiting for an approval to end, without a Redis subscription per wait.
 
 Each process listens on one inbox channel of its own (`ev:proc:<process id>`). A waiter
-registers its process on the approval in the same Lua step that reads it
-(ApprovalStore.watch), and the step that ends an approval (finalize, app.store.approvals)
-publishes the result to the inbox of every process registered. A relying party's long
+registers its process's inbox on the approval in the same Lua step that reads it
+(ApprovalStore.watch), and the step that ends an approval (the `finalize` Lua library)
+publishes the result to every inbox registered. A relying party's long
 poll or a browser's stream thus costs one round trip to start, where a subscription of
 its own cost SUBSCRIBE, a read and UNSUBSCRIBE, with a confirmation for each.
 """
@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from app.core.approvals import PendingApproval
-from app.store.approvals import ApprovalStore
+from app.approval.model import PendingApproval
+from app.approval.store import ApprovalStore
 from app.store.events import RECONNECTED, Event, EventBus, Listener
 from app.store.redis import KeySpace
 
@@ -29,7 +29,6 @@ class Waiters:
         self._events = events
         self._approvals = approvals
         self._inbox = keys.process_inbox(process_id)
-        self._process_id = process_id
         self._local: dict[str, list[Listener]] = {}
         self._listening = False
         self._lock = asyncio.Lock()
@@ -52,7 +51,7 @@ class Waiters:
         waiting = self._local.setdefault(approval_id, [])
         waiting.append(listener)
         try:
-            yield await self._approvals.watch(approval_id, self._process_id)
+            yield await self._approvals.watch(approval_id, self._inbox)
         finally:
             waiting.remove(listener)
             if not waiting:

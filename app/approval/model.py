@@ -1,4 +1,5 @@
-"""A pending approval: what a login (or a relying party) asks a user's phone to confirm."""
+"""The approval itself: what a login (or a relying party) asks a user's phone to confirm,
+its status, and how it is written to and read from the store's flat hash. Pure: no I/O."""
 
 from __future__ import annotations
 
@@ -14,13 +15,32 @@ import orjson
 
 from app.core.clock import rfc3339
 from app.core.matching import MatchPolicy, draw_number
-from app.core.tokens import b64url, new_id
+from app.core.tokens import b64url
 
 ApprovalKind = Literal["login", "rp"]
 
 _T = TypeVar("_T")
 
 APPROVAL_KINDS: tuple[ApprovalKind, ...] = ("login", "rp")
+
+# An approval id is 32 lowercase hex characters: the first two name the shard its keys live
+# in, so any process finds them from the id alone (app.approval.keys); 120 random bits follow.
+MAX_SHARDS = 256
+_HEX = frozenset("0123456789abcdef")
+
+
+def new_approval_id(shard: int) -> str:
+    """A fresh approval id whose keys live in `shard` (0 to MAX_SHARDS - 1)."""
+    if not 0 <= shard < MAX_SHARDS:
+        raise ValueError(f"shard must be from 0 to {MAX_SHARDS - 1}")
+    return f"{shard:02x}{secrets.token_hex(15)}"
+
+
+def shard_of_id(approval_id: str) -> int | None:
+    """The shard an approval id names; None when it cannot be one of ours."""
+    if len(approval_id) != 32 or not _HEX.issuperset(approval_id):
+        return None
+    return int(approval_id[:2], 16)
 
 
 class Status(StrEnum):
@@ -42,7 +62,7 @@ class Status(StrEnum):
 # code), `fraud` (denied and reported), `wrong_number` (approved with a number that did not
 # match, so denied), `too_many_codes` (five wrong SMS codes), `superseded` (expired because
 # a newer approval for the same user replaced it). An end that names no reason gets its
-# status's default here; the store's scripts apply the same table (app.store.approvals).
+# status's default here (app.approval.rules.end_reason: the store's scripts are given it).
 DEFAULT_REASONS: dict[Status, str] = {
     Status.APPROVED: "device",  # approved on an enrolled device
     Status.DENIED: "denied",  # a plain denial on a device
@@ -264,9 +284,11 @@ def new_approval(
     api_key_id: str | None = None,
     request_id: str | None = None,
     requester_name: str | None = None,
+    shard: int = 0,
     rng: random.Random | None = None,
 ) -> PendingApproval:
-    """A fresh pending approval with a new id, a 32-byte challenge and a drawn number.
+    """A fresh pending approval with a new id (in `shard`), a 32-byte challenge and a drawn
+    number.
 
     `rng` only chooses the number (and decoys); tests pass a seeded one for repeatable draws.
     """
@@ -274,7 +296,7 @@ def new_approval(
         raise ValueError("ttl must be positive")
     number, choices = draw_number(policy, rng)
     return PendingApproval(
-        id=new_id(),
+        id=new_approval_id(shard),
         user_id=user_id,
         kind=kind,
         status=Status.PENDING,
