@@ -162,7 +162,9 @@ def load_settings(*, recorded_public_url: bool = True) -> Settings:
         settings = Settings()
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"TAPPROVE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            # A rule across settings (no `loc`) names its variables in its message.
+            (f"TAPPROVE_{'_'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
+            + err["msg"]
             for err in exc.errors()
         )
         raise CliFailure("invalid_settings", f"invalid settings: {problems}") from None

@@ -11,6 +11,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from app.logs import configure_logging
+from app.server_keys import VAPID_KEY_FILE
 from app.settings import Settings, listening_public_url, record_public_url
 from app.web.connection import RequestTimeouts, http_protocol
 
@@ -147,6 +148,18 @@ def startup_banner(settings: Settings, public_url_origin: str) -> str:
         if TwilioSms.configured(settings)
         else "log (TAPPROVE_TWILIO_* is not set: SMS codes go to this log)"
     )
+    web_push = "to " + (
+        ", ".join(settings.webpush_hosts) or "nowhere (TAPPROVE_WEBPUSH_ALLOWED_HOSTS is empty)"
+    )
+    web_push += (
+        "; VAPID key from TAPPROVE_VAPID_PRIVATE_KEY"
+        if settings.vapid_private_key
+        else f"; VAPID key {data_dir / VAPID_KEY_FILE}"
+    )
+    if not settings.secure_cookies:
+        web_push += "; phones get it only from an https public URL"
+    if settings.test_mode:
+        web_push += f"; TEST MODE, also http to {settings.webpush_test_endpoints or 'none'}"
     rows = [
         ("public URL", f"{settings.public_url}  ({public_url_origin})"),
         ("data dir", str(data_dir)),
@@ -155,6 +168,7 @@ def startup_banner(settings: Settings, public_url_origin: str) -> str:
         ("mail", mail),
         ("SMS", sms),
         ("TLS", f"HTTPS with {settings.tls_cert}" if settings.tls_cert else "off (plain HTTP)"),
+        ("Web Push", web_push),
         (
             "proxies",
             ", ".join(settings.proxies)

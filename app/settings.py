@@ -9,12 +9,17 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MatchMode = Literal["typed", "choices", "nist"]
 
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+# The public Web Push services, by their documented host suffixes: Google (Chrome, Edge on
+# Android), Mozilla (Firefox), Apple (Safari, home-screen apps on iOS 16.4+), Microsoft (WNS).
+DEFAULT_WEBPUSH_HOSTS = (
+    "fcm.googleapis.com,push.services.mozilla.com,web.push.apple.com,notify.windows.com"
+)
 # Where `tapprove serve` writes the public URL it runs with, for CLI commands to read.
 SERVER_RECORD = "server.json"
 SQLITE_FILE = "tapprove.sqlite3"
@@ -56,6 +61,19 @@ class Settings(BaseSettings):
     twilio_auth_token: str | None = None
     twilio_from: str | None = None
     twilio_endpoint: str = "https://api.twilio.com"
+    # Web Push (app.delivery.webpush): the VAPID key pair's private key, PEM or base64url of
+    # the raw 32-byte scalar; unset: generated once in the data dir (app.server_keys).
+    vapid_private_key: str | None = None
+    # The VAPID `sub` claim, a contact for the push services: mailto: or https:; unset:
+    # mailto: TAPPROVE_MAIL_FROM.
+    vapid_subject: str | None = None
+    # Host suffixes a Web Push endpoint may have (comma-separated; an entry matches the host
+    # itself and its subdomains). Nothing else is ever contacted (app.delivery.push_endpoints).
+    webpush_allowed_hosts: str = DEFAULT_WEBPUSH_HOSTS
+    # Tests only: loopback `IP:port` push services reachable over plain http. Refused unless
+    # TAPPROVE_TEST_MODE is on, which is refused with an https public URL (a real deployment).
+    webpush_test_endpoints: str | None = None
+    test_mode: bool = False
     # 32 bytes, base64url: seals secrets kept at rest (app.server_keys). Unset: generated once
     # in the data dir, which every serve and worker process must then share.
     secret_key: str | None = None
@@ -87,6 +105,53 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
         return value
+
+    @field_validator("vapid_subject")
+    @classmethod
+    def _subject_is_a_contact(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("mailto:", "https://")):
+            raise ValueError("must be a mailto: or https: URL")
+        return value
+
+    @field_validator("webpush_test_endpoints")
+    @classmethod
+    def _test_endpoints_are_loopback(cls, value: str | None) -> str | None:
+        for entry in _entries(value):
+            host, _, port = entry.rpartition(":")
+            try:
+                loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{entry!r} is not a loopback IP:port")
+        return value
+
+    @model_validator(mode="after")
+    def _test_endpoints_only_in_tests(self) -> Settings:
+        """The plain-http loopback push services are for tests: the server refuses to start
+        with them unless test mode is on, and refuses test mode on an https public URL."""
+        if self.webpush_test_endpoints and not self.test_mode:
+            raise ValueError(
+                "TAPPROVE_WEBPUSH_TEST_ENDPOINTS is for tests only and needs TAPPROVE_TEST_MODE"
+            )
+        if self.test_mode and self.public_url.startswith("https://"):
+            raise ValueError(
+                "TAPPROVE_TEST_MODE is refused with an https TAPPROVE_PUBLIC_URL (a deployment)"
+            )
+        return self
+
+    @property
+    def webpush_hosts(self) -> tuple[str, ...]:
+        """The allowed Web Push host suffixes, lower case, without a leading `*.` or dot."""
+        return tuple(
+            entry.lower().removeprefix("*").lstrip(".")
+            for entry in _entries(self.webpush_allowed_hosts)
+        )
+
+    @property
+    def webpush_contact(self) -> str:
+        """The VAPID `sub` claim: TAPPROVE_VAPID_SUBJECT, else mailto: the mail sender."""
+        return self.vapid_subject or f"mailto:{self.mail_from}"
 
     @property
     def proxies(self) -> list[str]:

@@ -14,7 +14,14 @@ import {
 const $ = (id) => document.getElementById(id);
 
 const PLATFORMS = { android: "Android", ios: "iOS", web: "Browser" };
-const CHANNEL_NAMES = { fcm: "push (FCM)", apns: "push (APNs)", sms: "SMS", websocket: "app connection", email: "email" };
+const CHANNEL_NAMES = {
+  fcm: "push (FCM)",
+  apns: "push (APNs)",
+  webpush: "notification (Web Push)",
+  sms: "SMS",
+  websocket: "app connection",
+  email: "email",
+};
 const EVENT_NAMES = {
   "login.failed": "Failed sign-in (wrong password)",
   "login.enrollment_required": "Signed in to add a first phone",
@@ -186,17 +193,19 @@ function showEnrollment(body) {
   closeEnrollment();
   const uri = String(body.uri || "");
   const code = String(body.code || "");
+  // For a phone's camera: the /phone app with the code filled in (an older server: the link).
+  const qrSvg = typeof body.phone_qr_svg === "string" && body.phone_qr_svg ? body.phone_qr_svg : body.qr_svg;
   const qr =
-    typeof body.qr_svg === "string" && body.qr_svg
+    typeof qrSvg === "string" && qrSvg
       ? // An <img> never runs scripts inside the SVG, and nothing is parsed into this page's DOM.
         h("img", {
           class: "qr",
           id: "enroll-qr",
           "data-testid": "enroll-qr",
-          alt: "QR code to enroll a phone",
+          alt: "QR code that opens the tapprove phone app on your phone, with this code filled in",
           width: "200",
           height: "200",
-          src: `data:image/svg+xml;base64,${base64Utf8(standaloneSvg(body.qr_svg))}`,
+          src: `data:image/svg+xml;base64,${base64Utf8(standaloneSvg(qrSvg))}`,
         })
       : null;
   const close = h("button", { type: "button", class: "link", onclick: onCloseEnrollment }, "Close");
@@ -212,17 +221,22 @@ function showEnrollment(body) {
         h(
           "li",
           {},
-          "On your phone, open ",
+          "Scan the QR code with your phone's camera: it opens ",
           h("a", { href: "/phone", target: "_blank", rel: "noopener", "data-testid": "phone-page-link" }, `${window.location.origin}/phone`),
-          " (the in-browser phone) and paste the enrollment link or code below.",
+          " with this code. Tap Enroll.",
+        ),
+        h(
+          "li",
+          { "data-testid": "install-step" },
+          "Add it to your Home Screen (Chrome: menu, “Install app”; Safari: Share, “Add to Home Screen”), open it from there and turn on notifications. ",
+          "iPhone and iPad show them only in the Home Screen app.",
         ),
         h(
           "li",
           {},
-          "Or use the reference phone client: ",
+          "Or the reference client (apps use the link below): ",
           h("code", { class: "code-box", "data-testid": "stub-command" }, `python -m mobile_stub enroll '${uri || code}' --state phone.json`),
         ),
-        h("li", {}, "A phone app that speaks the tapprove protocol can scan the QR code instead."),
       ),
       h("p", { class: "hint" }, "Enrollment link"),
       h("a", { class: "code-box", id: "enroll-uri", "data-testid": "enroll-uri", href: uri.startsWith("tapprove:") ? uri : null }, uri),

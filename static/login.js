@@ -7,6 +7,7 @@ const CHANNEL_LABELS = {
   websocket: "Sent to your phone",
   fcm: "Push notification sent",
   apns: "Push notification sent",
+  webpush: "Notification sent",
   sms: "SMS sent",
   email: "Email sent",
 };
@@ -309,7 +310,7 @@ function handleFrame(frame) {
       break;
     case "delivered":
       markChannel(frame.channel, true);
-      if (frame.channel === "websocket" || frame.channel === "fcm" || frame.channel === "apns") {
+      if (["websocket", "fcm", "apns", "webpush"].includes(frame.channel)) {
         setStatus("Your phone received the request. Waiting for your answer…");
       }
       break;

@@ -1,6 +1,8 @@
 // The in-browser phone: enrolls with a WebCrypto P-256 key kept non-extractable in IndexedDB,
 // holds the device WebSocket, and answers approval requests with ES256 compact JWS decisions.
-import { api, backoffDelay, errorText, formatClock, h, showError, showMessage, clearMessage, wsUrl } from "/static/api.js";
+// Installed (manifest + service worker /phone/sw.js) it also gets requests by Web Push while
+// closed; a notification opens /phone?approval=<id> on that request.
+import { api, backoffDelay, busy, errorText, formatClock, h, showError, showMessage, clearMessage, wsUrl } from "/static/api.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -84,6 +86,7 @@ function showDevice() {
   showView("device");
   renderIdle();
   startLink();
+  renderPush();
 }
 
 function showRevoked() {
@@ -180,7 +183,11 @@ async function enroll(event) {
     $("enroll-input").value = "";
     clearMessage($("enroll-info"));
     showDevice();
-    showMessage($("device-notice"), "This browser is now your phone. Keep this tab open to get sign-in requests.", "success");
+    showMessage(
+      $("device-notice"),
+      "This browser is now your phone. Turn on notifications below to get sign-in requests while this page is closed.",
+      "success",
+    );
     $("device-title").focus();
   } catch (err) {
     showError(error, `Couldn't create or store the device key: ${err && err.message ? err.message : err}`);
@@ -213,6 +220,10 @@ function stopLink() {
 function connect() {
   if (link.stopped || !device) return;
   clearTimeout(link.timer);
+  if (!navigator.onLine) {
+    setConn("Offline", "offline"); // the "online" event reconnects
+    return;
+  }
   setConn(link.attempts ? "Reconnecting…" : "Connecting…");
   let socket;
   try {
@@ -277,6 +288,7 @@ function onFrame(frame, socket) {
       }
       break;
     case "approval_resolved": {
+      closeNotification(frame.id);
       const entry = requests.get(frame.id);
       if (entry && entry.decided && !entry.finished) {
         // Our own answer: its decision_result or error (e.g. wrong_number) says more; wait briefly.
@@ -554,6 +566,7 @@ function resolveRequest(id, status, source, reason = null) {
 function finishRequest(entry, status, text) {
   if (entry.finished) return;
   entry.finished = true;
+  closeNotification(entry.id);
   clearInterval(entry.timer);
   clearTimeout(entry.fallbackTimer);
   entry.form.remove(); // only live requests keep a "Number" field and decision buttons
@@ -667,6 +680,7 @@ async function forget() {
   }
   await clearDevice();
   device = null;
+  await unsubscribeHere();
   showEnrollForm("This device was removed from your account and its key deleted from this browser.");
 }
 
@@ -675,6 +689,224 @@ async function reEnroll() {
   device = null;
   showEnrollForm();
 }
+
+// ---------- Installable app, Web Push, requests opened from a notification ----------
+
+const serviceWorker = "serviceWorker" in navigator ? navigator.serviceWorker : null;
+let installPrompt = null;
+
+async function registerServiceWorker() {
+  if (!serviceWorker) return null;
+  try {
+    return await serviceWorker.register("/phone/sw.js", { scope: "/phone" });
+  } catch (err) {
+    console.warn("service worker not registered:", err);
+    return null;
+  }
+}
+
+function showOnline() {
+  $("offline-notice").hidden = navigator.onLine;
+}
+
+function base64urlToBytes(text) {
+  const base64 = text.replace(/-/g, "+").replace(/_/g, "/");
+  const binary = atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4));
+  return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+function sameKey(a, b) {
+  if (!a || !b) return false;
+  const x = new Uint8Array(a);
+  return x.length === b.length && x.every((byte, i) => byte === b[i]);
+}
+
+const isAppleMobile = () => /iPhone|iPad|iPod/.test(navigator.userAgent) || (navigator.platform === "MacIntel" && navigator.maxTouchPoints > 1);
+const isInstalled = () => window.matchMedia("(display-mode: standalone)").matches || navigator.standalone === true;
+
+async function currentSubscription() {
+  if (!serviceWorker || !("PushManager" in window)) return null;
+  const registration = await serviceWorker.getRegistration("/phone");
+  return registration ? registration.pushManager.getSubscription() : null;
+}
+
+/** The notifications card: what this browser can do, and whether this phone gets pushes. */
+async function renderPush() {
+  if (!device) return;
+  const text = $("push-text");
+  const on = $("push-on");
+  const off = $("push-off");
+  $("push-card").hidden = false;
+  on.hidden = off.hidden = true;
+  $("install").hidden = !installPrompt;
+  if (!serviceWorker || !("PushManager" in window) || !("Notification" in window)) {
+    text.textContent =
+      isAppleMobile() && !isInstalled()
+        ? "On iPhone and iPad, notifications need this app on your Home Screen: tap Share, then “Add to Home Screen”, and open tapprove from there."
+        : "This browser can't show notifications from tapprove. Keep this page open to get sign-in requests.";
+    return;
+  }
+  if (Notification.permission === "denied") {
+    text.textContent = "Notifications are blocked for this site. Allow them in your browser's site settings, then reload this page.";
+    return;
+  }
+  let subscription = null;
+  try {
+    subscription = await currentSubscription();
+  } catch {
+    subscription = null;
+  }
+  if (subscription && Notification.permission === "granted" && device.pushEndpoint === subscription.endpoint) {
+    text.textContent = "Notifications are on: sign-in requests reach this phone even when this page is closed.";
+    off.hidden = false;
+  } else {
+    text.textContent =
+      "Get a notification for each sign-in request, even when this page is closed. Your browser will ask for permission; the notification only says that someone is signing in, and you answer here.";
+    on.hidden = false;
+  }
+}
+
+/** Subscribe this browser (on the person's click: browsers ask for permission only then). */
+async function enablePush() {
+  clearMessage($("push-status"));
+  $("push-status").className = "status-line";
+  await busy($("push-on"), async () => {
+    try {
+      const permission = await Notification.requestPermission();
+      if (permission !== "granted") {
+        setPushStatus("Notifications were not allowed, so requests arrive only while this page is open.", "error");
+        return;
+      }
+      const registration = (await registerServiceWorker()) && (await serviceWorker.ready);
+      if (!registration) throw new Error("this browser did not start the app's service worker");
+      const keyAnswer = await api("GET", "/api/webpush/key");
+      if (!keyAnswer.ok) throw new Error(errorText(keyAnswer));
+      const key = base64urlToBytes(keyAnswer.body.public_key);
+      let subscription = await registration.pushManager.getSubscription();
+      if (subscription && !sameKey(subscription.options.applicationServerKey, key)) {
+        await subscription.unsubscribe(); // made for another server key: no longer usable
+        subscription = null;
+      }
+      subscription = subscription || (await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key }));
+      await registerSubscription(subscription);
+      setPushStatus("Notifications are on.", "success");
+    } catch (err) {
+      setPushStatus(`Couldn't turn on notifications: ${err && err.message ? err.message : err}`, "error");
+    }
+  });
+  await renderPush();
+}
+
+async function registerSubscription(subscription) {
+  const res = await api(
+    "PATCH",
+    "/api/devices/me",
+    { push: { provider: "webpush", subscription: subscription.toJSON() } },
+    { token: device.deviceToken },
+  );
+  if (res.status === 401) {
+    showRevoked();
+    throw new Error("this device was revoked");
+  }
+  if (!res.ok) throw new Error(errorText(res));
+  device.pushEndpoint = subscription.endpoint;
+  await saveDevice(device);
+}
+
+async function disablePush() {
+  await busy($("push-off"), async () => {
+    const res = await api("PATCH", "/api/devices/me", { push: null }, { token: device.deviceToken });
+    if (!res.ok && res.status !== 401) {
+      setPushStatus(`Couldn't turn off notifications: ${errorText(res)}`, "error");
+      return;
+    }
+    await unsubscribeHere();
+    delete device.pushEndpoint;
+    await saveDevice(device);
+    setPushStatus("Notifications are off. Requests arrive while this page is open.", "success");
+  });
+  await renderPush();
+}
+
+async function unsubscribeHere() {
+  try {
+    const subscription = await currentSubscription();
+    if (subscription) await subscription.unsubscribe();
+  } catch {
+    // Nothing to undo: the server forgets the subscription with the device anyway.
+  }
+}
+
+/** A subscription the browser renewed by itself since the server last heard of it. */
+async function refreshSubscription() {
+  try {
+    if (!("Notification" in window) || Notification.permission !== "granted" || !device.pushEndpoint) return;
+    const subscription = await currentSubscription();
+    if (subscription && subscription.endpoint !== device.pushEndpoint) await registerSubscription(subscription);
+  } catch {
+    // Tried again the next time the page opens.
+  }
+}
+
+function setPushStatus(text, kind) {
+  $("push-status").textContent = text;
+  $("push-status").className = `status-line ${kind}`.trim();
+}
+
+function closeNotification(id) {
+  if (!serviceWorker) return;
+  serviceWorker
+    .getRegistration("/phone")
+    .then((registration) => (registration ? registration.getNotifications({ tag: id }) : []))
+    .then((shown) => shown.forEach((notification) => notification.close()))
+    .catch(() => {});
+}
+
+/** /phone?approval=<id> (a notification's target): show that request, focused, or say how it ended. */
+async function openRequestFromUrl() {
+  const params = new URLSearchParams(window.location.search);
+  const id = params.get("approval");
+  if (!id) return;
+  history.replaceState(null, "", window.location.pathname + window.location.hash);
+  if (!device) return;
+  const res = await api("GET", `/api/approvals/${encodeURIComponent(id)}`, undefined, { token: device.deviceToken });
+  if (!device) return;
+  if (res.ok && res.body && res.body.status === "pending") {
+    addRequest(res.body);
+    const entry = requests.get(id);
+    if (entry && !entry.finished) {
+      entry.card.scrollIntoView({ block: "start" });
+      (entry.form.querySelector(".choices button") || entry.numberInput).focus();
+    }
+    return;
+  }
+  closeNotification(id);
+  const status = res.ok && res.body ? res.body.status : "";
+  showMessage(
+    $("device-notice"),
+    status === "approved" || status === "denied"
+      ? `That request was already answered (${status}).`
+      : "That request is no longer waiting for an answer.",
+    "info",
+  );
+}
+
+window.addEventListener("beforeinstallprompt", (event) => {
+  event.preventDefault(); // offered on our own button, next to the explanation
+  installPrompt = event;
+  if (device) $("install").hidden = false;
+});
+$("install").addEventListener("click", async () => {
+  if (!installPrompt) return;
+  const prompt = installPrompt;
+  installPrompt = null;
+  $("install").hidden = true;
+  await prompt.prompt();
+});
+$("push-on").addEventListener("click", enablePush);
+$("push-off").addEventListener("click", disablePush);
+window.addEventListener("online", showOnline);
+window.addEventListener("offline", showOnline);
 
 // ---------- Start ----------
 
@@ -705,8 +937,12 @@ try {
 } catch {
   device = null;
 }
+showOnline();
+registerServiceWorker();
 if (device && device.deviceToken && device.keyPair && device.keyPair.privateKey) {
   showDevice();
+  refreshSubscription();
+  openRequestFromUrl();
 } else {
   device = null;
   showEnrollForm();

@@ -72,7 +72,9 @@ def plan(svc: Services, approval: PendingApproval, recipient: Recipient) -> Deli
         d for d in recipient.devices if d.id not in recipient.connected and _pushable(svc, d)
     ]
     approval.channels = ["websocket"] if waiting else []
-    approval.channels += [p for p in ("fcm", "apns") if any(d.push_provider == p for d in away)]
+    approval.channels += [
+        p for p in ("fcm", "apns", "webpush") if any(d.push_provider == p for d in away)
+    ]
     delivery = Delivery()
     for device in away:
         job, ticket = _push_job(svc, approval, device)

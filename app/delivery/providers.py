@@ -7,6 +7,7 @@ from app.delivery.apns import ApnsSender
 from app.delivery.fcm import FcmSender
 from app.delivery.push import Providers, SmsSender
 from app.delivery.sms import LogSms, TwilioSms
+from app.delivery.webpush import WebPushSender
 from app.settings import Settings
 
 
@@ -19,7 +20,8 @@ async def build_providers(settings: Settings) -> Providers:
 
     SMS is never None here: without Twilio settings it goes to the log (`LogSms`), as mail
     does without SMTP, so the embedded default can still verify phones and show the SMS
-    fallback; the operator reads the codes from the log.
+    fallback; the operator reads the codes from the log. Web Push is never None either: it
+    needs no account anywhere, only the VAPID key, which is generated when not configured.
     """
     sms: SmsSender = (
         TwilioSms.from_settings(settings) if TwilioSms.configured(settings) else LogSms()
@@ -28,4 +30,5 @@ async def build_providers(settings: Settings) -> Providers:
         fcm=FcmSender.from_settings(settings) if FcmSender.configured(settings) else None,
         apns=ApnsSender.from_settings(settings) if ApnsSender.configured(settings) else None,
         sms=sms,
+        webpush=WebPushSender.from_settings(settings),
     )

@@ -44,9 +44,9 @@ class PushResult:
 
 
 class PushSender(Protocol):
-    """A push provider adapter (FCM or APNs)."""
+    """A push provider adapter (FCM, APNs or Web Push)."""
 
-    channel: str  # "fcm" | "apns"
+    channel: str  # "fcm" | "apns" | "webpush"
 
     async def send(self, token: str, message: PushMessage, *, now: float) -> PushResult: ...
 
@@ -69,17 +69,20 @@ class Providers:
     fcm: PushSender | None = None
     apns: PushSender | None = None
     sms: SmsSender | None = None
+    webpush: PushSender | None = None
 
     def push(self, provider: str) -> PushSender | None:
-        """The sender for a device's push provider name ("fcm" / "apns"), if configured."""
+        """The sender for a device's push provider name ("fcm" / "apns" / "webpush")."""
         if provider == "fcm":
             return self.fcm
         if provider == "apns":
             return self.apns
+        if provider == "webpush":
+            return self.webpush
         return None
 
     async def close(self) -> None:
         """Release the connections and pools of every adapter that holds any."""
-        for sender in (self.fcm, self.apns, self.sms):
+        for sender in (self.fcm, self.apns, self.sms, self.webpush):
             if isinstance(sender, _Closeable):
                 await sender.close()

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import orjson
 import segno
 from pydantic import Field
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -31,6 +34,14 @@ from app.db.accounts import (
 )
 from app.db.models import Device, OutboxMessage, User
 from app.delivery import notices, outbox
+from app.delivery.push_endpoints import EndpointPolicy, EndpointRefused
+from app.delivery.webpush import (
+    InvalidSubscription,
+    Subscription,
+    stored_prefix,
+    subscription_box,
+)
+from app.server_keys import vapid_private_key, vapid_public_key
 from app.services import Services
 from app.store.presence import account_changed
 from app.web.common import (
@@ -56,17 +67,41 @@ class PushRegistration(StrictBody):
     token: str = Field(min_length=1, max_length=4096)
 
 
+class WebPushKeys(StrictBody):
+    # base64url of a 65-byte P-256 point and of 16 bytes (padding allowed, checked further).
+    p256dh: str = Field(min_length=87, max_length=88)
+    auth: str = Field(min_length=22, max_length=24)
+
+
+class WebPushSubscription(StrictBody):
+    """A browser's PushSubscription.toJSON() (`expirationTime` and any other member ignored)."""
+
+    endpoint: str = Field(min_length=1, max_length=2048)
+    keys: WebPushKeys
+
+
+class WebPushRegistration(StrictBody):
+    provider: Literal["webpush"]
+    subscription: WebPushSubscription
+
+
+AnyPushRegistration = Annotated[
+    PushRegistration | WebPushRegistration, Field(discriminator="provider")
+]
+
+
 class EnrollBody(StrictBody):
     code: str = Field(min_length=1, max_length=256)
     name: str = Field(min_length=1, max_length=100)
     platform: Literal["android", "ios", "web"]
     public_key: dict[str, Any]
-    push: PushRegistration | None = None
+    push: AnyPushRegistration | None = None
 
 
 class DeviceUpdate(StrictBody):
     name: str | None = Field(default=None, min_length=1, max_length=100)
-    push: PushRegistration | None = None
+    # Absent: unchanged; null: the device's push registration is removed.
+    push: AnyPushRegistration | None = None
 
 
 class DecisionBody(StrictBody):
@@ -84,6 +119,40 @@ def device_json(device: Device) -> dict[str, Any]:
         "created_at": rfc3339(device.created_at),
         "last_seen_at": rfc3339(device.last_seen_at) if device.last_seen_at else None,
     }
+
+
+async def _push_token(
+    svc: Services,
+    db: AsyncSession,
+    push: PushRegistration | WebPushRegistration,
+    *,
+    device_id: str,
+) -> tuple[str, str]:
+    """The provider and stored token of a push registration; a Web Push subscription is
+    checked (keys, the endpoint against the SSRF policy, no other device holding it) and
+    stored with its auth secret sealed."""
+    if isinstance(push, PushRegistration):
+        return push.provider, push.token
+    given = push.subscription
+    try:
+        EndpointPolicy.from_settings(svc.settings).check(given.endpoint)
+    except EndpointRefused as refused:
+        raise ApiError(422, "invalid_request", f"push.subscription.endpoint: {refused}") from None
+    try:
+        subscription = Subscription.parse(given.endpoint, given.keys.p256dh, given.keys.auth)
+    except InvalidSubscription as exc:
+        raise ApiError(422, "invalid_request", f"push.subscription.{exc}") from None
+    holder = await db.exec(
+        select(Device.id).where(
+            Device.push_provider == "webpush",
+            Device.revoked_at == None,  # noqa: E711
+            Device.id != device_id,
+            col(Device.push_token).startswith(stored_prefix(given.endpoint), autoescape=True),
+        )
+    )
+    if holder.first() is not None:
+        raise ApiError(409, "push_in_use", "this push subscription belongs to another device")
+    return "webpush", subscription.stored(subscription_box(svc.settings))
 
 
 def _qr_svg(uri: str) -> str:
@@ -140,9 +209,18 @@ async def create_enrollment(request: Request) -> Response:
     if notice is not None:
         await outbox.kick(svc, notice.id)
     uri = enrollment_uri(svc.settings.public_url, code)
-    qr_svg = _qr_svg(uri)
+    # For a phone's camera: opens the /phone page with the code (a fragment never reaches
+    # the server's logs), where the person enrolls and installs it.
+    phone_url = f"{svc.settings.public_url}/phone#enroll={quote(code, safe='')}"
     return json(
-        {"code": code, "uri": uri, "qr_svg": qr_svg, "expires_at": rfc3339(expires_at)},
+        {
+            "code": code,
+            "uri": uri,
+            "qr_svg": _qr_svg(uri),
+            "phone_url": phone_url,
+            "phone_qr_svg": _qr_svg(phone_url),
+            "expires_at": rfc3339(expires_at),
+        },
         status=201,
     )
 
@@ -165,15 +243,21 @@ async def enroll_device(request: Request) -> Response:
             )
         user = await db.get(User, user_id)
         assert user is not None
+        device_id = new_id()
+        push_provider, push_token = (
+            await _push_token(svc, db, body.push, device_id=device_id)
+            if body.push
+            else (None, None)
+        )
         device = Device(
-            id=new_id(),
+            id=device_id,
             user_id=user_id,
             name=body.name.strip() or "Phone",
             platform=body.platform,
             public_jwk=orjson.dumps(jwk).decode(),
             token_hash=hash_token(token),
-            push_provider=body.push.provider if body.push else None,
-            push_token=body.push.token if body.push else None,
+            push_provider=push_provider,
+            push_token=push_token,
             created_at=to_datetime(now),
         )
         db.add(device)
@@ -198,19 +282,23 @@ async def enroll_device(request: Request) -> Response:
 
 
 async def update_me(request: Request) -> Response:
-    """PATCH /api/devices/me: rename, or refresh the push token."""
+    """PATCH /api/devices/me: rename, refresh or remove the push registration."""
     svc = services(request)
     device = await authenticated_device(request)
     body = await read_body(request, DeviceUpdate)
     now = svc.clock.now()
+    push_given = "push" in body.model_fields_set
     async with svc.db() as db:
         current = await db.get(Device, device.id)
         assert current is not None
         if body.name is not None:
             current.name = body.name.strip() or current.name
         if body.push is not None:
-            current.push_provider = body.push.provider
-            current.push_token = body.push.token
+            current.push_provider, current.push_token = await _push_token(
+                svc, db, body.push, device_id=device.id
+            )
+        elif push_given:
+            current.push_provider = current.push_token = None
         db.add(current)
         await audit.record(
             db,
@@ -218,7 +306,11 @@ async def update_me(request: Request) -> Response:
             user_id=device.user_id,
             device_id=device.id,
             ip=client_ip(request),
-            detail={"name": body.name is not None, "push": body.push is not None},
+            detail={
+                "name": body.name is not None,
+                "push": push_given,
+                **({"push_provider": current.push_provider} if push_given else {}),
+            },
             now=now,
         )
         await db.commit()
@@ -233,7 +325,7 @@ async def _revoke(svc: Services, device: Device, *, ip: str, by: str) -> None:
         if current is None or current.revoked_at is not None:
             return
         current.revoked_at = to_datetime(now)
-        current.push_token = None
+        current.push_token = None  # a Web Push subscription too: nothing is sent to it again
         db.add(current)
         await audit.record(
             db,
@@ -289,6 +381,12 @@ async def post_decision(request: Request) -> Response:
     return json({"status": status.value})
 
 
+async def webpush_key(request: Request) -> Response:
+    """GET /api/webpush/key: the VAPID public key, the browser's `applicationServerKey`."""
+    key = vapid_public_key(vapid_private_key(services(request).settings))
+    return json({"public_key": key})
+
+
 async def list_devices(request: Request) -> Response:
     """GET /api/devices: the signed-in user's devices."""
     svc = services(request)
@@ -321,5 +419,6 @@ routes: list[BaseRoute] = [
     Route("/api/devices/{device_id}", revoke_device, methods=["DELETE"]),
     Route("/api/approvals/{approval_id}", get_approval, methods=["GET"]),
     Route("/api/approvals/{approval_id}/decision", post_decision, methods=["POST"]),
+    Route("/api/webpush/key", webpush_key, methods=["GET"]),
     WebSocketRoute(DEVICE_SOCKET_PATH, device_socket),
 ]

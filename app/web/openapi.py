@@ -30,6 +30,8 @@ _REF = "#/components/schemas/{model}"
 JSON = "application/json"
 HTML = "text/html"
 PROMETHEUS = "text/plain; version=0.0.4"
+MANIFEST = "application/manifest+json"
+JAVASCRIPT = "text/javascript"
 
 Schema = dict[str, Any]
 
@@ -91,7 +93,9 @@ _STR: Schema = {"type": "string"}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
 _STATUS: Schema = {"type": "string", "enum": ["pending", "approved", "denied", "expired"]}
-_CHANNELS: Schema = _list({"type": "string", "enum": ["websocket", "fcm", "apns", "sms", "email"]})
+_CHANNELS: Schema = _list(
+    {"type": "string", "enum": ["websocket", "fcm", "apns", "webpush", "sms", "email"]}
+)
 _REASON: Schema = {
     "type": ["string", "null"],
     "enum": [*END_REASONS, None],
@@ -179,7 +183,7 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         device_id=_STR,
         name=_STR,
         platform={"type": "string", "enum": ["android", "ios", "web"]},
-        push={"type": ["string", "null"], "enum": ["fcm", "apns", None]},
+        push={"type": ["string", "null"], "enum": ["fcm", "apns", "webpush", None]},
         created_at=_TIME,
         last_seen_at=_NULLABLE_TIME,
     ),
@@ -189,8 +193,15 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         code=_STR,
         uri={"type": "string", "description": "tapprove://enroll?url=<PUBLIC_URL>&code=<code>"},
         qr_svg=_STR,
+        phone_url={
+            "type": "string",
+            "description": "<PUBLIC_URL>/phone#enroll=<code>: opens the /phone app with the code "
+            "(an addition, docs/protocol-additions.md)",
+        },
+        phone_qr_svg={"type": "string", "description": "phone_url as a QR code (SVG)"},
         expires_at=_TIME,
     ),
+    "WebPushKey": _obj(["public_key"], public_key=_STR),
     "EnrolledDevice": _obj(
         ["device_id", "device_token", "user"],
         device_id=_STR,
@@ -423,7 +434,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: Reply("The user's devices", "DeviceList"), 401: "unauthorized"}, auth=SESSION
     ),
     ("PATCH", "/api/devices/me"): Operation(
-        {200: Reply("The device", "Device"), 401: "unauthorized"}, body=DeviceUpdate, auth=DEVICE
+        {
+            200: Reply("The device", "Device"),
+            401: "unauthorized",
+            409: "push_in_use: another device holds this Web Push subscription",
+            422: "invalid_request (also a Web Push endpoint outside the allowed push services)",
+        },
+        body=DeviceUpdate,
+        auth=DEVICE,
+        description='`push` absent leaves the registration, `null` removes it; '
+        '`{"provider":"webpush","subscription":PushSubscription.toJSON()}` registers a Web '
+        "Push subscription (docs/protocol-additions.md).",
     ),
     ("DELETE", "/api/devices/me"): Operation(
         {200: Reply("Unenrolled", "Status"), 401: "unauthorized"}, auth=DEVICE
@@ -486,6 +507,20 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/register"): _PAGE,
     ("GET", "/account"): _PAGE,
     ("GET", "/phone"): _PAGE,
+    ("GET", "/phone/manifest.webmanifest"): Operation(
+        {200: Reply("The /phone app's web app manifest", {"type": "object"}, MANIFEST)},
+        store=False,
+    ),
+    ("GET", "/phone/sw.js"): Operation(
+        {200: Reply("The /phone app's service worker", _STR, JAVASCRIPT)},
+        description="Sent with `Service-Worker-Allowed: /phone`, so it controls /phone.",
+        store=False,
+    ),
+    ("GET", "/api/webpush/key"): Operation(
+        {200: Reply("The VAPID public key", "WebPushKey")},
+        description="The browser's `applicationServerKey` for `pushManager.subscribe()`: "
+        "base64url of the uncompressed P-256 point (docs/protocol-additions.md).",
+    ),
     ("GET", "/favicon.ico"): Operation(
         {200: Reply("The icon", {"type": "string"}, "image/x-icon")}, store=False
     ),

@@ -1,5 +1,6 @@
 """The browser pages (`/`, `/register`, `/account`, `/phone`), the static files they load,
-and `/favicon.ico` for clients that ask for it without reading a page's icon link."""
+`/favicon.ico` for clients that ask for it without reading a page's icon link, and what
+makes `/phone` an installable app: its manifest and its service worker."""
 
 from __future__ import annotations
 
@@ -29,6 +30,26 @@ def page(path: str, filename: str) -> Route:
     return Route(path, serve, methods=["GET"], name=f"page:{filename.removesuffix('.html')}")
 
 
+async def phone_manifest(request: Request) -> FileResponse:
+    """GET /phone/manifest.webmanifest: the /phone app's web app manifest."""
+    return FileResponse(
+        STATIC_DIR / "phone.webmanifest", media_type="application/manifest+json"
+    )
+
+
+async def phone_service_worker(request: Request) -> FileResponse:
+    """GET /phone/sw.js: the /phone app's service worker (offline shell, Web Push).
+
+    Served under /phone/ yet controlling `/phone` itself, which is not below /phone/: the
+    header lets the page register it with scope `/phone`.
+    """
+    return FileResponse(
+        STATIC_DIR / "phone-sw.js",
+        media_type="text/javascript; charset=utf-8",
+        headers={"Service-Worker-Allowed": "/phone"},
+    )
+
+
 async def favicon(request: Request) -> FileResponse:
     """GET /favicon.ico: the icon as .ico (16, 32 and 48 px PNGs rendered from icon.svg)."""
     return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
@@ -37,6 +58,8 @@ async def favicon(request: Request) -> FileResponse:
 routes: list[BaseRoute] = [
     *(page(path, filename) for path, filename in PAGES.items()),
     Route("/favicon.ico", favicon, methods=["GET"], name="favicon"),
+    Route("/phone/manifest.webmanifest", phone_manifest, methods=["GET"], name="phone-manifest"),
+    Route("/phone/sw.js", phone_service_worker, methods=["GET"], name="phone-sw"),
     # check_dir=False: building the app must not fail where static/ is absent (e.g. an sdist).
     Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
 ]

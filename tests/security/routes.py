@@ -260,6 +260,7 @@ ROUTES: list[RouteSpec] = [
         outcomes=frozenset({400, 404, 409}),
     ),
     RouteSpec("WS", "/ws/device", "device"),
+    RouteSpec("GET", "/api/webpush/key", "none"),
     # §5 relying parties
     RouteSpec(
         "POST",
@@ -279,6 +280,8 @@ ROUTES: list[RouteSpec] = [
     RouteSpec("GET", "/account", "none"),
     RouteSpec("GET", "/phone", "none"),
     RouteSpec("GET", "/favicon.ico", "none"),
+    RouteSpec("GET", "/phone/manifest.webmanifest", "none"),
+    RouteSpec("GET", "/phone/sw.js", "none"),
     RouteSpec("MOUNT", "/static", "none"),
     # the Duo Auth API (signed with an integration's skey; tests/security/test_duo_hostile.py)
     RouteSpec("MOUNT", "/auth/v2", "none", protocol="duo"),

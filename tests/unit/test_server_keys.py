@@ -8,8 +8,18 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from app.server_keys import SealError, SecretBox, new_secret_key, secret_key
+from app.server_keys import (
+    VAPID_KEY_FILE,
+    SealError,
+    SecretBox,
+    new_secret_key,
+    secret_key,
+    vapid_private_key,
+    vapid_public_key,
+)
 from app.settings import Settings
 
 
@@ -56,3 +66,52 @@ def test_the_setting_wins_and_a_malformed_one_is_refused(tmp_path: Path) -> None
     assert not (tmp_path / "secret.key").exists()
     with pytest.raises(ValueError, match="TAPPROVE_SECRET_KEY"):
         secret_key(Settings(data_dir=tmp_path, secret_key="dG9vIHNob3J0"))
+
+
+def test_the_vapid_key_is_generated_once_in_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    first = vapid_private_key(settings)
+    path = tmp_path / "data" / VAPID_KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Browsers tie subscriptions to the public key: it must not change across restarts.
+    assert vapid_public_key(vapid_private_key(settings)) == vapid_public_key(first)
+    assert isinstance(first.curve, ec.SECP256R1)
+
+
+def test_a_configured_vapid_key_is_pem_or_base64url_raw_and_writes_no_file(
+    tmp_path: Path,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    raw = base64.urlsafe_b64encode(key.private_numbers().private_value.to_bytes(32)).decode()
+    for given in (pem, raw.rstrip("=")):
+        settings = Settings(data_dir=tmp_path, vapid_private_key=given)
+        assert vapid_public_key(vapid_private_key(settings)) == vapid_public_key(key)
+    assert not (tmp_path / VAPID_KEY_FILE).exists()
+    # The applicationServerKey: 65 bytes, uncompressed point, unpadded base64url.
+    public = vapid_public_key(key)
+    assert len(public) == 87 and "=" not in public
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "dG9vIHNob3J0",  # 9 bytes
+        "A" * 43,  # zero is not a private key
+        ec.generate_private_key(ec.SECP384R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode(),
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----",
+    ],
+)
+def test_a_vapid_key_that_is_not_p256_is_refused(tmp_path: Path, given: str) -> None:
+    with pytest.raises(ValueError, match="TAPPROVE_VAPID_PRIVATE_KEY"):
+        vapid_private_key(Settings(data_dir=tmp_path, vapid_private_key=given))
