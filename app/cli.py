@@ -84,10 +84,12 @@ db_app = _command_group("Database schema (Alembic migrations).")
 user_app = _command_group("Users: add, unlock, import, reset-phones, recovery-codes.")
 device_app = _command_group("Devices: enrollment codes.")
 apikey_app = _command_group("Relying-party API keys.")
+integration_app = _command_group("Duo Auth API integrations (pam_duo, login_duo, duo_client).")
 app.add_typer(db_app, name="db")
 app.add_typer(user_app, name="user")
 app.add_typer(device_app, name="device")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(integration_app, name="integration")
 
 
 # `--json` is accepted on the root, on every group and on every command, so it may stand
@@ -140,6 +142,11 @@ def _device(json_output: JsonFlag = False) -> None:
 @apikey_app.callback()
 def _apikey(json_output: JsonFlag = False) -> None:
     """Relying-party API keys."""
+
+
+@integration_app.callback()
+def _integration(json_output: JsonFlag = False) -> None:
+    """Duo Auth API integrations (pam_duo, login_duo, duo_client)."""
 
 
 # --- plumbing -----------------------------------------------------------------------------
@@ -285,15 +292,36 @@ def serve(
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Do not run the broker consumers in-process.")
     ] = False,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE", help="Serve HTTPS with this PEM certificate chain (TAPPROVE_TLS_CERT)."
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE", help="The PEM private key of --tls-cert (TAPPROVE_TLS_KEY)."
+        ),
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run the web server (and, unless --no-worker, the broker consumers in-process).
 
-    Migrates the database schema to the latest version first. Without TAPPROVE_PUBLIC_URL,
-    links use the address it listens on (127.0.0.1 for 0.0.0.0), recorded in the data dir
-    for the other commands.
+    With --tls-cert and --tls-key (or their settings) it speaks HTTPS itself. Migrates the
+    database schema to the latest version first. Without TAPPROVE_PUBLIC_URL, links use the
+    address it listens on (127.0.0.1 for 0.0.0.0), recorded in the data dir for the other
+    commands.
     """
     settings = load_settings(recorded_public_url=False)
+    if tls_cert is not None or tls_key is not None:
+        given = {"tls_cert": tls_cert or settings.tls_cert, "tls_key": tls_key or settings.tls_key}
+        settings = settings.model_copy(update=given)
+    for path in (settings.tls_cert, settings.tls_key):
+        if path is not None and not path.is_file():
+            raise CliFailure("invalid_settings", f"TLS file not found: {path}")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise CliFailure("invalid_settings", "TLS needs both a certificate and its key")
     migrate.upgrade(settings)
     from app.server import run_server
 
@@ -651,6 +679,122 @@ def apikey_revoke(
 
     key_name = _run_with_session(settings, work)
     return Result({"name": key_name, "revoked": True}, f"API key {key_name!r} revoked.")
+
+
+@integration_app.command("create")
+def integration_create(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="A unique name; the phone shows it.")
+    ],
+    match_mode: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            help="confirm (approve on the phone alone; Duo clients cannot show a number) "
+            "or typed / choices / nist (the client shows the number in its status messages)."
+        ),
+    ] = "confirm",
+    username_domain: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DOMAIN",
+            help="Append @DOMAIN to Duo usernames without one (alice -> alice@DOMAIN).",
+        ),
+    ] = None,
+    json_output: JsonFlag = False,
+) -> Result:
+    """Create a Duo Auth API integration: prints its ikey, its skey (shown once, stored
+    sealed with the server's secret key) and the API host to configure in the client.
+
+    Migrates the database schema to the latest version first.
+    """
+    from app.duo.integrations import SEAL_PURPOSE, api_host, create_integration
+    from app.server_keys import SecretBox, secret_key
+
+    settings = load_settings()
+    _quiet_logging(settings)
+    box = SecretBox(secret_key(settings), SEAL_PURPOSE)
+
+    async def work(session: AsyncSession) -> tuple[str, str, str]:
+        row, skey = await create_integration(
+            session,
+            box,
+            name,
+            match_mode=match_mode,
+            username_domain=username_domain,
+            now=_now(),
+        )
+        return row.name, row.ikey, skey
+
+    created, ikey, skey = _run_with_session(settings, work)
+    host = api_host(settings.public_url)
+    text = (
+        f"Integration {created!r}\n  ikey: {ikey}\n  skey: {skey}\n  host: {host}\n"
+        "Store the skey now; it cannot be shown again."
+    )
+    if not settings.public_url.startswith("https://"):
+        text += (
+            "\nDuo clients speak HTTPS only: serve with --tls-cert/--tls-key or behind a TLS "
+            "proxy, and set TAPPROVE_PUBLIC_URL to the https:// address they use."
+        )
+    return Result({"name": created, "ikey": ikey, "skey": skey, "api_host": host}, text)
+
+
+@integration_app.command("list")
+def integration_list(json_output: JsonFlag = False) -> Result:
+    """List Duo integrations (revoked ones too), oldest first; never their skeys.
+
+    Migrates the database schema to the latest version first.
+    """
+    from app.duo.integrations import list_integrations
+
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": row.name,
+                "ikey": row.ikey,
+                "match_mode": row.match_mode,
+                "username_domain": row.username_domain,
+                "created_at": rfc3339(row.created_at),
+                "revoked_at": rfc3339(row.revoked_at) if row.revoked_at else None,
+            }
+            for row in await list_integrations(session)
+        ]
+
+    rows = _run_with_session(settings, work)
+    text = "\n".join(
+        f"{r['name']}  {r['ikey']}  match={r['match_mode']}"
+        + (f"  domain={r['username_domain']}" if r["username_domain"] else "")
+        + ("  REVOKED" if r["revoked_at"] else "")
+        for r in rows
+    )
+    return Result({"integrations": rows}, text or "No integrations.")
+
+
+@integration_app.command("revoke")
+def integration_revoke(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The name the integration was created with.")
+    ],
+    json_output: JsonFlag = False,
+) -> Result:
+    """Revoke a Duo integration; running servers refuse its signatures within 10 seconds.
+
+    Migrates the database schema to the latest version first.
+    """
+    from app.duo.integrations import revoke_integration
+
+    settings = load_settings()
+    _quiet_logging(settings)
+
+    async def work(session: AsyncSession) -> str:
+        return (await revoke_integration(session, name, _now())).name
+
+    revoked = _run_with_session(settings, work)
+    return Result({"name": revoked, "revoked": True}, f"Integration {revoked!r} revoked.")
 
 
 @app.command()

@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute
 
 from app.core.clock import Clock
 from app.delivery.push import Providers
+from app.duo.routes import DuoFace
 from app.services import Services, build_services
 from app.settings import Settings
 from app.web import (
@@ -39,6 +40,7 @@ def all_routes() -> list[BaseRoute]:
     """
     return [
         *relying_party.routes,
+        *DuoFace().routes(),  # the Duo Auth API, another face of the relying-party API
         *devices.routes,
         *browser.routes,
         *passkeys.routes,

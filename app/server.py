@@ -48,6 +48,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # would believe them from 127.0.0.1, i.e. from anyone on this host.
         "proxy_headers": bool(settings.proxies),
         "forwarded_allow_ips": settings.proxies,
+        # HTTPS straight from uvicorn (Duo clients speak nothing else); None: plain HTTP.
+        "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
+        "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
         "timeout_graceful_shutdown": 10,
         "log_config": None,
         "access_log": False,
@@ -105,6 +108,8 @@ def served_public_url(settings: Settings, host: str, port: int) -> tuple[Setting
     if port == 0:
         return settings, "default: --port 0 picks a free port, so set TAPPROVE_PUBLIC_URL"
     url, note = listening_public_url(host, port)
+    if settings.tls_cert is not None:
+        url = "https" + url.removeprefix("http")
     origin = f"from --host {host} --port {port}; TAPPROVE_PUBLIC_URL is not set"
     return settings.model_copy(update={"public_url": url}), origin + (f"; {note}" if note else "")
 
@@ -162,6 +167,7 @@ def startup_banner(settings: Settings, public_url_origin: str) -> str:
         ("Redis", redis),
         ("mail", mail),
         ("SMS", sms),
+        ("TLS", f"HTTPS with {settings.tls_cert}" if settings.tls_cert else "off (plain HTTP)"),
         ("Web Push", web_push),
         (
             "proxies",

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # 32 bytes, base64url: seals secrets kept at rest (app.server_keys). Unset: generated once
     # in the data dir, which every serve and worker process must then share.
     secret_key: str | None = None
+    # `tapprove serve` speaks HTTPS itself with this certificate chain and key (PEM); Duo
+    # clients speak HTTPS only. Unset: plain HTTP (behind a TLS proxy).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     log_format: Literal["json", "console"] | None = None
     # `tapprove worker` serves its Prometheus metrics on this port (web processes: /metrics).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

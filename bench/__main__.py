@@ -26,7 +26,7 @@ from bench import procs, report
 from bench.runner import Plan, log, plan_json, plans, run_target
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("light", "saturation", "browser", "argon2", "idle")
+SCENARIOS = ("light", "saturation", "browser", "argon2", "idle", "duo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

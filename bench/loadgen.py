@@ -17,17 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
+import hashlib
+import hmac
 import math
 import os
 import random
 import sys
 import time
+from base64 import b64encode
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from bench import procs
 from bench.jws import DeviceSigner
@@ -168,6 +174,35 @@ async def _await_result(future: asyncio.Future[tuple[float, str]]) -> tuple[floa
 # --- flows ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DuoKeys:
+    """A Duo integration, signing requests as duo_client 5.x does (signature v5)."""
+
+    ikey: str
+    skey: str
+    host: str  # the API host name signed over (the server's public URL's)
+
+    def sign(
+        self, method: str, path: str, params: dict[str, str]
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The path with its query, the body and the headers of a signed request."""
+        date = email.utils.formatdate()
+        query = "&".join(f"{quote(k, '~')}={quote(v, '~')}" for k, v in sorted(params.items()))
+        body = orjson.dumps(params, option=orjson.OPT_SORT_KEYS) if method == "POST" else b""
+        canon = "\n".join([
+            date, method, self.host, path, "" if method == "POST" else query,
+            hashlib.sha512(body).hexdigest(), hashlib.sha512(b"").hexdigest(),
+        ])  # fmt: skip
+        digest = hmac.new(self.skey.encode(), canon.encode(), hashlib.sha512).hexdigest()
+        headers = {
+            "Authorization": "Basic " + b64encode(f"{self.ikey}:{digest}".encode()).decode(),
+            "Date": date,
+        }
+        if method == "POST":
+            return path, body, {**headers, **JSON_HEADERS}
+        return f"{path}?{query}", body, headers
+
+
 @dataclass
 class Context:
     http: aiohttp.ClientSession
@@ -175,6 +210,7 @@ class Context:
     origin: str
     api_key: str
     password: str
+    duo: DuoKeys | None = None
     rp_headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -225,6 +261,59 @@ async def rp_flow(ctx: Context, phone: Phone, server: str, think: float) -> dict
         "decision_to_phone_result": t_result - t_decided,
         "decision_to_rp_result": t_rp - t_decided,
         "flow": t_rp - t0,
+    }
+
+
+async def _duo_call(ctx: Context, server: str, method: str, path: str,
+                    params: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    assert ctx.duo is not None
+    target, body, headers = ctx.duo.sign(method, path, params)
+    url = URL(server + target, encoded=True)
+    async with ctx.http.request(method, url, data=body or None, headers=headers) as response:
+        raw = await response.read()
+        if response.status != 200:
+            raise FlowError(f"duo_{path.rsplit('/', 1)[1]}_{response.status}")
+    found: dict[str, Any] = orjson.loads(raw)["response"]
+    return found
+
+
+async def _duo_wait(ctx: Context, server: str, txid: str) -> tuple[float, str]:
+    """auth_status until it is no longer `waiting` (each call is held by the server)."""
+    while True:
+        status = await _duo_call(ctx, server, "GET", "/auth/v2/auth_status", {"txid": txid})
+        if status["result"] != "waiting":
+            return now(), status["result"]
+
+
+async def duo_flow(ctx: Context, phone: Phone, server: str, think: float) -> dict[str, float]:
+    """A Duo client's async auth and its long-polled auth_status (duo_client's calls, signed
+    v5); the phone gets the approval and confirms it (phone-only: its one choice)."""
+    params = {"async": "1", "device": "auto", "factor": "push", "username": phone.email}
+    t0 = now()
+    txid = (await _duo_call(ctx, server, "POST", "/auth/v2/auth", params))["txid"]
+    t_created = now()
+    poll = asyncio.create_task(_duo_wait(ctx, server, txid))
+    try:
+        approval, t_phone = await phone.request(txid)
+        if think:
+            await asyncio.sleep(think)
+        t_decided, result = await phone.decide(approval, approval["number_choices"][0])
+        t_result, status = await _await_result(result)
+        try:
+            t_duo, duo_result = await asyncio.wait_for(asyncio.shield(poll), FLOW_TIMEOUT)
+        except TimeoutError:
+            raise FlowError("duo_wait_timeout") from None
+    finally:
+        if not poll.done():
+            poll.cancel()
+    if status != "approved" or duo_result != "allow":
+        raise FlowError(f"not_allowed_{status}_{duo_result}")
+    return {
+        "create_rtt": t_created - t0,
+        "create_to_phone": t_phone - t0,
+        "decision_to_phone_result": t_result - t_decided,
+        "decision_to_duo_result": t_duo - t_decided,
+        "flow": t_duo - t0,
     }
 
 
@@ -294,7 +383,7 @@ async def password_login(ctx: Context, email: str, server: str) -> float:
     return now() - t0
 
 
-FLOWS = {"rp": rp_flow, "browser": browser_flow}
+FLOWS = {"rp": rp_flow, "browser": browser_flow, "duo": duo_flow}
 
 
 async def _counters(
@@ -507,8 +596,9 @@ async def run_flows(config: dict[str, Any]) -> dict[str, Any]:
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
     ) as http:
+        duo = DuoKeys(**config["duo"]) if config.get("duo") else None
         ctx = Context(http, servers, config["origin"], config.get("api_key", ""),
-                      config["password"])
+                      config["password"], duo)
         needed = max([int(p.get("concurrency", 0)) for p in config["phases"]] + [0])
         phones = [
             Phone(spec, servers[i % len(servers)])

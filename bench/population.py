@@ -33,6 +33,8 @@ class Population:
     login_users: list[str]  # users with no device: logins end at `enrollment_required`
     idle_seed: str = ""
     idle_count: int = 0
+    # A Duo integration's keys (tapprove only): ikey, skey, host.
+    duo: dict[str, str] | None = None
 
 
 def phone_email(i: int) -> str:

@@ -96,6 +96,13 @@ def figures(target: dict[str, Any], plan: dict[str, Any]) -> dict[str, float | N
         for pct in ("p50", "p90", "p99"):
             out[f"light.{metric}.{pct}"] = _lat(light, metric, pct)
             out[f"b2b.{metric}.{pct}"] = _lat(back_to_back, metric, pct)
+    duo_light = phases.get(f"duo-c{plan['light']}-paced")
+    duo_b2b = phases.get(f"duo-c{plan['light']}")
+    for pct in ("p50", "p90", "p99"):
+        out[f"light.decision_to_duo_result.{pct}"] = _lat(duo_light, "decision_to_duo_result", pct)
+        out[f"b2b.decision_to_duo_result.{pct}"] = _lat(duo_b2b, "decision_to_duo_result", pct)
+    out["light.duo_flows_per_s"] = duo_light["flows_per_s"] if duo_light else None
+    out["b2b.duo_flows_per_s"] = duo_b2b["flows_per_s"] if duo_b2b else None
     out["light.flows_per_s"] = light["flows_per_s"] if light else None
     out["light.machine_busy"] = light["cpu_s"].get("machine_busy_fraction") if light else None
     out["b2b.flows_per_s"] = back_to_back["flows_per_s"] if back_to_back else None
@@ -193,10 +200,18 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("light.decision_to_rp_result.p99", "light: decision → RP long-poll result p99", "ms", "≤ 5"),
     ("light.flows_per_s", "  flows/s meanwhile", "/s", ""),
     ("light.machine_busy", "  machine busy (both cores) meanwhile", "", ""),
+    ("light.decision_to_duo_result.p50",
+     "light, Duo face: decision → waiting auth_status result p50", "ms", ""),
+    ("light.decision_to_duo_result.p90", "  … p90", "ms", ""),
+    ("light.decision_to_duo_result.p99", "  … p99", "ms", "few ms"),
+    ("light.duo_flows_per_s", "  Duo flows/s meanwhile", "/s", ""),
     ("b2b.create_to_phone.p99", "10 in flight back to back: create → phone p99", "ms", ""),
     ("b2b.decision_to_phone_result.p99", "  decision → phone result p99", "ms", ""),
     ("b2b.decision_to_rp_result.p99", "  decision → RP long-poll result p99", "ms", ""),
     ("b2b.flows_per_s", "  flows/s meanwhile", "/s", ""),
+    ("b2b.decision_to_duo_result.p99", "  Duo face back to back: decision → auth_status p99",
+     "ms", ""),
+    ("b2b.duo_flows_per_s", "  Duo flows/s back to back", "/s", ""),
     ("rt.server_syscalls", "  server read+write syscalls per flow", "", ""),
     ("rt.redis_commands", "  Redis commands per flow (incl. inside Lua)", "", ""),
     ("rt.redis_scripts", "  … of which Lua script calls", "", ""),

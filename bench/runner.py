@@ -58,7 +58,7 @@ class Plan:
     servers: int = 1
     baseline: bool = True
     scenarios: list[str] = field(
-        default_factory=lambda: ["light", "saturation", "browser", "argon2", "idle"]
+        default_factory=lambda: ["light", "saturation", "browser", "argon2", "idle", "duo"]
     )
 
     @property
@@ -184,6 +184,11 @@ async def start_tapprove(plan: Plan, workdir: Path, idle: int) -> Target:
         t = time.monotonic()
         login_users = max(plan.login_load * 4, 4)
         target.population = await populate_tapprove(db.url, urls[0], plan.phones, login_users)
+        if "duo" in plan.scenarios:
+            keys = json.loads(procs.run_cli(["integration", "create", "bench-duo"], env))
+            target.population.duo = {
+                "ikey": keys["ikey"], "skey": keys["skey"], "host": "127.0.0.1"
+            }
         timings["populate"] = round(time.monotonic() - t, 2)
         if idle:
             t = time.monotonic()
@@ -282,6 +287,31 @@ def flow_phases(plan: Plan) -> list[dict[str, Any]]:
                 "duration": plan.browser_duration,
             }
         )
+    if "duo" in wanted:
+        # The Duo face beside the RP API: the same light and back-to-back paces.
+        phases.append(
+            {
+                "name": f"duo-c{plan.light}-paced",
+                "path": "duo",
+                "concurrency": plan.light,
+                "think_ms": plan.paced_think_ms,
+                "think_jitter": PACED_JITTER,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup + plan.paced_think_ms / 1000,
+                "duration": plan.light_duration,
+            }
+        )
+        phases.append(
+            {
+                "name": f"duo-c{plan.light}",
+                "path": "duo",
+                "concurrency": plan.light,
+                "think_ms": plan.think_ms,
+                "warmup": plan.warmup,
+                "max_warmup": plan.max_warmup,
+                "duration": plan.light_duration,
+            }
+        )
     if "argon2" in wanted:
         phases.append(
             {
@@ -346,6 +376,7 @@ def loadgen_config(target: Target, phases: list[dict[str, Any]]) -> dict[str, An
         "pids": target.pids,
         "database": target.db.name if target.db is not None else None,
         "redis_url": target.redis.url,
+        "duo": target.population.duo,
         "phases": phases,
     }
 
@@ -484,7 +515,8 @@ async def run_target(kind: str, plan: Plan, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": kind, "servers": target.urls, "setup_s": target.setup_s}
     try:
         log(f"{kind}: up in {target.setup_s.get('total')} s; flows")
-        phases = flow_phases(plan)
+        # The baseline has no Duo face.
+        phases = [p for p in flow_phases(plan) if kind == "tapprove" or p.get("path") != "duo"]
         if phases:
             result = await asyncio.to_thread(
                 run_loadgen, loadgen_config(target, phases), workdir, f"{kind}-flows"

@@ -161,7 +161,11 @@ def interactive_decider(stdin: StdinLines, out: Output) -> Decider:
             choices = number_choices(approval)
             hint = f" [{'/'.join(choices)}]" if choices else ""
             shown_by = number_source(approval)
-            number = await ask(f"Number shown {shown_by}{hint}: ", fresh=True)
+            number: str | None
+            if confirm_only(approval) and choices:
+                number = choices[0]  # phone-only confirmation: nothing to compare
+            else:
+                number = await ask(f"Number shown {shown_by}{hint}: ", fresh=True)
             while number is not None:
                 action = await ask("Approve, deny or report fraud? [a/d/f]: ")
                 if action is None:
@@ -236,6 +240,26 @@ def printable(value: object) -> str:
     return "".join(char for char in str(value) if unicodedata.category(char) not in _UNSHOWN)
 
 
+def confirm_only(approval: Approval) -> bool:
+    """Whether the request is confirmed on the phone alone (match mode `confirm`): the
+    relying party shows no number, and the one choice is the number to send."""
+    match = approval.get("match")
+    return isinstance(match, dict) and match.get("mode") == "confirm"
+
+
+def context_details(approval: Approval) -> list[tuple[str, str]]:
+    """The labelled lines a relying party added to the context (`details`), printable."""
+    context = approval.get("context") or {}
+    details = context.get("details") if isinstance(context, dict) else None
+    if not isinstance(details, list):
+        return []
+    return [
+        (printable(item.get("label", "")), printable(item.get("value", "")))
+        for item in details
+        if isinstance(item, dict)
+    ]
+
+
 def relying_party(approval: Approval) -> str | None:
     """The name of the relying party (VPN, SSH, another app) that asks, if it is one."""
     requester = approval.get("requester")
@@ -279,9 +303,14 @@ def describe_approval(approval: Approval, now: float) -> list[str]:
         )
         if client:
             lines.append(f"  Client:   {client}")
+        # What the relying party said about its request (a Duo client's pushinfo).
+        lines += [f"  {label + ':':<9} {value}" for label, value in context_details(approval)]
     lines.append(f"  Expires:  {'?' if left is None else f'in {left:.0f} s'}")
     shown = number_source(approval)
-    if choices:
+    if confirm_only(approval) and choices:
+        # Phone-only confirmation: nobody shows a number; the one choice is what to send.
+        lines.append("  Confirm:  approve or deny on this phone (no number to compare)")
+    elif choices:
         lines.append(f"  Choices:  {'   '.join(choices)}  (pick the number shown {shown})")
     else:
         digits = match.get("digits", "?")

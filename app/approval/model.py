@@ -84,21 +84,30 @@ END_REASONS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class ApprovalContext:
-    """What the phone shows about the sign-in attempt so the person can recognise it."""
+    """What the phone shows about the sign-in attempt so the person can recognise it.
+
+    `details` are labelled lines a relying party adds about its own request (a Duo client's
+    `pushinfo`, e.g. ("Command", "sudo reboot")); the `context` object carries them as
+    `details: [{"label","value"}]` only when there are some (an addition to PROTOCOL §3).
+    """
 
     ip: str
     user_agent: str
     browser: str
     os: str
+    details: tuple[tuple[str, str], ...] = ()
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, object]:
         """The protocol's `context` object."""
-        return {
+        out: dict[str, object] = {
             "ip": self.ip,
             "user_agent": self.user_agent,
             "browser": self.browser,
             "os": self.os,
         }
+        if self.details:
+            out["details"] = [{"label": label, "value": value} for label, value in self.details]
+        return out
 
     @classmethod
     def from_json(cls, obj: object) -> ApprovalContext:
@@ -109,7 +118,23 @@ class ApprovalContext:
         if not all(isinstance(v, str) for v in values):
             raise ValueError("context members ip, user_agent, browser, os must be strings")
         ip, user_agent, browser, os = cast(list[str], values)
-        return cls(ip=ip, user_agent=user_agent, browser=browser, os=os)
+        return cls(
+            ip=ip, user_agent=user_agent, browser=browser, os=os, details=_details(obj)
+        )
+
+
+def _details(obj: dict[str, object]) -> tuple[tuple[str, str], ...]:
+    raw = obj.get("details", [])
+    if not isinstance(raw, list):
+        raise ValueError("context details must be a list")
+    pairs: list[tuple[str, str]] = []
+    for item in raw:
+        label = item.get("label") if isinstance(item, dict) else None
+        value = item.get("value") if isinstance(item, dict) else None
+        if not isinstance(label, str) or not isinstance(value, str):
+            raise ValueError("each context detail is {label, value} with two strings")
+        pairs.append((label, value))
+    return tuple(pairs)
 
 
 # kw_only: twenty positional fields would be too easy to get in the wrong order.
@@ -160,8 +185,8 @@ class PendingApproval:
             # Who asks: a browser sign-in, or a relying party named by its API key.
             "requester": {"kind": self.kind, "name": self.requester_name},
         }
-        # Outside choices mode the person must type what the browser shows, so no hint at all.
-        if self.match.mode == "choices" and self.choices is not None:
+        # In typed and nist modes the person must type what the browser shows, so no hint at all.
+        if self.match.offers_choices and self.choices is not None:
             out["number_choices"] = list(self.choices)
         out["challenge"] = self.challenge
         return out

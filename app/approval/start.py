@@ -40,8 +40,11 @@ async def start_approval(
     remember_browser: bool = False,
     api_key_id: str | None = None,
     requester_name: str | None = None,
+    match: MatchPolicy | None = None,
 ) -> PendingApproval:
     """Create a pending approval for the recipient and send it to every device at once.
+
+    `match` is the number-matching policy; by default the deployment's (TAPPROVE_MATCH_MODE).
 
     The recipient may be this process's cached view (AccountCache.cached): the create step
     checks it, and when it is out of date the view is refreshed and the plan made again.
@@ -52,7 +55,7 @@ async def start_approval(
         user_id=user_id,
         kind=kind,
         ttl=ttl or svc.settings.approval_ttl,
-        policy=MatchPolicy.for_mode(svc.settings.match_mode),
+        policy=match or MatchPolicy.for_mode(svc.settings.match_mode),
         context=context,
         now=svc.clock.now(),
         browser_binding=browser_binding,
@@ -112,6 +115,8 @@ def _line(
             "kind": approval.kind,
             "channels": approval.channels,
             "browser": approval.context.browser,
+            # Who asked, for a relying party (an API key's or a Duo integration's name).
+            **({"requester": approval.requester_name} if approval.requester_name else {}),
         }
     return audit.line(
         kind,

@@ -9,13 +9,16 @@ from typing import Literal
 
 from app.core.tokens import same_secret
 
-MatchMode = Literal["typed", "choices", "nist"]
+MatchMode = Literal["typed", "choices", "nist", "confirm"]
 
-MATCH_MODES: tuple[MatchMode, ...] = ("typed", "choices", "nist")
+MATCH_MODES: tuple[MatchMode, ...] = ("typed", "choices", "nist", "confirm")
 
 # typed and choices are short codes a person reads at a glance; nist is the 6-digit typed
-# code of NIST SP 800-63B-4 §3.1.3.
-_DEFAULT_DIGITS: dict[MatchMode, int] = {"typed": 2, "choices": 2, "nist": 6}
+# code of NIST SP 800-63B-4 §3.1.3. confirm is the phone-only confirmation of a relying party
+# that has nowhere to show a number (a Duo Auth API client): the one choice is the number,
+# so approving proves the phone saw this request and nothing more. A deployment cannot
+# choose it for sign-ins (app.settings offers the other three).
+_DEFAULT_DIGITS: dict[MatchMode, int] = {"typed": 2, "choices": 2, "nist": 6, "confirm": 2}
 
 # A person reads and types this number; more digits than this is a configuration mistake.
 MAX_DIGITS = 9
@@ -63,6 +66,11 @@ class MatchPolicy:
         """The protocol's `match` object: `{"mode": ..., "digits": ...}`."""
         return {"mode": self.mode, "digits": self.digits}
 
+    @property
+    def offers_choices(self) -> bool:
+        """Whether the phone is shown the numbers to pick from (`number_choices`)."""
+        return self.mode in ("choices", "confirm")
+
 
 def _format(value: int, digits: int) -> str:
     return f"{value:0{digits}d}"
@@ -73,12 +81,15 @@ def draw_number(
 ) -> tuple[str, list[str] | None]:
     """Draw a zero-padded number and, in choices mode, three distinct shuffled choices with it.
 
-    The choices are `None` in the typed and nist modes, where the person types the number.
+    The choices are `None` in the typed and nist modes, where the person types the number,
+    and the number alone in confirm mode.
     """
     draw = rng if rng is not None else secrets.SystemRandom()
     space = 10**policy.digits
     value = draw.randrange(space)
     number = _format(value, policy.digits)
+    if policy.mode == "confirm":
+        return number, [number]
     if policy.mode != "choices":
         return number, None
     picked = [value]

@@ -172,3 +172,22 @@ class OutboxMessage(SQLModel, table=True):
     expires_at: NaiveDatetime
     sent_at: NaiveDatetime | None = None
     user_id: str | None = Field(default=None, index=True, max_length=32)
+
+
+class Integration(SQLModel, table=True):
+    """A Duo Auth API client (pam_duo, login_duo, duo_client, ...): a relying party that signs
+    its requests with its secret key (docs/duo-compat.md)."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(index=True, unique=True, max_length=100)
+    # The integration key: public, names the integration in every signed request.
+    ikey: str = Field(index=True, unique=True, max_length=20)
+    # The secret key sealed by app.server_keys.SecretBox (purpose "duo-skey", record the ikey):
+    # signatures are checked with the key itself, so a hash would not do.
+    skey_sealed: str = Field(max_length=200)
+    # How its approvals match a number: "confirm" (on the phone only) or a match mode.
+    match_mode: str = Field(max_length=16)
+    # Appended to a Duo username without "@" to name the tapprove user (alice -> alice@DOMAIN).
+    username_domain: str | None = Field(default=None, max_length=253)
+    created_at: NaiveDatetime
+    revoked_at: NaiveDatetime | None = None

@@ -120,7 +120,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     ),
     "Match": _obj(
         ["mode", "digits"],
-        mode={"type": "string", "enum": ["typed", "choices", "nist"]},
+        # confirm: the phone-only confirmation of a Duo integration (docs/duo-compat.md).
+        mode={"type": "string", "enum": ["typed", "choices", "nist", "confirm"]},
         digits={"type": "integer", "enum": [2, 6]},
     ),
     "LoginResult": {
@@ -149,7 +150,13 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
         reason=_REASON,
     ),
     "ApprovalContext": _obj(
-        ["ip", "user_agent", "browser", "os"], ip=_STR, user_agent=_STR, browser=_STR, os=_STR
+        ["ip", "user_agent", "browser", "os"],
+        ip=_STR,
+        user_agent=_STR,
+        browser=_STR,
+        os=_STR,
+        # Only when a relying party described its request (a Duo client's pushinfo).
+        details=_list(_obj(["label", "value"], label=_STR, value=_STR)),
     ),
     "Approval": _obj(
         ["id", "status", "created_at", "expires_at", "context", "match", "challenge"],

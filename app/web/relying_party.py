@@ -28,7 +28,7 @@ MAX_WAIT = 30
 
 # Characters that are not shown as themselves: C0/C1 controls (newlines, ESC sequences that
 # steer a terminal), format characters (bidi overrides that reorder a line), line separators.
-_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 class RpContext(StrictBody):
@@ -70,7 +70,7 @@ def _shown_context(context: RpContext | None) -> dict[str, str]:
     the person deciding reads them, and a field must not forge or hide another line."""
     given = context.model_dump(exclude_none=True) if context else {}
     for name, value in given.items():
-        if any(unicodedata.category(char) in _UNSHOWN for char in value):
+        if any(unicodedata.category(char) in UNSHOWN for char in value):
             raise ApiError(
                 422, "invalid_request", f"context.{name}: must not contain control characters"
             )

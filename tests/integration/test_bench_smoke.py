@@ -23,11 +23,14 @@ PHASES = {
     "logins-only",
     "rp-c2-paced-argon2",
     "rp-c2-argon2",
+    "duo-c2-paced",
+    "duo-c2",
 }
 FIGURES = {
     "light.create_to_phone.p99",
     "light.decision_to_phone_result.p99",
     "light.decision_to_rp_result.p99",
+    "light.decision_to_duo_result.p99",
     "b2b.decision_to_phone_result.p99",
     "argon2.p99_increase",
     "sat.rp_flows_per_s_per_process",
@@ -71,6 +74,11 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_json(tmp_path: Path) -> 
             rp["latency_ms"]
         )
     assert phases["rp-c2-paced"]["think_ms"] > phases["rp-c2"]["think_ms"]
+    for name in ("duo-c2", "duo-c2-paced"):
+        duo = phases[name]
+        assert duo["flows"] > 0, duo
+        assert not duo["errors"], duo["errors"]
+        assert "decision_to_duo_result" in duo["latency_ms"]
 
     idle = tapprove["idle"]
     assert idle["connected"] == idle["requested"] == 20

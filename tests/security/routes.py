@@ -52,6 +52,9 @@ class RouteSpec:
     outcomes: frozenset[int] = frozenset()
     # A cookie-authenticated write: a foreign Origin must be refused (CSRF).
     csrf: bool = False
+    # Whose protocol the route speaks: "duo" mounts answer in Duo's own shapes and have
+    # their hostile-input tests in tests/security/test_duo_hostile.py.
+    protocol: Literal["tapprove", "duo"] = "tapprove"
 
     @property
     def key(self) -> str:
@@ -388,6 +391,9 @@ ROUTES: list[RouteSpec] = [
     RouteSpec("GET", "/phone/manifest.webmanifest", "none"),
     RouteSpec("GET", "/phone/sw.js", "none"),
     RouteSpec("MOUNT", "/static", "none"),
+    # the Duo Auth API (signed with an integration's skey; tests/security/test_duo_hostile.py)
+    RouteSpec("MOUNT", "/auth/v2", "none", protocol="duo"),
+    RouteSpec("MOUNT", "/rest/v1", "none", protocol="duo"),
 ]
 
 BY_KEY = {spec.key: spec for spec in ROUTES}

@@ -133,6 +133,39 @@ def test_number_choices_appear_only_in_choices_mode() -> None:
     ]
 
 
+def test_in_confirm_mode_the_phone_is_shown_the_number_as_its_one_choice() -> None:
+    approval = _approval("confirm")
+    shown = approval.device_json()
+    assert shown["match"] == {"mode": "confirm", "digits": 2}
+    assert shown["number_choices"] == [approval.number]
+
+
+def test_context_details_appear_only_when_a_relying_party_gave_some() -> None:
+    assert "details" not in _approval().device_json()["context"]  # type: ignore[operator]
+    context = dataclasses.replace(
+        CONTEXT, details=(("Server IP", "192.0.2.2"), ("Command", "sudo reboot"))
+    )
+    approval = _approval(context=context)
+    assert approval.device_json()["context"] == {
+        **CONTEXT.to_json(),
+        "details": [
+            {"label": "Server IP", "value": "192.0.2.2"},
+            {"label": "Command", "value": "sudo reboot"},
+        ],
+    }
+    assert PendingApproval.from_fields(approval.to_fields()) == approval
+
+
+@pytest.mark.parametrize(
+    "details", ['"text"', '[["a", "b"]]', '[{"label": "a"}]', '[{"label": 1, "value": "b"}]']
+)
+def test_malformed_context_details_are_refused(details: str) -> None:
+    fields = _approval().to_fields()
+    fields["context"] = fields["context"][:-1] + f', "details": {details}}}'
+    with pytest.raises(ValueError, match="field context"):
+        PendingApproval.from_fields(fields)
+
+
 @pytest.mark.parametrize("mode", ["typed", "nist"])
 def test_device_json_never_contains_the_number(mode: str) -> None:
     for _ in range(50):
@@ -270,7 +303,7 @@ times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
 
 
 @given(
-    mode=st.sampled_from(["typed", "choices", "nist"]),
+    mode=st.sampled_from(["typed", "choices", "nist", "confirm"]),
     status=st.sampled_from(list(Status)),
     created_at=times,
     decided_at=st.none() | times,
@@ -282,7 +315,14 @@ times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
     remember_browser=st.booleans(),
     completed=st.booleans(),
     channels=st.lists(st.text(max_size=10), max_size=4),
-    context=st.builds(ApprovalContext, st.text(), st.text(), st.text(), st.text()),
+    context=st.builds(
+        ApprovalContext,
+        st.text(),
+        st.text(),
+        st.text(),
+        st.text(),
+        st.lists(st.tuples(st.text(), st.text()), max_size=3).map(tuple),
+    ),
 )
 def test_any_approval_survives_the_round_trip(mode: str, **changes: object) -> None:
     approval = _approval(mode, **changes)

@@ -109,6 +109,16 @@ def test_repeated_decoy_draws_are_skipped() -> None:
     assert choices is not None and sorted(choices) == ["03", "05", "09"]
 
 
+def test_confirm_offers_the_number_alone() -> None:
+    confirm = MatchPolicy.for_mode("confirm")
+    assert confirm.to_json() == {"mode": "confirm", "digits": 2}
+    assert confirm.offers_choices and CHOICES.offers_choices
+    assert not TYPED.offers_choices and not NIST.offers_choices
+    for seed in range(50):
+        number, choices = draw_number(confirm, random.Random(seed))
+        assert choices == [number] and len(number) == 2 and number.isdigit()
+
+
 def test_the_right_choice_is_not_always_in_the_same_place() -> None:
     places = set()
     for seed in range(100):
@@ -169,6 +179,8 @@ def test_draw_number_always_yields_digits_digits(policy: MatchPolicy, seed: int)
     if policy.mode == "choices":
         assert choices is not None and number in choices and len(set(choices)) == 3
         assert all(len(c) == policy.digits for c in choices)
+    elif policy.mode == "confirm":
+        assert choices == [number]
     else:
         assert choices is None
 

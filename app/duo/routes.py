@@ -1,0 +1,327 @@
+"""The Duo endpoints: Auth API v2 (`/auth/v2/*`, JSON) and the legacy v1 endpoints duo_unix
+1.11 calls (`/rest/v1/*.bson`, BSON).
+
+Each request is checked in this order: known endpoint and method, readable parameters, a
+valid signature from a live integration, then the parameters' contents. Failures are
+Duo's `{"stat":"FAIL","code","message"}` in the face's encoding, never tapprove's JSON
+error shape, so a Duo client always reads them (docs/duo-compat.md lists the codes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from app.account_cache import Recipient
+from app.approval.model import ApprovalContext
+from app.duo import answers
+from app.duo import approvals as duo_approvals
+from app.duo.answers import Answer, Phone, Preauth
+from app.duo.integrations import IntegrationDirectory, LiveIntegration, api_host_name
+from app.duo.params import BadParams, checked, parse_json, parse_query, pushinfo_details, shown
+from app.duo.replies import Encoding, Value, fail, ok
+from app.duo.signatures import Params, SignatureRejected, SignedRequest, credentials, verify
+from app.server_keys import SecretBox, secret_key
+from app.services import Services
+from app.web.common import client_ip, services
+
+log = logging.getLogger(__name__)
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+MAX_DETAILS = 12
+
+
+class DuoFailure(Exception):
+    """A refusal in Duo's terms: HTTP status, Duo code, message."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad_params(message: str) -> DuoFailure:
+    return DuoFailure(400, 40002, f"Invalid request parameters: {message}")
+
+
+@dataclass(frozen=True)
+class Face:
+    """One version of the API: where it lives, how it encodes, which signatures it takes."""
+
+    prefix: str
+    encoding: Encoding
+    legacy: bool  # v1: SHA1 signatures without Date, form bodies only
+
+    @property
+    def version(self) -> answers.Version:
+        return "v1" if self.legacy else "v2"
+
+
+V2 = Face("/auth/v2", Encoding.JSON, legacy=False)
+V1 = Face("/rest/v1", Encoding.BSON, legacy=True)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A checked request: who signed it and what it asks."""
+
+    request: Request
+    svc: Services
+    face: Face
+    integration: LiveIntegration
+    params: dict[str, str]
+
+
+Handler = Callable[[Call], Awaitable[Value]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    handler: Handler
+
+
+class DuoFace:
+    """The Duo endpoints of one app and the integration directory they share."""
+
+    def __init__(self) -> None:
+        self._directory: IntegrationDirectory | None = None
+
+    def routes(self) -> list[BaseRoute]:
+        """`/auth/v2` and `/rest/v1`, each answering its unknown paths and methods itself."""
+        v2 = {
+            "/ping": Endpoint("GET", ping),
+            "/check": Endpoint("GET", check),
+            "/logo": Endpoint("GET", logo),
+            "/enroll": Endpoint("POST", enroll),
+            "/enroll_status": Endpoint("POST", enroll),
+            "/preauth": Endpoint("POST", preauth),
+            "/auth": Endpoint("POST", auth),
+            "/auth_status": Endpoint("GET", auth_status),
+        }
+        v1 = {
+            "/preauth.bson": Endpoint("POST", preauth),
+            "/auth.bson": Endpoint("POST", auth),
+            "/status.bson": Endpoint("GET", auth_status),
+        }
+        return [self._mount(V2, v2), self._mount(V1, v1)]
+
+    def _mount(self, face: Face, endpoints: dict[str, Endpoint]) -> Mount:
+        routes: list[BaseRoute] = [
+            Route(path, self._endpoint(face, endpoint), methods=METHODS)
+            for path, endpoint in endpoints.items()
+        ]
+        routes.append(Route("/{rest:path}", self._endpoint(face, None), methods=METHODS))
+        return Mount(face.prefix, routes=routes)
+
+    def _endpoint(
+        self, face: Face, endpoint: Endpoint | None
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def serve(request: Request) -> Response:
+            try:
+                return ok(face.encoding, await self._serve(request, face, endpoint))
+            except SignatureRejected as exc:
+                log.info("duo request refused: %s", exc.message, extra={"duo_code": exc.code})
+                return fail(face.encoding, 401, exc.code, exc.message)
+            except BadParams as exc:
+                failure = bad_params(exc.message)
+                return fail(face.encoding, failure.status, failure.code, failure.message)
+            except DuoFailure as exc:
+                return fail(face.encoding, exc.status, exc.code, exc.message)
+
+        return serve
+
+    async def _serve(self, request: Request, face: Face, endpoint: Endpoint | None) -> Value:
+        if endpoint is None:
+            raise DuoFailure(404, 40401, "Resource not found")
+        if request.method != endpoint.method:
+            raise DuoFailure(405, 40501, "Method not allowed")
+        svc = services(request)
+        if endpoint.handler is ping:
+            return {"time": int(svc.clock.now())}
+        body = await request.body()
+        query, form, given = _params(request, face, body)
+        ikey, signature = credentials(request.headers.get("authorization"))
+        integration = await self._integrations(svc).by_ikey(ikey)
+        if integration is None:
+            raise SignatureRejected(40103, "Invalid signature in request credentials")
+        signed = SignedRequest(
+            method=request.method,
+            host=api_host_name(svc.settings.public_url),
+            path=request.url.path,
+            query=query,
+            form=form,
+            body=body,
+            date=request.headers.get("date"),
+            duo_headers={k: v for k, v in request.headers.items() if k.startswith("x-duo-")},
+        )
+        verify(signed, integration.skey, signature, legacy=face.legacy, now=svc.clock.now())
+        call = Call(request, svc, face, integration, checked(given))
+        return await endpoint.handler(call)
+
+    def _integrations(self, svc: Services) -> IntegrationDirectory:
+        if self._directory is None:
+            box = SecretBox(secret_key(svc.settings), "duo-skey")
+            self._directory = IntegrationDirectory(svc.db, box, svc.clock)
+        return self._directory
+
+
+def _params(request: Request, face: Face, body: bytes) -> tuple[Params, Params, Params]:
+    """The query's pairs, the form body's, and those the endpoint reads (either, or JSON)."""
+    query = parse_query(request.scope.get("query_string", b""))
+    if request.method == "GET" or not body:
+        return query, [], query
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded":
+        form = parse_query(body)
+        return query, form, form
+    if kind == "application/json" and not face.legacy:
+        return query, [], parse_json(body)
+    raise BadParams("the body must be a form (or JSON for /auth/v2)")
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+async def ping(call: Call) -> Value:
+    """GET /auth/v2/ping: unsigned, like Duo's (answered before the signature check)."""
+    return {"time": int(call.svc.clock.now())}
+
+
+async def check(call: Call) -> Value:
+    """GET /auth/v2/check: the keys and the signature are right."""
+    return {"time": int(call.svc.clock.now())}
+
+
+async def logo(call: Call) -> Value:
+    raise DuoFailure(404, 40401, "No logo is configured")
+
+
+async def enroll(call: Call) -> Value:
+    """enroll and enroll_status: a Duo key may not add a device to someone's account."""
+    raise DuoFailure(
+        403,
+        40301,
+        f"Enrollment through the Auth API is not supported; users enroll at {_portal(call)}",
+    )
+
+
+def _portal(call: Call) -> str:
+    return f"{call.svc.settings.public_url}/"
+
+
+def _username(call: Call) -> str:
+    """Who the request names: `user` (v1), or `username` / `user_id` (v2)."""
+    if call.face.legacy:
+        name = call.params.get("user", "")
+    else:
+        # user_id: what authentik's manual device import stores (a user's tapprove id or
+        # email, see docs/duo-compat.md); the same as a username here.
+        name = call.params.get("username", "") or call.params.get("user_id", "")
+    if not name:
+        raise bad_params("user: missing" if call.face.legacy else "username: missing")
+    return name
+
+
+async def _user(call: Call, *, fresh: bool) -> Recipient | None:
+    """The tapprove user the request names, if they exist and have a phone."""
+    name = _username(call)
+    email = await duo_approvals.email_of(call.svc, name) or call.integration.email_for(name)
+    if email is None:
+        return None
+    user = await duo_approvals.recipient(call.svc, email, fresh=fresh)
+    return user if user is not None and user.devices else None
+
+
+async def preauth(call: Call) -> Value:
+    """preauth: `auth` with the user's phones, `enroll` for a user with none (and for a
+    username nobody has: the same answer, see docs/duo-compat.md), `deny` when locked."""
+    user = await _user(call, fresh=True)
+    if user is None:
+        result = answers.enroll(_portal(call))
+    elif user.user.locked:
+        result = answers.PREAUTH_LOCKED
+    else:
+        result = answers.active([Phone(d.id, d.name) for d in user.devices])
+    return _preauth_reply(call, result)
+
+
+def _preauth_reply(call: Call, result: Preauth) -> Value:
+    return result.v1(_username(call)) if call.face.legacy else result.v2()
+
+
+async def auth(call: Call) -> Value:
+    """auth: push to the user's phones and answer at the end (sync) or with a txid."""
+    _check_factor(call)
+    context = _context(call)  # reads pushinfo: a malformed one is refused for anybody
+    user = await _user(call, fresh=False)
+    if user is None:
+        enroll_first = answers.Answer(
+            answers.Result.DENY, "deny", answers.enroll(_portal(call)).message
+        )
+        return _answer_reply(call, enroll_first)
+    device = call.params.get("device", "auto")
+    if device != "auto" and device not in {d.id for d in user.devices}:
+        raise bad_params("device: not one of the user's devices")
+    started = await duo_approvals.start(call.svc, user, call.integration, context)
+    if isinstance(started, Answer):
+        return _answer_reply(call, started)
+    if call.params.get("async", "0") == "1":
+        return {"txid": started.id}
+    return _answer_reply(call, await duo_approvals.until_end(call.svc, started))
+
+
+def _check_factor(call: Call) -> None:
+    """Push is the one factor (auto means push); passcodes, SMS and calls are refused."""
+    factor = call.params.get("factor", "")
+    if call.face.legacy:
+        # login_duo sends factor=auto with auto=<a factor name from preauth, or a passcode>.
+        if factor != "auto":
+            raise bad_params("factor: only auto")
+        if call.params.get("auto", answers.PUSH_FACTOR) in (answers.PUSH_FACTOR, "push", "auto"):
+            return
+        raise DuoFailure(400, 40002, "Invalid request parameters: passcodes are not supported")
+    if factor in ("auto", "push"):
+        return
+    if factor in ("passcode", "sms", "phone"):
+        raise bad_params(f"factor: {factor} is not supported by this server; use push")
+    raise bad_params("factor: one of auto, push")
+
+
+def _context(call: Call) -> ApprovalContext:
+    """What the phone shows: the client's IP (ipaddr), the integration's name as the
+    application, the client program, and the request's own lines (pushinfo and co.)."""
+    params = call.params
+    user_agent = shown(call.request.headers.get("user-agent", "")[:512])
+    details: list[tuple[str, str]] = []
+    for name, label in (("type", "Request"), ("display_username", "User"), ("hostname", "Host")):
+        if params.get(name):
+            details.append((label, shown(params[name][:200])))
+    details += pushinfo_details(params.get("pushinfo", ""))
+    return ApprovalContext(
+        ip=shown((params.get("ipaddr") or client_ip(call.request))[:64]),
+        user_agent=user_agent,
+        browser=call.integration.name[:100],
+        os=(user_agent.split(" (")[0] or "Duo client")[:100],
+        details=tuple(details[:MAX_DETAILS]),
+    )
+
+
+async def auth_status(call: Call) -> Value:
+    """auth_status / status.bson: held until the approval ends or the next point of the
+    status schedule (app.duo.answers); an unknown txid is a parameter error."""
+    txid = call.params.get("txid", "")
+    answer = await duo_approvals.status(call.svc, call.integration, txid, call.face.version)
+    if answer is None:
+        raise bad_params("txid: no such transaction")
+    return _answer_reply(call, answer)
+
+
+def _answer_reply(call: Call, answer: Answer) -> Value:
+    return answer.v1() if call.face.legacy else answer.v2()
