@@ -571,7 +571,7 @@ function addRequest(approval) {
   (choices ? choiceButtons[0] : numberInput).focus({ preventScroll: false });
 }
 
-/** Who asks (`requester`, see docs/protocol-additions.md); a server without it sends logins only. */
+/** Who asks (`requester`, docs/protocol.md §3.3); a server without it sends logins only. */
 function requester(approval) {
   const given = approval.requester && typeof approval.requester === "object" ? approval.requester : {};
   if (given.kind !== "rp") return { rp: false, shows: "your browser" };
