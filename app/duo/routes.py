@@ -29,6 +29,7 @@ from app.duo.signatures import Params, SignatureRejected, SignedRequest, credent
 from app.server_keys import SecretBox, secret_key
 from app.services import Services
 from app.web.common import client_ip, services
+from app.web.pages import STATIC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,10 @@ class DuoFace:
     ) -> Callable[[Request], Awaitable[Response]]:
         async def serve(request: Request) -> Response:
             try:
-                return ok(face.encoding, await self._serve(request, face, endpoint))
+                served = await self._serve(request, face, endpoint)
+                if isinstance(served, Response):
+                    return served  # the logo: an image, not a Duo document
+                return ok(face.encoding, served)
             except SignatureRejected as exc:
                 log.info("duo request refused: %s", exc.message, extra={"duo_code": exc.code})
                 return fail(face.encoding, 401, exc.code, exc.message)
@@ -199,8 +203,17 @@ async def check(call: Call) -> Value:
     return {"time": int(call.svc.clock.now())}
 
 
+LOGO = STATIC_DIR / "icons" / "icon-192.png"
+
+
 async def logo(call: Call) -> Value:
-    raise DuoFailure(404, 40401, "No logo is configured")
+    """GET /auth/v2/logo (signed): the logo as a PNG, which clients show beside the prompt
+    (tapprove's own icon; a deployment without static files answers 404 40401)."""
+    try:
+        image = LOGO.read_bytes()
+    except OSError:
+        raise DuoFailure(404, 40401, "No logo is configured") from None
+    return Response(image, media_type="image/png")
 
 
 async def enroll(call: Call) -> Value:

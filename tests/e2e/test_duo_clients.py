@@ -271,6 +271,13 @@ def test_ping_check_and_both_signature_versions(duo: DuoDeployment) -> None:
     assert abs(duo.client(sig_version=2).check()["time"] - time.time()) < 60
 
 
+def test_the_logo_is_the_png_duo_client_expects(duo: DuoDeployment) -> None:
+    image = duo.client().logo()
+    assert isinstance(image, bytes) and image.startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(RuntimeError, match="Received 401"):
+        duo.client(skey="x" * 40).logo()
+
+
 def test_a_wrong_skey_a_stale_date_and_an_unknown_ikey_get_401(
     duo: DuoDeployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -254,12 +254,29 @@ async def test_unknown_endpoints_and_methods_answer_in_duos_shape(
         duo_json(response, status, code)
 
 
-async def test_enroll_and_logo_are_refused(server: LiveServer) -> None:
+async def test_enroll_is_refused_without_the_integrations_flag(server: LiveServer) -> None:
     duo = await integration(server, "enroll")
     duo_json(await duo.send(duo.v5("POST", "/auth/v2/enroll", {"username": "x"})), 403, 40301)
     status = duo.v5("POST", "/auth/v2/enroll_status", {"user_id": "x", "activation_code": "y"})
     duo_json(await duo.send(status), 403, 40301)
-    duo_json(await duo.send(duo.v5("GET", "/auth/v2/logo", {})), 404, 40401)
+
+
+async def test_the_logo_is_a_png_for_a_signed_request_only(server: LiveServer) -> None:
+    duo = await integration(server, "logo")
+    image = await duo.send(duo.v5("GET", "/auth/v2/logo", {}))
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/png"
+    assert image.content.startswith(b"\x89PNG\r\n\x1a\n")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        duo_json(await client.get("/auth/v2/logo"), 401, 40101)
+        duo_json(await client.post("/auth/v2/logo"), 405, 40501)
+    forged = Integration(server, duo.ikey, "k" * 40).v5("GET", "/auth/v2/logo", {})
+    duo_json(await duo.send(forged), 401, 40103)
+    stale = duo.v5("GET", "/auth/v2/logo", {}, date=time.time() - 3600)
+    duo_json(await duo.send(stale), 401, 40105)
+    # Parameters are signed too: one added on the way is a wrong signature.
+    signed = duo.v5("GET", "/auth/v2/logo", {})
+    duo_json(await duo.send({**signed, "url": "/auth/v2/logo?size=9999"}), 401, 40103)
 
 
 async def test_another_integrations_transaction_is_unknown_to_it(server: LiveServer) -> None:
