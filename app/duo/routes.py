@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -261,7 +262,10 @@ async def preauth(call: Call) -> Value:
     elif user.user.locked:
         result = answers.PREAUTH_LOCKED
     else:
-        result = answers.active([Phone(d.id, d.name) for d in user.devices])
+        seeded, number = await duo_approvals.capabilities(call.svc, user.user.id)
+        result = answers.active(
+            [Phone(d.id, d.name, d.id in seeded, number) for d in user.devices]
+        )
     return _preauth_reply(call, result)
 
 
@@ -269,42 +273,82 @@ def _preauth_reply(call: Call, result: Preauth) -> Value:
     return result.v1(_username(call)) if call.face.legacy else result.v2()
 
 
+Factor = Literal["push", "passcode", "sms"]
+
+
 async def auth(call: Call) -> Value:
-    """auth: push to the user's phones and answer at the end (sync) or with a txid."""
-    _check_factor(call)
+    """auth: push to the user's phones and answer at the end (sync) or with a txid; or check
+    a passcode, or text SMS passcodes, whose answer is final at once (a txid for it too
+    when asked to be asynchronous)."""
+    factor, typed = _factor(call)
     context = _context(call)  # reads pushinfo: a malformed one is refused for anybody
-    user = await _user(call, fresh=False)
+    user = await _user(call, fresh=factor != "push")
     if user is None:
         enroll_first = answers.Answer(
             answers.Result.DENY, "deny", answers.enroll(_portal(call)).message
         )
-        return _answer_reply(call, enroll_first)
+        return _final(call, enroll_first)
     device = call.params.get("device", "auto")
     if device != "auto" and device not in {d.id for d in user.devices}:
         raise bad_params("device: not one of the user's devices")
+    ip = client_ip(call.request)
+    if factor == "passcode":
+        answer = await duo_approvals.passcode(call.svc, user, call.integration, typed, ip=ip)
+        return await _final_or_txid(call, answer)
+    if factor == "sms":
+        answer = await duo_approvals.send_sms(call.svc, user, call.integration, ip=ip)
+        return await _final_or_txid(call, answer)
     started = await duo_approvals.start(call.svc, user, call.integration, context)
     if isinstance(started, Answer):
-        return _answer_reply(call, started)
-    if call.params.get("async", "0") == "1":
+        return _final(call, started)
+    if _asynchronous(call):
         return {"txid": started.id}
     return _answer_reply(call, await duo_approvals.until_end(call.svc, started))
 
 
-def _check_factor(call: Call) -> None:
-    """Push is the one factor (auto means push); passcodes, SMS and calls are refused."""
+def _asynchronous(call: Call) -> bool:
+    return call.params.get("async", "0") == "1"
+
+
+def _final(call: Call, answer: Answer) -> Value:
+    """A refusal before any approval: answered as it is, asynchronous or not."""
+    return _answer_reply(call, answer)
+
+
+async def _final_or_txid(call: Call, answer: Answer) -> Value:
+    """A passcode's or an SMS's answer: at once, or under a txid for an asynchronous caller
+    (login_duo on a terminal sends everything with `async=1` and polls status.bson)."""
+    if not _asynchronous(call):
+        return _answer_reply(call, answer)
+    return {"txid": await duo_approvals.keep_ended(call.svc, call.integration, answer)}
+
+
+def _factor(call: Call) -> tuple[Factor, str]:
+    """The factor asked for, and for a passcode what was typed. v2: `factor` auto or push,
+    passcode (with `passcode`), sms; v1 (login_duo): `factor=auto` with `auto=` a factor
+    name from preauth (push1, smsrefresh1) or else the passcode the person typed."""
     factor = call.params.get("factor", "")
     if call.face.legacy:
-        # login_duo sends factor=auto with auto=<a factor name from preauth, or a passcode>.
         if factor != "auto":
             raise bad_params("factor: only auto")
-        if call.params.get("auto", answers.PUSH_FACTOR) in (answers.PUSH_FACTOR, "push", "auto"):
-            return
-        raise DuoFailure(400, 40002, "Invalid request parameters: passcodes are not supported")
+        chosen = call.params.get("auto", answers.PUSH_FACTOR)
+        if chosen in answers.PUSH_NAMES:
+            return "push", ""
+        if chosen in answers.SMS_NAMES:
+            return "sms", ""
+        return "passcode", chosen
     if factor in ("auto", "push"):
-        return
-    if factor in ("passcode", "sms", "phone"):
-        raise bad_params(f"factor: {factor} is not supported by this server; use push")
-    raise bad_params("factor: one of auto, push")
+        return "push", ""
+    if factor == "passcode":
+        typed = call.params.get("passcode", "")
+        if not typed:
+            raise bad_params("passcode: missing")
+        return "passcode", typed
+    if factor == "sms":
+        return "sms", ""
+    if factor == "phone":
+        raise bad_params("factor: phone calls are not supported by this server")
+    raise bad_params("factor: one of auto, push, passcode, sms")
 
 
 def _context(call: Call) -> ApprovalContext:

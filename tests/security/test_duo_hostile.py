@@ -17,8 +17,10 @@ import httpx
 import pytest
 from duo_client.client import Client, normalize_params, sign
 
+from app.db.accounts import set_locked
 from app.duo.integrations import SEAL_PURPOSE, create_integration
 from app.server_keys import SecretBox, secret_key
+from app.store.presence import account_changed
 from tests.fixtures.app import LiveServer
 from tests.security.harness import person
 
@@ -309,17 +311,75 @@ async def test_unknown_and_odd_usernames_get_the_enroll_answer(server: LiveServe
 @pytest.mark.parametrize(
     "params",
     [
-        {"factor": "sms"},
-        {"factor": "passcode", "passcode": "123456"},
+        {"factor": "phone"},
+        {"factor": "passcode"},
+        {"factor": "passcode", "passcode": ""},
+        {"factor": "passcode", "passcode": "1" * 5000},
+        {"factor": "passcode", "passcode": "123\x00456"},
+        {"factor": "passcode", "passcode": "123456", "device": "not-a-device"},
+        {"factor": "sms", "device": "not-a-device"},
         {"factor": "bogus"},
         {"factor": "push", "device": "not-a-device"},
         {},
     ],
 )
-async def test_unsupported_factors_and_unknown_devices_are_400(
+async def test_unsupported_factors_bad_passcodes_and_unknown_devices_are_400(
     server: LiveServer, params: dict[str, str]
 ) -> None:
     duo = await integration(server, "factors")
     who = await person(server, "duo-factor")
     response = await duo.send(duo.v5("POST", "/auth/v2/auth", {"username": who.email, **params}))
     duo_json(response, 400, 40002)
+
+
+async def test_passcode_and_sms_need_a_valid_signature_and_a_fresh_date(server: LiveServer) -> None:
+    duo = await integration(server, "otp-sigs")
+    who = await person(server, "duo-otp-sigs")
+    code = who.phone.passcode(time.time())
+    params = {"factor": "passcode", "username": who.email, "passcode": code}
+    forged = Integration(server, duo.ikey, "k" * 40).v5("POST", "/auth/v2/auth", params)
+    duo_json(await duo.send(forged), 401, 40103)
+    old = duo.v5("POST", "/auth/v2/auth", params, date=time.time() - 400)
+    duo_json(await duo.send(old), 401, 40105)
+    # Another passcode swapped into a signed request is a wrong signature, not a guess.
+    signed = duo.v5("POST", "/auth/v2/auth", params)
+    swapped = {**signed, "content": Client.canon_json({**params, "passcode": "000000"})}
+    duo_json(await duo.send(swapped), 401, 40103)
+    sms = duo.v5("POST", "/auth/v2/auth", {"factor": "sms", "username": who.email})
+    duo_json(await Integration(server, duo.ikey, "k" * 40).send(
+        {**sms, "headers": {**sms["headers"], "Date": email.utils.formatdate(0)}}
+    ), 401, 40105)  # fmt: skip
+    # None of these spent the code: it still allows, once, and a replay of that very
+    # request (within its Date) is a used code.
+    allowed = duo.v5("POST", "/auth/v2/auth", params)
+    assert duo_json(await duo.send(allowed), 200)["response"]["result"] == "allow"
+    replayed = duo_json(await duo.send(allowed), 200)["response"]
+    assert replayed["result"] == "deny"
+
+
+async def test_passcode_and_sms_for_unknown_locked_and_phoneless_users_deny(
+    server: LiveServer,
+) -> None:
+    duo = await integration(server, "otp-users")
+    locked = await person(server, "duo-otp-locked")
+    async with server.services.db() as db:
+        await set_locked(db, locked.email, True)
+        await db.commit()
+    await account_changed(server.services.redis, server.services.keys, locked.user_id)
+    right = locked.phone.passcode(time.time())
+    for username, factor in ((locked.email, "passcode"), (locked.email, "sms")):
+        params = {"factor": factor, "username": username, "passcode": right}
+        reply = duo_json(await duo.send(duo.v5("POST", "/auth/v2/auth", params)), 200)
+        assert reply["response"]["status"] == "locked_out", reply
+    phoneless = await person(server, "duo-otp-phoneless", phone=False)
+    for username in ("nobody-at-all@example.com", phoneless.email):
+        for factor in ("passcode", "sms"):
+            params = {"factor": factor, "username": username, "passcode": "123456"}
+            reply = duo_json(await duo.send(duo.v5("POST", "/auth/v2/auth", params)), 200)
+            assert reply["response"]["result"] == "deny", reply
+    # No SMS sender on this server: sms is refused in Duo's words, never a 500.
+    who = await person(server, "duo-otp-nosender")
+    reply = duo_json(await duo.send(duo.v5("POST", "/auth/v2/auth", {
+        "factor": "sms", "username": who.email, "async": "1"})), 200)  # fmt: skip
+    status = await duo.send(duo.v5("GET", "/auth/v2/auth_status", reply["response"]))
+    assert duo_json(status, 200)["response"]["result"] == "deny"
