@@ -20,8 +20,10 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from app.account_cache import Recipient
 from app.approval.model import ApprovalContext
+from app.db.accounts import ENROLLMENT_CODE_TTL
 from app.duo import answers
 from app.duo import approvals as duo_approvals
+from app.duo import enrollment as duo_enrollment
 from app.duo.answers import Answer, Phone, Preauth
 from app.duo.integrations import IntegrationDirectory, LiveIntegration, api_host_name
 from app.duo.params import BadParams, checked, parse_json, parse_query, pushinfo_details, shown
@@ -29,7 +31,7 @@ from app.duo.replies import Encoding, Value, fail, ok
 from app.duo.signatures import Params, SignatureRejected, SignedRequest, credentials, verify
 from app.server_keys import SecretBox, secret_key
 from app.services import Services
-from app.web.common import client_ip, services
+from app.web.common import client_ip, plausible_id, services
 from app.web.pages import STATIC_DIR
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class DuoFace:
             "/check": Endpoint("GET", check),
             "/logo": Endpoint("GET", logo),
             "/enroll": Endpoint("POST", enroll),
-            "/enroll_status": Endpoint("POST", enroll),
+            "/enroll_status": Endpoint("POST", enroll_status),
             "/preauth": Endpoint("POST", preauth),
             "/auth": Endpoint("POST", auth),
             "/auth_status": Endpoint("GET", auth_status),
@@ -217,13 +219,72 @@ async def logo(call: Call) -> Value:
     return Response(image, media_type="image/png")
 
 
+# An integration may make this many enrollment links an hour, and this many for one user.
+ENROLL_PER_INTEGRATION = 60
+ENROLL_PER_USER = 5
+
+
+def _may_enroll(call: Call) -> None:
+    """enroll and enroll_status are for integrations created with --allow-enroll only."""
+    if not call.integration.allow_enroll:
+        raise DuoFailure(
+            403,
+            40301,
+            "Enrollment through the Auth API is not enabled for this integration; users "
+            f"enroll at {_portal(call)}",
+        )
+
+
 async def enroll(call: Call) -> Value:
-    """enroll and enroll_status: a Duo key may not add a device to someone's account."""
-    raise DuoFailure(
-        403,
-        40301,
-        f"Enrollment through the Auth API is not supported; users enroll at {_portal(call)}",
-    )
+    """POST /auth/v2/enroll: an enrollment link for the first device of an existing user
+    who never had a second factor (app.duo.enrollment); tapprove makes no users up, so
+    `username` is required, and `bypass_codes` are not supported."""
+    _may_enroll(call)
+    if "bypass_codes" in call.params:
+        raise bad_params("bypass_codes: not supported")
+    name = call.params.get("username", "")
+    if not name:
+        raise bad_params("username: missing (tapprove enrolls existing users only)")
+    valid_secs = call.params.get("valid_secs", str(ENROLLMENT_CODE_TTL))
+    if not valid_secs.isascii() or not valid_secs.isdigit() or not int(valid_secs[:9]) > 0:
+        raise bad_params("valid_secs: a positive number of seconds")
+    email = await duo_approvals.email_of(call.svc, name) or call.integration.email_for(name)
+    svc = call.svc
+    for key, limit in (
+        (svc.limits.key("duo-enroll", call.integration.id), ENROLL_PER_INTEGRATION),
+        (svc.limits.key("duo-enroll", "user", (email or name)[:320]), ENROLL_PER_USER),
+    ):
+        verdict = await svc.limits.hit(key, limit=limit, window=3600)
+        if not verdict.allowed:
+            raise DuoFailure(
+                429, 42901, f"Too many enrollments; try again in {verdict.retry_after} seconds"
+            )
+    activation = None
+    if email is not None:
+        activation = await duo_enrollment.start(
+            svc, call.integration, email, name, valid_secs=int(valid_secs[:9]),
+            ip=client_ip(call.request),
+        )  # fmt: skip
+    if activation is None:
+        # One answer for a username nobody has and for a user who has or had a device.
+        raise bad_params(
+            "username: no user who may enroll a first device here; a user who has or had "
+            f"one adds devices at {_portal(call)}"
+        )
+    return activation.v2()
+
+
+async def enroll_status(call: Call) -> Value:
+    """POST /auth/v2/enroll_status: `success`, `waiting` or `invalid` for a link `enroll`
+    made (Duo answers the bare string)."""
+    _may_enroll(call)
+    user_id = call.params.get("user_id", "")
+    code = call.params.get("activation_code", "")
+    if not user_id or not code:
+        raise bad_params("user_id and activation_code: both required")
+    if not plausible_id(user_id):
+        return "invalid"
+    return await duo_enrollment.status(call.svc, user_id, code)
 
 
 def _portal(call: Call) -> str:

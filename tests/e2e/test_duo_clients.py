@@ -384,6 +384,36 @@ def test_auth_sms_texts_a_passcode_that_then_allows(duo: DuoDeployment) -> None:
     assert status["success"] and status["status"] == "allow", status
 
 
+def test_enroll_and_enroll_status_for_an_integration_allowed_to_enroll(
+    duo: DuoDeployment,
+) -> None:
+    with pytest.raises(RuntimeError, match="Received 403"):
+        duo.client().enroll(username="enroll-user")  # the plain integration may not
+    keys = duo.cli("integration", "create", "idp-enroll", "--allow-enroll",
+                   "--username-domain", DOMAIN)  # fmt: skip
+    client = duo.client(ikey=keys["ikey"], skey=keys["skey"])
+    duo.user("enroll-user", phone=False)
+    activation = client.enroll(username="enroll-user", valid_secs=300)
+    assert activation["user_id"] == duo.user_ids["enroll-user"]
+    assert activation["activation_code"].startswith("tapprove://enroll?")
+    assert activation["activation_url"].startswith(f"{duo.url}/phone#enroll=")
+    assert client.enroll_status(activation["user_id"], activation["activation_code"]) == "waiting"
+
+    state = duo.workdir / "enroll-user.phone.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "mobile_stub", "enroll", activation["activation_code"],
+         "--server", duo.url, "--state", str(state), "--name", "Enrolled via Duo", "--json"],
+        env=duo.phone_env, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert client.enroll_status(activation["user_id"], activation["activation_code"]) == "success"
+    [device] = client.preauth(username="enroll-user")["devices"]
+    assert device["name"] == "Enrolled via Duo"
+    # The account has a device now: no second link through the integration.
+    with pytest.raises(RuntimeError, match="Received 400"):
+        client.enroll(username="enroll-user")
+
+
 def test_auth_push_approved_on_the_phone_is_allow(duo: DuoDeployment) -> None:
     state = duo.user("sync-allow")
     with phone(duo, state) as handset:

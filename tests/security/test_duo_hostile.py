@@ -263,6 +263,40 @@ async def test_enroll_is_refused_without_the_integrations_flag(server: LiveServe
     duo_json(await duo.send(status), 403, 40301)
 
 
+async def test_enroll_with_the_flag_still_needs_a_signature_and_clean_parameters(
+    server: LiveServer,
+) -> None:
+    box = SecretBox(secret_key(server.settings), SEAL_PURPOSE)
+    async with server.services.db() as db:
+        row, skey = await create_integration(
+            db, box, f"enroll-ok-{time.monotonic_ns()}", allow_enroll=True, now=time.time()
+        )
+        await db.commit()
+    duo = Integration(server, row.ikey, skey)
+    who = await person(server, "duo-enroll-target", phone=False)
+    params = {"username": who.email}
+    forged = Integration(server, duo.ikey, "k" * 40).v5("POST", "/auth/v2/enroll", params)
+    duo_json(await duo.send(forged), 401, 40103)
+    stale = duo.v5("POST", "/auth/v2/enroll", params, date=time.time() - 3600)
+    duo_json(await duo.send(stale), 401, 40105)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        duo_json(await client.post("/auth/v2/enroll", data=params), 401, 40101)
+        duo_json(await client.get("/auth/v2/enroll_status"), 405, 40501)
+    for bad in ({"username": "a\x00b"}, {"username": "a" * 5000},
+                {"username": who.email, "valid_secs": "9" * 3000}):  # fmt: skip
+        duo_json(await duo.send(duo.v5("POST", "/auth/v2/enroll", bad)), 400, 40002)
+    status = {"user_id": who.user_id, "activation_code": "tapprove://enroll?code=%00"}
+    reply = await duo.send(duo.v5("POST", "/auth/v2/enroll_status", status))
+    assert duo_json(reply, 200)["response"] == "invalid"
+    # None of that made a link: the first real one still works, and an integration
+    # without the flag cannot read its status.
+    made = await duo.send(duo.v5("POST", "/auth/v2/enroll", params))
+    link = duo_json(made, 200)["response"]["activation_code"]
+    other = await integration(server, "enroll-nosy")
+    asked = {"user_id": who.user_id, "activation_code": link}
+    duo_json(await other.send(other.v5("POST", "/auth/v2/enroll_status", asked)), 403, 40301)
+
+
 async def test_the_logo_is_a_png_for_a_signed_request_only(server: LiveServer) -> None:
     duo = await integration(server, "logo")
     image = await duo.send(duo.v5("GET", "/auth/v2/logo", {}))
