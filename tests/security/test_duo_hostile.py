@@ -417,3 +417,27 @@ async def test_passcode_and_sms_for_unknown_locked_and_phoneless_users_deny(
         "factor": "sms", "username": who.email, "async": "1"})), 200)  # fmt: skip
     status = await duo.send(duo.v5("GET", "/auth/v2/auth_status", reply["response"]))
     assert duo_json(status, 200)["response"]["result"] == "deny"
+
+
+@pytest.mark.parametrize("typed", ["12\x003456", "1" * 5000, "\x1b[2J123456"])
+async def test_a_hostile_passcode_typed_at_login_duos_prompt_is_400(
+    server: LiveServer, typed: str
+) -> None:
+    duo = await integration(server, "v1-otp")
+    who = await person(server, "duo-v1-otp")
+    params = {"user": who.email, "factor": "auto", "auto": typed, "async": "1"}
+    duo_bson(await duo.send(duo.v1("POST", "/rest/v1/auth.bson", params)), 400, 40002)
+
+
+async def test_a_replayed_v1_passcode_request_is_a_used_code(server: LiveServer) -> None:
+    # v1 signatures carry no Date (SECURITY.md): a captured request can be sent again, but
+    # the passcode in it was used up by the first.
+    duo = await integration(server, "v1-replay")
+    who = await person(server, "duo-v1-replay")
+    params = {"user": who.email, "factor": "auto", "auto": who.phone.passcode(time.time()),
+              "async": "0"}  # fmt: skip
+    captured = duo.v1("POST", "/rest/v1/auth.bson", params)
+    first = duo_bson(await duo.send(captured), 200)["response"]
+    assert first["result"] == "allow"
+    replayed = duo_bson(await duo.send(captured), 200)["response"]
+    assert replayed["result"] == "deny"
