@@ -701,6 +701,14 @@ def integration_create(
             help="Append @DOMAIN to Duo usernames without one (alice -> alice@DOMAIN).",
         ),
     ] = None,
+    allow_enroll: Annotated[
+        bool,
+        typer.Option(
+            "--allow-enroll",
+            help="Let it call enroll / enroll_status: an enrollment link for the first "
+            "device of a user who never had one (never for an account that has or had one).",
+        ),
+    ] = False,
     json_output: JsonFlag = False,
 ) -> Result:
     """Create a Duo Auth API integration: prints its ikey, its skey (shown once, stored
@@ -722,6 +730,7 @@ def integration_create(
             name,
             match_mode=match_mode,
             username_domain=username_domain,
+            allow_enroll=allow_enroll,
             now=_now(),
         )
         return row.name, row.ikey, skey
@@ -758,6 +767,7 @@ def integration_list(json_output: JsonFlag = False) -> Result:
                 "ikey": row.ikey,
                 "match_mode": row.match_mode,
                 "username_domain": row.username_domain,
+                "allow_enroll": row.allow_enroll,
                 "created_at": rfc3339(row.created_at),
                 "revoked_at": rfc3339(row.revoked_at) if row.revoked_at else None,
             }
@@ -768,6 +778,7 @@ def integration_list(json_output: JsonFlag = False) -> Result:
     text = "\n".join(
         f"{r['name']}  {r['ikey']}  match={r['match_mode']}"
         + (f"  domain={r['username_domain']}" if r["username_domain"] else "")
+        + ("  enroll" if r["allow_enroll"] else "")
         + ("  REVOKED" if r["revoked_at"] else "")
         for r in rows
     )

@@ -7,15 +7,18 @@ purpose "totp-seed", bound to the device id).
 
 A code approves the approval it is typed for, like an answer from the phone, from the
 browser (`POST /api/login/<id>/passcode`) or a relying party
-(`POST /api/v1/approvals/<id>/passcode`). Wrong codes are limited twice: MAX_PER_APPROVAL
-on one approval (the last denies it, which counts toward the push-fatigue backoff like a
-wrong number), and MAX_PER_USER in USER_WINDOW across approvals and callers. The answer
-never says which device a code was for, or whether the user has one.
+(`POST /api/v1/approvals/<id>/passcode`); a Duo integration's `factor=passcode` checks one
+with no approval (app.duo.approvals), in the same budget. Wrong codes are limited twice:
+MAX_PER_APPROVAL on one approval (the last denies it, which counts toward the push-fatigue
+backoff like a wrong number), and MAX_PER_USER in USER_WINDOW across approvals and callers.
+The answer never says which device a code was for, or whether the user has one.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from app.approval.errors import InvalidPasscode, TooManyPasscodes
 from app.approval.login import end_by_passcode
@@ -98,20 +101,45 @@ async def device_for_code(svc: Services, user_id: str, typed: str) -> str | None
     return None
 
 
+@dataclass(frozen=True)
+class PasscodeCheck:
+    """How one typed code went: right or not, and the device whose passcode it was (None
+    when `also`, the caller's other kind of code, took it)."""
+
+    right: bool
+    device_id: str | None = None
+
+
+async def check_passcode(
+    svc: Services,
+    user_id: str,
+    typed: str,
+    *,
+    also: Callable[[], Awaitable[bool]] | None = None,
+) -> PasscodeCheck:
+    """Check a code the user typed against their devices' passcodes, and then `also` (a
+    caller's other code, e.g. one texted to them), within their budget of wrong codes:
+    TooManyPasscodes past MAX_PER_USER in USER_WINDOW; a wrong code spends one."""
+    user_budget = svc.limits.key("passcode", "user", user_id)
+    verdict = await svc.limits.hit(user_budget, limit=MAX_PER_USER, window=USER_WINDOW)
+    if not verdict.allowed:
+        raise TooManyPasscodes(verdict.retry_after)
+    device_id = await device_for_code(svc, user_id, typed)
+    if device_id is not None or (also is not None and await also()):
+        await svc.limits.refund(user_budget)  # only wrong codes spend the budget
+        return PasscodeCheck(right=True, device_id=device_id)
+    return PasscodeCheck(right=False)
+
+
 async def approve_with_passcode(
     svc: Services, approval: PendingApproval, typed: str, *, ip: str
 ) -> None:
     """Approve a pending approval with a passcode, or refuse: TooManyPasscodes past the
     user's budget, InvalidPasscode (denied when it was the approval's last try), Expired /
     AlreadyDecided when it had already ended."""
-    user_budget = svc.limits.key("passcode", "user", approval.user_id)
-    verdict = await svc.limits.hit(user_budget, limit=MAX_PER_USER, window=USER_WINDOW)
-    if not verdict.allowed:
-        raise TooManyPasscodes(verdict.retry_after)
-    device_id = await device_for_code(svc, approval.user_id, typed)
-    if device_id is not None:
-        await svc.limits.refund(user_budget)  # only wrong codes spend the budget
-        await end_by_passcode(svc, approval, device_id=device_id, ip=ip)
+    checked = await check_passcode(svc, approval.user_id, typed)
+    if checked.right and checked.device_id is not None:
+        await end_by_passcode(svc, approval, device_id=checked.device_id, ip=ip)
         return
     # The approval's own tries, counted before this one ends it: the last wrong one denies.
     tries = await svc.limits.hit(

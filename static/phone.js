@@ -461,7 +461,11 @@ function addRequest(approval) {
   const asker = requester(approval);
   const match = approval.match || {};
   const digits = Number(match.digits) || 0;
-  const choices = Array.isArray(approval.number_choices) ? approval.number_choices.map(String) : null;
+  const offered = Array.isArray(approval.number_choices) ? approval.number_choices.map(String) : null;
+  // Phone-only confirmation (docs/protocol.md §3.3): the asker shows no number, so the
+  // person approves or denies, and the approval carries the one value it was given.
+  const confirmNumber = match.mode === "confirm" && offered && offered.length === 1 ? offered[0] : null;
+  const choices = confirmNumber === null ? offered : null;
   const numberId = `number-${id}`;
   const hintId = `number-hint-${id}`;
 
@@ -505,23 +509,31 @@ function addRequest(approval) {
   );
   const message = h("p", { class: "status-line", role: "status", "aria-live": "polite", "data-testid": "decision-result" });
 
+  const numberField =
+    confirmNumber !== null
+      ? h(
+          "p",
+          { class: "hint", id: hintId, "data-testid": "confirm-hint" },
+          `${asker.shows} shows no number: approve only if you are signing in there right now.`,
+        )
+      : h(
+          "div",
+          { class: "field" },
+          h("label", { for: numberId }, "Number"),
+          numberInput,
+          h(
+            "p",
+            { class: "hint", id: hintId },
+            choices
+              ? `Pick the number ${asker.shows} shows, then approve.`
+              : `Type the ${digits ? `${digits}-digit ` : ""}number ${asker.shows} shows, then approve.`,
+          ),
+        );
   const form = h(
     "form",
     { onsubmit: (event) => { event.preventDefault(); decide(entry, "approve"); } },
     choices ? h("div", { class: "choices", role: "group", "aria-label": "Choices" }, choiceButtons) : null,
-    h(
-      "div",
-      { class: "field" },
-      h("label", { for: numberId }, "Number"),
-      numberInput,
-      h(
-        "p",
-        { class: "hint", id: hintId },
-        choices
-          ? `Pick the number ${asker.shows} shows, then approve.`
-          : `Type the ${digits ? `${digits}-digit ` : ""}number ${asker.shows} shows, then approve.`,
-      ),
-    ),
+    numberField,
     h("div", { class: "decision-buttons" }, approveButton, denyButton, fraudButton),
   );
 
@@ -545,6 +557,7 @@ function addRequest(approval) {
     card,
     form,
     numberInput,
+    confirmNumber,
     buttons: [approveButton, denyButton, fraudButton, ...choiceButtons],
     message,
     timeLeft,
@@ -568,7 +581,7 @@ function addRequest(approval) {
       ? `New request from ${asker.name}.`
       : `New sign-in request from ${context.browser || "a browser"} on ${context.os || "an unknown system"}.`,
   );
-  (choices ? choiceButtons[0] : numberInput).focus({ preventScroll: false });
+  (confirmNumber !== null ? approveButton : choices ? choiceButtons[0] : numberInput).focus({ preventScroll: false });
 }
 
 /** Who asks (`requester`, docs/protocol.md §3.3); a server without it sends logins only. */
@@ -603,7 +616,21 @@ function rpDetails(asker, context) {
     h("dd", { "data-testid": "request-ip", class: "mono" }, context.ip || "Unknown"),
     client ? h("dt", {}, "Client") : null,
     client ? h("dd", { "data-testid": "request-client" }, client) : null,
+    ...requestDetails(context),
   ];
+}
+
+/** The labelled lines the relying party sent about its request (`context.details`, e.g. a
+ * Duo client's pushinfo: "Command: sudo reboot"), as text, under the other fields. */
+function requestDetails(context) {
+  const lines = Array.isArray(context.details) ? context.details : [];
+  return lines
+    .filter((line) => line && typeof line.label === "string" && typeof line.value === "string")
+    .slice(0, 12)
+    .flatMap((line) => [
+      h("dt", { "data-testid": "request-detail-label" }, line.label),
+      h("dd", { "data-testid": "request-detail" }, line.value),
+    ]);
 }
 
 function tickRequest(entry) {
@@ -704,8 +731,8 @@ async function signJws(claims) {
 
 async function decide(entry, decision, reason = null) {
   if (entry.finished || entry.decided) return;
-  const number = entry.numberInput.value.trim();
-  if (decision === "approve") {
+  const number = entry.confirmNumber !== null ? entry.confirmNumber : entry.numberInput.value.trim();
+  if (decision === "approve" && entry.confirmNumber === null) {
     const wanted = entry.digits ? `${entry.digits}-digit ` : "";
     if (!/^[0-9]+$/.test(number) || (entry.digits && number.length !== entry.digits)) {
       entry.numberInput.setAttribute("aria-invalid", "true");
@@ -971,7 +998,7 @@ async function openRequestFromUrl() {
     const entry = requests.get(id);
     if (entry && !entry.finished) {
       entry.card.scrollIntoView({ block: "start" });
-      (entry.form.querySelector(".choices button") || entry.numberInput).focus();
+      (entry.form.querySelector(".choices button") || (entry.confirmNumber !== null ? entry.buttons[0] : entry.numberInput)).focus();
     }
     return;
   }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
 # NaiveDatetime, not datetime: SQLModel maps plain datetime to a timezone-aware column that
 # rejects the naive UTC values app.core.clock.to_datetime() produces.
 from pydantic import NaiveDatetime
@@ -189,5 +191,7 @@ class Integration(SQLModel, table=True):
     match_mode: str = Field(max_length=16)
     # Appended to a Duo username without "@" to name the tapprove user (alice -> alice@DOMAIN).
     username_domain: str | None = Field(default=None, max_length=253)
+    # Whether it may call enroll / enroll_status: a first device for users who never had one.
+    allow_enroll: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     created_at: NaiveDatetime
     revoked_at: NaiveDatetime | None = None

@@ -72,6 +72,31 @@ LOCKED = Answer(
 )
 
 
+PASSCODE_WRONG = Answer(Result.DENY, "deny", "Incorrect passcode. Please try again.")
+SMS_SENT = Answer(Result.DENY, "sent", "New SMS passcodes sent.")
+SMS_UNAVAILABLE = Answer(
+    Result.DENY, "deny", "SMS passcodes cannot be sent: no verified phone number with SMS on."
+)
+SMS_FAILED = Answer(Result.DENY, "deny", "SMS passcodes could not be sent; try again later.")
+
+
+def too_many_passcodes(retry_after: int) -> Answer:
+    """The user's budget of wrong passcodes is spent (app.passcodes)."""
+    return Answer(
+        Result.DENY,
+        "deny",
+        f"Too many incorrect passcodes; try again in {retry_after} seconds.",
+    )
+
+
+def too_many_texts(retry_after: int) -> Answer:
+    return Answer(
+        Result.DENY,
+        "deny",
+        f"Too many SMS passcodes requested; try again in {retry_after} seconds.",
+    )
+
+
 def backed_off(retry_after: int) -> Answer:
     """After denied or unanswered requests the user's next one waits (push fatigue)."""
     return Answer(
@@ -137,10 +162,27 @@ def schedule(version: Version, match: MatchPolicy) -> Schedule:
 
 @dataclass(frozen=True)
 class Phone:
-    """An enrolled device as preauth lists it."""
+    """An enrolled device as preauth lists it, with what it can do: `mobile_otp` when it
+    holds a passcode seed, `sms` when the user has a verified number that takes SMS."""
 
     device_id: str
     name: str
+    passcodes: bool = False
+    sms_number: str = ""  # the user's number, masked ("XXX-XXX-2671"); "" without SMS
+
+    @property
+    def capabilities(self) -> list[str]:
+        found = ["auto", "push"]
+        if self.sms_number:
+            found.append("sms")
+        if self.passcodes:
+            found.append("mobile_otp")
+        return found
+
+
+def masked(number: str) -> str:
+    """A phone number as preauth shows it: only its last four digits."""
+    return f"XXX-XXX-{number[-4:]}"
 
 
 @dataclass(frozen=True)
@@ -160,8 +202,8 @@ class Preauth:
                     "device": phone.device_id,
                     "type": "phone",
                     "name": phone.name,
-                    "number": "",
-                    "capabilities": ["auto", "push"],
+                    "number": phone.sms_number,
+                    "capabilities": phone.capabilities,
                 }
                 for phone in self.phones
             ]
@@ -173,19 +215,30 @@ class Preauth:
         if self.result != "auth":
             return {"result": self.result, "status": self.message}
         names = ", ".join(phone.name for phone in self.phones)
+        options = [f"Duo Push to {names}"]
+        factors = {"default": PUSH_FACTOR, "1": PUSH_FACTOR}
+        number = next((phone.sms_number for phone in self.phones if phone.sms_number), "")
+        if number:
+            options.append(f"SMS passcodes to {number}")
+            factors["2"] = SMS_FACTOR
+        listed = "".join(f"  {n}. {text}\n" for n, text in enumerate(options, start=1))
         return {
             "result": "auth",
             "status": self.message,
             "prompt": (
-                f"Duo login for {username}\n\n"
-                f"Choose or lose:\n\n  1. Duo Push to {names}\n\nPasscode or option (1-1): "
+                f"Duo login for {username}\n\nChoose or lose:\n\n{listed}\n"
+                f"Passcode or option (1-{len(options)}): "
             ),
-            "factors": {"default": PUSH_FACTOR, "1": PUSH_FACTOR},
+            "factors": factors,
         }
 
 
-# The v1 factor name that login_duo sends back as `auto=` (from `factors`).
+# The v1 factor names that login_duo sends back as `auto=` (from `factors`); whatever else
+# it sends there is what the person typed at the prompt: a passcode.
 PUSH_FACTOR = "push1"
+SMS_FACTOR = "smsrefresh1"
+PUSH_NAMES = frozenset({PUSH_FACTOR, "push", "auto"})
+SMS_NAMES = frozenset({SMS_FACTOR, "sms", "sms1"})
 
 
 def active(phones: Sequence[Phone]) -> Preauth:

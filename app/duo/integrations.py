@@ -62,6 +62,7 @@ class LiveIntegration:
     skey: str
     match: MatchPolicy
     username_domain: str | None
+    allow_enroll: bool = False  # may call enroll / enroll_status (app.duo.enrollment)
 
     def email_for(self, username: str) -> str | None:
         """The tapprove user a Duo username names: itself if it is an address, else
@@ -126,6 +127,7 @@ async def create_integration(
     *,
     match_mode: str = "confirm",
     username_domain: str | None = None,
+    allow_enroll: bool = False,
     now: float,
 ) -> tuple[Integration, str]:
     """A new integration: the row, and its skey in plain text (shown once, stored sealed)."""
@@ -143,6 +145,7 @@ async def create_integration(
         skey_sealed=box.seal(skey.encode("ascii"), record=ikey),
         match_mode=mode,
         username_domain=domain,
+        allow_enroll=allow_enroll,
         created_at=to_datetime(now),
     )
     session.add(row)
@@ -188,6 +191,7 @@ def opened(row: Integration, box: SecretBox) -> LiveIntegration:
         skey=skey,
         match=MatchPolicy.for_mode(row.match_mode),
         username_domain=row.username_domain,
+        allow_enroll=row.allow_enroll,
     )
 
 

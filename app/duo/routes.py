@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,8 +20,10 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from app.account_cache import Recipient
 from app.approval.model import ApprovalContext
+from app.db.accounts import ENROLLMENT_CODE_TTL
 from app.duo import answers
 from app.duo import approvals as duo_approvals
+from app.duo import enrollment as duo_enrollment
 from app.duo.answers import Answer, Phone, Preauth
 from app.duo.integrations import IntegrationDirectory, LiveIntegration, api_host_name
 from app.duo.params import BadParams, checked, parse_json, parse_query, pushinfo_details, shown
@@ -28,7 +31,8 @@ from app.duo.replies import Encoding, Value, fail, ok
 from app.duo.signatures import Params, SignatureRejected, SignedRequest, credentials, verify
 from app.server_keys import SecretBox, secret_key
 from app.services import Services
-from app.web.common import client_ip, services
+from app.web.common import client_ip, plausible_id, services
+from app.web.pages import STATIC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ class DuoFace:
             "/check": Endpoint("GET", check),
             "/logo": Endpoint("GET", logo),
             "/enroll": Endpoint("POST", enroll),
-            "/enroll_status": Endpoint("POST", enroll),
+            "/enroll_status": Endpoint("POST", enroll_status),
             "/preauth": Endpoint("POST", preauth),
             "/auth": Endpoint("POST", auth),
             "/auth_status": Endpoint("GET", auth_status),
@@ -125,7 +129,10 @@ class DuoFace:
     ) -> Callable[[Request], Awaitable[Response]]:
         async def serve(request: Request) -> Response:
             try:
-                return ok(face.encoding, await self._serve(request, face, endpoint))
+                served = await self._serve(request, face, endpoint)
+                if isinstance(served, Response):
+                    return served  # the logo: an image, not a Duo document
+                return ok(face.encoding, served)
             except SignatureRejected as exc:
                 log.info("duo request refused: %s", exc.message, extra={"duo_code": exc.code})
                 return fail(face.encoding, 401, exc.code, exc.message)
@@ -199,17 +206,85 @@ async def check(call: Call) -> Value:
     return {"time": int(call.svc.clock.now())}
 
 
+LOGO = STATIC_DIR / "icons" / "icon-192.png"
+
+
 async def logo(call: Call) -> Value:
-    raise DuoFailure(404, 40401, "No logo is configured")
+    """GET /auth/v2/logo (signed): the logo as a PNG, which clients show beside the prompt
+    (tapprove's own icon; a deployment without static files answers 404 40401)."""
+    try:
+        image = LOGO.read_bytes()
+    except OSError:
+        raise DuoFailure(404, 40401, "No logo is configured") from None
+    return Response(image, media_type="image/png")
+
+
+# An integration may make this many enrollment links an hour, and this many for one user.
+ENROLL_PER_INTEGRATION = 60
+ENROLL_PER_USER = 5
+
+
+def _may_enroll(call: Call) -> None:
+    """enroll and enroll_status are for integrations created with --allow-enroll only."""
+    if not call.integration.allow_enroll:
+        raise DuoFailure(
+            403,
+            40301,
+            "Enrollment through the Auth API is not enabled for this integration; users "
+            f"enroll at {_portal(call)}",
+        )
 
 
 async def enroll(call: Call) -> Value:
-    """enroll and enroll_status: a Duo key may not add a device to someone's account."""
-    raise DuoFailure(
-        403,
-        40301,
-        f"Enrollment through the Auth API is not supported; users enroll at {_portal(call)}",
-    )
+    """POST /auth/v2/enroll: an enrollment link for the first device of an existing user
+    who never had a second factor (app.duo.enrollment); tapprove makes no users up, so
+    `username` is required, and `bypass_codes` are not supported."""
+    _may_enroll(call)
+    if "bypass_codes" in call.params:
+        raise bad_params("bypass_codes: not supported")
+    name = call.params.get("username", "")
+    if not name:
+        raise bad_params("username: missing (tapprove enrolls existing users only)")
+    valid_secs = call.params.get("valid_secs", str(ENROLLMENT_CODE_TTL))
+    if not valid_secs.isascii() or not valid_secs.isdigit() or not int(valid_secs[:9]) > 0:
+        raise bad_params("valid_secs: a positive number of seconds")
+    email = await duo_approvals.email_of(call.svc, name) or call.integration.email_for(name)
+    svc = call.svc
+    for key, limit in (
+        (svc.limits.key("duo-enroll", call.integration.id), ENROLL_PER_INTEGRATION),
+        (svc.limits.key("duo-enroll", "user", (email or name)[:320]), ENROLL_PER_USER),
+    ):
+        verdict = await svc.limits.hit(key, limit=limit, window=3600)
+        if not verdict.allowed:
+            raise DuoFailure(
+                429, 42901, f"Too many enrollments; try again in {verdict.retry_after} seconds"
+            )
+    activation = None
+    if email is not None:
+        activation = await duo_enrollment.start(
+            svc, call.integration, email, name, valid_secs=int(valid_secs[:9]),
+            ip=client_ip(call.request),
+        )  # fmt: skip
+    if activation is None:
+        # One answer for a username nobody has and for a user who has or had a device.
+        raise bad_params(
+            "username: no user who may enroll a first device here; a user who has or had "
+            f"one adds devices at {_portal(call)}"
+        )
+    return activation.v2()
+
+
+async def enroll_status(call: Call) -> Value:
+    """POST /auth/v2/enroll_status: `success`, `waiting` or `invalid` for a link `enroll`
+    made (Duo answers the bare string)."""
+    _may_enroll(call)
+    user_id = call.params.get("user_id", "")
+    code = call.params.get("activation_code", "")
+    if not user_id or not code:
+        raise bad_params("user_id and activation_code: both required")
+    if not plausible_id(user_id):
+        return "invalid"
+    return await duo_enrollment.status(call.svc, user_id, code)
 
 
 def _portal(call: Call) -> str:
@@ -248,7 +323,10 @@ async def preauth(call: Call) -> Value:
     elif user.user.locked:
         result = answers.PREAUTH_LOCKED
     else:
-        result = answers.active([Phone(d.id, d.name) for d in user.devices])
+        seeded, number = await duo_approvals.capabilities(call.svc, user.user.id)
+        result = answers.active(
+            [Phone(d.id, d.name, d.id in seeded, number) for d in user.devices]
+        )
     return _preauth_reply(call, result)
 
 
@@ -256,42 +334,82 @@ def _preauth_reply(call: Call, result: Preauth) -> Value:
     return result.v1(_username(call)) if call.face.legacy else result.v2()
 
 
+Factor = Literal["push", "passcode", "sms"]
+
+
 async def auth(call: Call) -> Value:
-    """auth: push to the user's phones and answer at the end (sync) or with a txid."""
-    _check_factor(call)
+    """auth: push to the user's phones and answer at the end (sync) or with a txid; or check
+    a passcode, or text SMS passcodes, whose answer is final at once (a txid for it too
+    when asked to be asynchronous)."""
+    factor, typed = _factor(call)
     context = _context(call)  # reads pushinfo: a malformed one is refused for anybody
-    user = await _user(call, fresh=False)
+    user = await _user(call, fresh=factor != "push")
     if user is None:
         enroll_first = answers.Answer(
             answers.Result.DENY, "deny", answers.enroll(_portal(call)).message
         )
-        return _answer_reply(call, enroll_first)
+        return _final(call, enroll_first)
     device = call.params.get("device", "auto")
     if device != "auto" and device not in {d.id for d in user.devices}:
         raise bad_params("device: not one of the user's devices")
+    ip = client_ip(call.request)
+    if factor == "passcode":
+        answer = await duo_approvals.passcode(call.svc, user, call.integration, typed, ip=ip)
+        return await _final_or_txid(call, answer)
+    if factor == "sms":
+        answer = await duo_approvals.send_sms(call.svc, user, call.integration, ip=ip)
+        return await _final_or_txid(call, answer)
     started = await duo_approvals.start(call.svc, user, call.integration, context)
     if isinstance(started, Answer):
-        return _answer_reply(call, started)
-    if call.params.get("async", "0") == "1":
+        return _final(call, started)
+    if _asynchronous(call):
         return {"txid": started.id}
     return _answer_reply(call, await duo_approvals.until_end(call.svc, started))
 
 
-def _check_factor(call: Call) -> None:
-    """Push is the one factor (auto means push); passcodes, SMS and calls are refused."""
+def _asynchronous(call: Call) -> bool:
+    return call.params.get("async", "0") == "1"
+
+
+def _final(call: Call, answer: Answer) -> Value:
+    """A refusal before any approval: answered as it is, asynchronous or not."""
+    return _answer_reply(call, answer)
+
+
+async def _final_or_txid(call: Call, answer: Answer) -> Value:
+    """A passcode's or an SMS's answer: at once, or under a txid for an asynchronous caller
+    (login_duo on a terminal sends everything with `async=1` and polls status.bson)."""
+    if not _asynchronous(call):
+        return _answer_reply(call, answer)
+    return {"txid": await duo_approvals.keep_ended(call.svc, call.integration, answer)}
+
+
+def _factor(call: Call) -> tuple[Factor, str]:
+    """The factor asked for, and for a passcode what was typed. v2: `factor` auto or push,
+    passcode (with `passcode`), sms; v1 (login_duo): `factor=auto` with `auto=` a factor
+    name from preauth (push1, smsrefresh1) or else the passcode the person typed."""
     factor = call.params.get("factor", "")
     if call.face.legacy:
-        # login_duo sends factor=auto with auto=<a factor name from preauth, or a passcode>.
         if factor != "auto":
             raise bad_params("factor: only auto")
-        if call.params.get("auto", answers.PUSH_FACTOR) in (answers.PUSH_FACTOR, "push", "auto"):
-            return
-        raise DuoFailure(400, 40002, "Invalid request parameters: passcodes are not supported")
+        chosen = call.params.get("auto", answers.PUSH_FACTOR)
+        if chosen in answers.PUSH_NAMES:
+            return "push", ""
+        if chosen in answers.SMS_NAMES:
+            return "sms", ""
+        return "passcode", chosen
     if factor in ("auto", "push"):
-        return
-    if factor in ("passcode", "sms", "phone"):
-        raise bad_params(f"factor: {factor} is not supported by this server; use push")
-    raise bad_params("factor: one of auto, push")
+        return "push", ""
+    if factor == "passcode":
+        typed = call.params.get("passcode", "")
+        if not typed:
+            raise bad_params("passcode: missing")
+        return "passcode", typed
+    if factor == "sms":
+        return "sms", ""
+    if factor == "phone":
+        raise bad_params("factor: phone calls are not supported by this server")
+    raise bad_params("factor: one of auto, push, passcode, sms")
 
 
 def _context(call: Call) -> ApprovalContext:

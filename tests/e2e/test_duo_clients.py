@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,16 +84,44 @@ class DuoDeployment:
     def cli(self, *args: str) -> dict[str, Any]:
         return self.processes.cli(*args)
 
-    def user(self, name: str, *, phone: bool = True) -> Path | None:
-        """A tapprove user NAME@duo.test, with a mobile_stub phone enrolled (its state file)."""
+    def user(self, name: str, *, phone: bool = True, number: str | None = None) -> Path | None:
+        """A tapprove user NAME@duo.test, with a mobile_stub phone enrolled (its state file)
+        and, given a `number`, a verified phone number for SMS."""
         email = f"{name}@{DOMAIN}"
-        added = self.cli("user", "add", email, "--password", PASSWORD, "--verified")
+        more = ["--phone", number] if number else []
+        added = self.cli("user", "add", email, "--password", PASSWORD, "--verified", *more)
         self.user_ids[name] = added["user_id"]
         if not phone:
             return None
         state = self.workdir / f"{name}.phone.json"
         self.enroll_phone(email, state, f"{name}'s phone")
         return state
+
+    def passcode(self, state: Path) -> str:
+        """The offline passcode mobile_stub shows now (`python -m mobile_stub passcode`)."""
+        shown = subprocess.run(
+            [sys.executable, "-m", "mobile_stub", "passcode", "--state", str(state), "--json"],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        code: str = json.loads(shown.stdout)["passcode"]
+        return code
+
+    def texted_code(self, number: str, count: int = 1) -> str:
+        """The passcode in the `count`-th SMS to `number`: without Twilio settings, the
+        server writes texts to its log."""
+        deadline = time.monotonic() + 30
+        pattern = re.compile(re.escape(number) + r": Your tapprove passcode is (\d{6})")
+        while True:
+            found = pattern.findall(self.serve_log.read_text(errors="replace"))
+            if len(found) >= count:
+                code: str = found[count - 1]
+                return code
+            assert time.monotonic() < deadline, f"no SMS number {count} to {number} in the log"
+            time.sleep(0.2)
+
+    @property
+    def serve_log(self) -> Path:
+        return self.workdir / f"serve-{self.port}.log"
 
     def enroll_phone(self, email: str, state: Path, name: str = "phone") -> None:
         """Enroll a mobile_stub phone for `email` with a fresh enrollment link."""
@@ -271,6 +299,13 @@ def test_ping_check_and_both_signature_versions(duo: DuoDeployment) -> None:
     assert abs(duo.client(sig_version=2).check()["time"] - time.time()) < 60
 
 
+def test_the_logo_is_the_png_duo_client_expects(duo: DuoDeployment) -> None:
+    image = duo.client().logo()
+    assert isinstance(image, bytes) and image.startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(RuntimeError, match="Received 401"):
+        duo.client(skey="x" * 40).logo()
+
+
 def test_a_wrong_skey_a_stale_date_and_an_unknown_ikey_get_401(
     duo: DuoDeployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -309,7 +344,8 @@ def test_preauth_answers_auth_enroll_and_deny(duo: DuoDeployment) -> None:
     assert active["result"] == "auth"
     [device] = active["devices"]
     assert device["type"] == "phone" and device["name"] == "pre-active's phone"
-    assert device["capabilities"] == ["auto", "push"]
+    # mobile_stub holds a passcode seed (mobile_otp); no verified number, so no sms.
+    assert device["capabilities"] == ["auto", "push", "mobile_otp"]
     for nobody in ("pre-nophone", "never-registered"):
         enroll = client.preauth(username=nobody)
         assert enroll == {
@@ -317,6 +353,65 @@ def test_preauth_answers_auth_enroll_and_deny(duo: DuoDeployment) -> None:
             "status_msg": f"Enroll an authentication device to proceed: {duo.url}/",
             "enroll_portal_url": f"{duo.url}/",
         }
+
+
+def test_auth_with_the_phones_offline_passcode_allows_once(duo: DuoDeployment) -> None:
+    state = duo.user("otp-user")
+    assert state is not None
+    code = duo.passcode(state)
+    client = duo.client()
+    allowed = client.auth("passcode", username="otp-user", passcode=code)
+    assert allowed == {
+        "result": "allow", "status": "allow", "status_msg": "Success. Logging you in...",
+    }  # fmt: skip
+    assert client.auth("passcode", username="otp-user", passcode=code)["result"] == "deny"
+    wrong = "000000" if code != "000000" else "111111"
+    denied = client.auth("passcode", username="otp-user", passcode=wrong)
+    assert denied["status_msg"] == "Incorrect passcode. Please try again."
+
+
+def test_auth_sms_texts_a_passcode_that_then_allows(duo: DuoDeployment) -> None:
+    duo.user("sms-user", number="+14155550101")
+    client = duo.client()
+    [device] = client.preauth(username="sms-user")["devices"]
+    assert device["capabilities"] == ["auto", "push", "sms", "mobile_otp"]
+    assert device["number"] == "XXX-XXX-0101"
+    sent = client.auth("sms", username="sms-user", device=device["device"])
+    assert sent == {"result": "deny", "status": "sent", "status_msg": "New SMS passcodes sent."}
+    code = duo.texted_code("+14155550101")
+    txid = client.auth("passcode", username="sms-user", passcode=code, async_txn=True)["txid"]
+    status = client.auth_status(txid)
+    assert status["success"] and status["status"] == "allow", status
+
+
+def test_enroll_and_enroll_status_for_an_integration_allowed_to_enroll(
+    duo: DuoDeployment,
+) -> None:
+    with pytest.raises(RuntimeError, match="Received 403"):
+        duo.client().enroll(username="enroll-user")  # the plain integration may not
+    keys = duo.cli("integration", "create", "idp-enroll", "--allow-enroll",
+                   "--username-domain", DOMAIN)  # fmt: skip
+    client = duo.client(ikey=keys["ikey"], skey=keys["skey"])
+    duo.user("enroll-user", phone=False)
+    activation = client.enroll(username="enroll-user", valid_secs=300)
+    assert activation["user_id"] == duo.user_ids["enroll-user"]
+    assert activation["activation_code"].startswith("tapprove://enroll?")
+    assert activation["activation_url"].startswith(f"{duo.url}/phone#enroll=")
+    assert client.enroll_status(activation["user_id"], activation["activation_code"]) == "waiting"
+
+    state = duo.workdir / "enroll-user.phone.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "mobile_stub", "enroll", activation["activation_code"],
+         "--server", duo.url, "--state", str(state), "--name", "Enrolled via Duo", "--json"],
+        env=duo.phone_env, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert client.enroll_status(activation["user_id"], activation["activation_code"]) == "success"
+    [device] = client.preauth(username="enroll-user")["devices"]
+    assert device["name"] == "Enrolled via Duo"
+    # The account has a device now: no second link through the integration.
+    with pytest.raises(RuntimeError, match="Received 400"):
+        client.enroll(username="enroll-user")
 
 
 def test_auth_push_approved_on_the_phone_is_allow(duo: DuoDeployment) -> None:
@@ -486,14 +581,22 @@ def test_login_duo_refuses_a_wrong_skey_with_failmode_secure(duo: DuoDeployment)
     assert "OK" not in done.stdout
 
 
-def run_on_a_terminal(conf: Path, user: str, answer: str = "1") -> tuple[int, str]:
+Typed = str | Callable[[], str]
+
+
+def run_on_a_terminal(
+    conf: Path, user: str, answer: Typed = "1", *more: Typed
+) -> tuple[int, str]:
     """login_duo under a pseudo-terminal (the interactive flow: prompt, `async=1`, then up
-    to 20 status.bson polls back to back); types `answer` at the factor prompt."""
+    to 20 status.bson polls back to back); types `answer` at the factor prompt, and `more`
+    at the prompts after a failed attempt (a callable is asked for its text when its
+    prompt shows)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: login_duo with the terminal as stdin/stdout/stderr
         os.execv(_login_duo(), [_login_duo(), "-d", "-c", str(conf), "-f", user, "echo", "OK"])
     output = b""
-    answered = False
+    answers = [answer, *more]
+    answered = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 1.0)
@@ -506,9 +609,10 @@ def run_on_a_terminal(conf: Path, user: str, answer: str = "1") -> tuple[int, st
         if not chunk:
             break
         output += chunk
-        if not answered and b"Passcode or option" in output:
-            os.write(fd, f"{answer}\n".encode())
-            answered = True
+        if answered < len(answers) and output.count(b"Passcode or option") > answered:
+            text = answers[answered]
+            os.write(fd, f"{text if isinstance(text, str) else text()}\n".encode())
+            answered += 1
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
@@ -539,6 +643,52 @@ def test_login_duo_on_a_terminal_refuses_when_nobody_answers(duo: DuoDeployment)
     assert code == 1, output
     assert "Login timed out." in output
     assert "Success" not in output and "\nOK" not in output
+
+
+def test_login_duo_on_a_terminal_takes_the_phones_passcode(duo: DuoDeployment) -> None:
+    state = duo.user("tty-otp")
+    assert state is not None
+    conf = duo.login_duo_conf("tty-otp")
+    code, output = run_on_a_terminal(conf, "tty-otp", lambda: duo.passcode(state))
+    assert code == 0, output
+    assert "Success. Logging you in..." in output
+    assert "OK" in output.split("Success. Logging you in...")[1]
+
+
+def test_login_duo_on_a_terminal_sends_sms_passcodes_then_takes_one(duo: DuoDeployment) -> None:
+    duo.user("tty-sms", number="+14155550102")
+    conf = duo.login_duo_conf("tty-sms", prompts="2")
+    code, output = run_on_a_terminal(
+        conf, "tty-sms", "2", lambda: duo.texted_code("+14155550102")
+    )
+    assert code == 0, output
+    assert "2. SMS passcodes to XXX-XXX-0102" in output  # the preauth prompt
+    assert "New SMS passcodes sent." in output
+    assert "OK" in output.split("Success. Logging you in...")[1]
+
+
+def test_login_duo_on_a_terminal_refuses_a_wrong_passcode(duo: DuoDeployment) -> None:
+    duo.user("tty-badotp")
+    conf = duo.login_duo_conf("tty-badotp", prompts="1")
+    code, output = run_on_a_terminal(conf, "tty-badotp", "000000")
+    assert code == 1, output
+    assert "Incorrect passcode. Please try again." in output
+    assert "\nOK" not in output
+
+
+def test_login_duo_without_a_terminal_takes_duo_passcode_from_the_environment(
+    duo: DuoDeployment,
+) -> None:
+    state = duo.user("env-otp")
+    assert state is not None
+    conf = duo.login_duo_conf("env-otp", accept_env_factor="yes")
+    done = subprocess.run(
+        [_login_duo(), "-d", "-c", str(conf), "-f", "env-otp", "echo", "OK"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "DUO_PASSCODE": duo.passcode(state)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "OK\n"
 
 
 @contextlib.contextmanager

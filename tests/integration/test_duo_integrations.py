@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from app.db.engine import make_engine, make_sessionmaker
 from app.db.models import Integration
-from app.duo.integrations import IntegrationDirectory, opened
+from app.duo.integrations import SEAL_PURPOSE, IntegrationDirectory, opened
 from app.server_keys import SealError, SecretBox, secret_key
 from app.settings import Settings
 
@@ -116,6 +116,19 @@ async def test_options_names_and_revocation(cli: Cli) -> None:
     assert code == 1 and json.loads(out)["error"] == "unknown_integration"
     listed = await cli.json("integration", "list")
     assert listed["integrations"][0]["revoked_at"] is not None
+
+
+async def test_enroll_is_off_unless_the_integration_is_created_with_allow_enroll(
+    cli: Cli,
+) -> None:
+    await cli.json("integration", "create", "plain")
+    await cli.json("integration", "create", "idp", "--allow-enroll")
+    rows = {row.name: row for row in await cli.rows()}
+    assert (rows["plain"].allow_enroll, rows["idp"].allow_enroll) == (False, True)
+    listed = {i["name"]: i for i in (await cli.json("integration", "list"))["integrations"]}
+    assert (listed["plain"]["allow_enroll"], listed["idp"]["allow_enroll"]) == (False, True)
+    box = SecretBox(secret_key(cli.settings), SEAL_PURPOSE)
+    assert opened(rows["idp"], box).allow_enroll and not opened(rows["plain"], box).allow_enroll
 
 
 async def test_the_directory_serves_live_integrations_only(cli: Cli) -> None:

@@ -263,3 +263,26 @@ async def test_0005_leaves_devices_enrolled_before_without_a_seed(any_db_url: st
     finally:
         await engine.dispose()
     assert tuple(row) == ("Pixel", None, None, None)
+
+
+async def test_0006_leaves_integrations_made_before_without_enroll(any_db_url: str) -> None:
+    settings = Settings(database_url=any_db_url)
+    await migrate.upgrade_async(settings, "0005")
+    engine = engine_from_url(any_db_url, pooled=False)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO integration (id, name, ikey, skey_sealed, match_mode,"
+                    " created_at) VALUES ('i', 'vpn', 'DIAAAAAAAAAAAAAAAAAA', 'sealed',"
+                    " 'confirm', '2026-01-01')"
+                )
+            )
+
+        await migrate.upgrade_async(settings)
+
+        async with engine.connect() as conn:
+            row = (await conn.execute(text("SELECT name, allow_enroll FROM integration"))).one()
+    finally:
+        await engine.dispose()
+    assert tuple(row) == ("vpn", False)

@@ -17,8 +17,10 @@ import httpx
 import pytest
 from duo_client.client import Client, normalize_params, sign
 
+from app.db.accounts import set_locked
 from app.duo.integrations import SEAL_PURPOSE, create_integration
 from app.server_keys import SecretBox, secret_key
+from app.store.presence import account_changed
 from tests.fixtures.app import LiveServer
 from tests.security.harness import person
 
@@ -254,12 +256,63 @@ async def test_unknown_endpoints_and_methods_answer_in_duos_shape(
         duo_json(response, status, code)
 
 
-async def test_enroll_and_logo_are_refused(server: LiveServer) -> None:
+async def test_enroll_is_refused_without_the_integrations_flag(server: LiveServer) -> None:
     duo = await integration(server, "enroll")
     duo_json(await duo.send(duo.v5("POST", "/auth/v2/enroll", {"username": "x"})), 403, 40301)
     status = duo.v5("POST", "/auth/v2/enroll_status", {"user_id": "x", "activation_code": "y"})
     duo_json(await duo.send(status), 403, 40301)
-    duo_json(await duo.send(duo.v5("GET", "/auth/v2/logo", {})), 404, 40401)
+
+
+async def test_enroll_with_the_flag_still_needs_a_signature_and_clean_parameters(
+    server: LiveServer,
+) -> None:
+    box = SecretBox(secret_key(server.settings), SEAL_PURPOSE)
+    async with server.services.db() as db:
+        row, skey = await create_integration(
+            db, box, f"enroll-ok-{time.monotonic_ns()}", allow_enroll=True, now=time.time()
+        )
+        await db.commit()
+    duo = Integration(server, row.ikey, skey)
+    who = await person(server, "duo-enroll-target", phone=False)
+    params = {"username": who.email}
+    forged = Integration(server, duo.ikey, "k" * 40).v5("POST", "/auth/v2/enroll", params)
+    duo_json(await duo.send(forged), 401, 40103)
+    stale = duo.v5("POST", "/auth/v2/enroll", params, date=time.time() - 3600)
+    duo_json(await duo.send(stale), 401, 40105)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        duo_json(await client.post("/auth/v2/enroll", data=params), 401, 40101)
+        duo_json(await client.get("/auth/v2/enroll_status"), 405, 40501)
+    for bad in ({"username": "a\x00b"}, {"username": "a" * 5000},
+                {"username": who.email, "valid_secs": "9" * 3000}):  # fmt: skip
+        duo_json(await duo.send(duo.v5("POST", "/auth/v2/enroll", bad)), 400, 40002)
+    status = {"user_id": who.user_id, "activation_code": "tapprove://enroll?code=%00"}
+    reply = await duo.send(duo.v5("POST", "/auth/v2/enroll_status", status))
+    assert duo_json(reply, 200)["response"] == "invalid"
+    # None of that made a link: the first real one still works, and an integration
+    # without the flag cannot read its status.
+    made = await duo.send(duo.v5("POST", "/auth/v2/enroll", params))
+    link = duo_json(made, 200)["response"]["activation_code"]
+    other = await integration(server, "enroll-nosy")
+    asked = {"user_id": who.user_id, "activation_code": link}
+    duo_json(await other.send(other.v5("POST", "/auth/v2/enroll_status", asked)), 403, 40301)
+
+
+async def test_the_logo_is_a_png_for_a_signed_request_only(server: LiveServer) -> None:
+    duo = await integration(server, "logo")
+    image = await duo.send(duo.v5("GET", "/auth/v2/logo", {}))
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/png"
+    assert image.content.startswith(b"\x89PNG\r\n\x1a\n")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        duo_json(await client.get("/auth/v2/logo"), 401, 40101)
+        duo_json(await client.post("/auth/v2/logo"), 405, 40501)
+    forged = Integration(server, duo.ikey, "k" * 40).v5("GET", "/auth/v2/logo", {})
+    duo_json(await duo.send(forged), 401, 40103)
+    stale = duo.v5("GET", "/auth/v2/logo", {}, date=time.time() - 3600)
+    duo_json(await duo.send(stale), 401, 40105)
+    # Parameters are signed too: one added on the way is a wrong signature.
+    signed = duo.v5("GET", "/auth/v2/logo", {})
+    duo_json(await duo.send({**signed, "url": "/auth/v2/logo?size=9999"}), 401, 40103)
 
 
 async def test_another_integrations_transaction_is_unknown_to_it(server: LiveServer) -> None:
@@ -292,17 +345,99 @@ async def test_unknown_and_odd_usernames_get_the_enroll_answer(server: LiveServe
 @pytest.mark.parametrize(
     "params",
     [
-        {"factor": "sms"},
-        {"factor": "passcode", "passcode": "123456"},
+        {"factor": "phone"},
+        {"factor": "passcode"},
+        {"factor": "passcode", "passcode": ""},
+        {"factor": "passcode", "passcode": "1" * 5000},
+        {"factor": "passcode", "passcode": "123\x00456"},
+        {"factor": "passcode", "passcode": "123456", "device": "not-a-device"},
+        {"factor": "sms", "device": "not-a-device"},
         {"factor": "bogus"},
         {"factor": "push", "device": "not-a-device"},
         {},
     ],
 )
-async def test_unsupported_factors_and_unknown_devices_are_400(
+async def test_unsupported_factors_bad_passcodes_and_unknown_devices_are_400(
     server: LiveServer, params: dict[str, str]
 ) -> None:
     duo = await integration(server, "factors")
     who = await person(server, "duo-factor")
     response = await duo.send(duo.v5("POST", "/auth/v2/auth", {"username": who.email, **params}))
     duo_json(response, 400, 40002)
+
+
+async def test_passcode_and_sms_need_a_valid_signature_and_a_fresh_date(server: LiveServer) -> None:
+    duo = await integration(server, "otp-sigs")
+    who = await person(server, "duo-otp-sigs")
+    code = who.phone.passcode(time.time())
+    params = {"factor": "passcode", "username": who.email, "passcode": code}
+    forged = Integration(server, duo.ikey, "k" * 40).v5("POST", "/auth/v2/auth", params)
+    duo_json(await duo.send(forged), 401, 40103)
+    old = duo.v5("POST", "/auth/v2/auth", params, date=time.time() - 400)
+    duo_json(await duo.send(old), 401, 40105)
+    # Another passcode swapped into a signed request is a wrong signature, not a guess.
+    signed = duo.v5("POST", "/auth/v2/auth", params)
+    swapped = {**signed, "content": Client.canon_json({**params, "passcode": "000000"})}
+    duo_json(await duo.send(swapped), 401, 40103)
+    sms = duo.v5("POST", "/auth/v2/auth", {"factor": "sms", "username": who.email})
+    duo_json(await Integration(server, duo.ikey, "k" * 40).send(
+        {**sms, "headers": {**sms["headers"], "Date": email.utils.formatdate(0)}}
+    ), 401, 40105)  # fmt: skip
+    # None of these spent the code: it still allows, once, and a replay of that very
+    # request (within its Date) is a used code.
+    allowed = duo.v5("POST", "/auth/v2/auth", params)
+    assert duo_json(await duo.send(allowed), 200)["response"]["result"] == "allow"
+    replayed = duo_json(await duo.send(allowed), 200)["response"]
+    assert replayed["result"] == "deny"
+
+
+async def test_passcode_and_sms_for_unknown_locked_and_phoneless_users_deny(
+    server: LiveServer,
+) -> None:
+    duo = await integration(server, "otp-users")
+    locked = await person(server, "duo-otp-locked")
+    async with server.services.db() as db:
+        await set_locked(db, locked.email, True)
+        await db.commit()
+    await account_changed(server.services.redis, server.services.keys, locked.user_id)
+    right = locked.phone.passcode(time.time())
+    for username, factor in ((locked.email, "passcode"), (locked.email, "sms")):
+        params = {"factor": factor, "username": username, "passcode": right}
+        reply = duo_json(await duo.send(duo.v5("POST", "/auth/v2/auth", params)), 200)
+        assert reply["response"]["status"] == "locked_out", reply
+    phoneless = await person(server, "duo-otp-phoneless", phone=False)
+    for username in ("nobody-at-all@example.com", phoneless.email):
+        for factor in ("passcode", "sms"):
+            params = {"factor": factor, "username": username, "passcode": "123456"}
+            reply = duo_json(await duo.send(duo.v5("POST", "/auth/v2/auth", params)), 200)
+            assert reply["response"]["result"] == "deny", reply
+    # No SMS sender on this server: sms is refused in Duo's words, never a 500.
+    who = await person(server, "duo-otp-nosender")
+    reply = duo_json(await duo.send(duo.v5("POST", "/auth/v2/auth", {
+        "factor": "sms", "username": who.email, "async": "1"})), 200)  # fmt: skip
+    status = await duo.send(duo.v5("GET", "/auth/v2/auth_status", reply["response"]))
+    assert duo_json(status, 200)["response"]["result"] == "deny"
+
+
+@pytest.mark.parametrize("typed", ["12\x003456", "1" * 5000, "\x1b[2J123456"])
+async def test_a_hostile_passcode_typed_at_login_duos_prompt_is_400(
+    server: LiveServer, typed: str
+) -> None:
+    duo = await integration(server, "v1-otp")
+    who = await person(server, "duo-v1-otp")
+    params = {"user": who.email, "factor": "auto", "auto": typed, "async": "1"}
+    duo_bson(await duo.send(duo.v1("POST", "/rest/v1/auth.bson", params)), 400, 40002)
+
+
+async def test_a_replayed_v1_passcode_request_is_a_used_code(server: LiveServer) -> None:
+    # v1 signatures carry no Date (SECURITY.md): a captured request can be sent again, but
+    # the passcode in it was used up by the first.
+    duo = await integration(server, "v1-replay")
+    who = await person(server, "duo-v1-replay")
+    params = {"user": who.email, "factor": "auto", "auto": who.phone.passcode(time.time()),
+              "async": "0"}  # fmt: skip
+    captured = duo.v1("POST", "/rest/v1/auth.bson", params)
+    first = duo_bson(await duo.send(captured), 200)["response"]
+    assert first["result"] == "allow"
+    replayed = duo_bson(await duo.send(captured), 200)["response"]
+    assert replayed["result"] == "deny"

@@ -119,6 +119,33 @@ def test_preauth_answers_in_both_shapes() -> None:
     assert answers.PREAUTH_LOCKED.v1("alice")["result"] == "deny"
 
 
+def test_capabilities_list_sms_and_passcodes_only_when_the_user_has_them() -> None:
+    plain, seeded = Phone("d1", "Pixel"), Phone("d2", "iPhone", passcodes=True)
+    texted = Phone("d3", "Moto", passcodes=True, sms_number=answers.masked("+14155552671"))
+    assert plain.capabilities == ["auto", "push"]
+    assert seeded.capabilities == ["auto", "push", "mobile_otp"]
+    assert texted.capabilities == ["auto", "push", "sms", "mobile_otp"]
+    assert answers.active([texted]).v2()["devices"] == [
+        {"device": "d3", "type": "phone", "name": "Moto", "number": "XXX-XXX-2671",
+         "capabilities": ["auto", "push", "sms", "mobile_otp"]},
+    ]  # fmt: skip
+    # login_duo offers the SMS option only when one can go, under the factor name it sends.
+    v1 = answers.active([texted]).v1("alice")
+    assert v1["factors"] == {"default": "push1", "1": "push1", "2": "smsrefresh1"}
+    assert "  2. SMS passcodes to XXX-XXX-2671\n" in str(v1["prompt"])
+    assert str(v1["prompt"]).endswith("Passcode or option (1-2): ")
+    assert str(answers.active([seeded]).v1("alice")["prompt"]).endswith("(1-1): ")
+
+
+def test_sms_and_passcode_answers_say_what_duo_says() -> None:
+    assert answers.SMS_SENT.v2() == {
+        "result": "deny", "status": "sent", "status_msg": "New SMS passcodes sent.",
+    }  # fmt: skip
+    assert answers.SMS_SENT.v1() == {"result": "deny", "status": "New SMS passcodes sent."}
+    assert answers.PASSCODE_WRONG.v2()["result"] == "deny"
+    assert "in 60 seconds" in answers.too_many_passcodes(60).message
+
+
 # --- replies ------------------------------------------------------------------------------
 
 
