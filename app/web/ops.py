@@ -16,8 +16,9 @@ from starlette.routing import BaseRoute, Route
 from app import metrics
 from app.db.models import OutboxMessage
 from app.services import Services
-from app.web.common import json, services
+from app.web.common import services
 from app.web.contract import PROMETHEUS, Answer, Done, Reply, answer, answers
+from app.web.errors import FastJSON
 from app.web.openapi import document
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ async def openapi(request: Request) -> Response:
     doc: dict[str, Any] | None = getattr(state, "openapi", None)
     if doc is None:  # built once per app, from its own route table
         doc = state.openapi = document(state.settings.public_url, request.app.routes)
-    return json(doc)
+    return FastJSON(doc)  # a document, not a typed answer
 
 
 routes: list[BaseRoute] = [
