@@ -177,7 +177,12 @@ def _wait_seconds(request: Request) -> float:
 
 
 @answers(
-    {200: Reply("The status", RpApprovalStatus), 401: "unauthorized", 404: "not_found"},
+    {
+        200: Reply("The status", RpApprovalStatus),
+        401: "unauthorized",
+        404: "not_found (also another key's approval)",
+        422: "invalid_request: wait is not a number from 0 to 30",
+    },
     auth=RP_KEY,
     query=(
         Query(
