@@ -2,7 +2,7 @@
 
 A device gets its seed at enrollment (in the `POST /api/devices` answer) or, if it was
 enrolled before passcodes existed, over its socket until it confirms it
-(docs/protocol-additions.md). Seeds are kept sealed with the server key (app.server_keys,
+(docs/protocol.md §3.6). Seeds are kept sealed with the server key (app.server_keys,
 purpose "totp-seed", bound to the device id).
 
 A code approves the approval it is typed for, like an answer from the phone, from the

@@ -46,7 +46,7 @@ from webauthn.helpers.structs import (
 )
 
 from app.approval.model import ApprovalContext
-from app.core.clock import rfc3339, to_datetime
+from app.core.clock import to_datetime
 from app.core.errors import ApiError
 from app.core.tokens import new_id
 from app.db import audit
@@ -86,16 +86,6 @@ def require_enabled(svc: Services) -> None:
 def user_handle(user_id: str) -> bytes:
     """The WebAuthn user handle of an account: its id (random, says nothing about the person)."""
     return user_id.encode("ascii")
-
-
-def passkey_json(passkey: Passkey) -> dict[str, Any]:
-    """A passkey as its owner sees it on the account page."""
-    return {
-        "id": passkey.id,
-        "name": passkey.name,
-        "created_at": rfc3339(passkey.created_at),
-        "last_used_at": rfc3339(passkey.last_used_at) if passkey.last_used_at else None,
-    }
 
 
 async def _taken_challenge(

@@ -1,6 +1,6 @@
 """The tapprove reference phone app: enrolls a device key and answers login approvals.
 
-It speaks only the public protocol (PROTOCOL.md §3) and imports nothing from `app`.
+It speaks only the public protocol (docs/protocol.md §3) and imports nothing from `app`.
 """
 
 from mobile_stub.client import (

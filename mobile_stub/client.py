@@ -1,4 +1,4 @@
-"""The device's HTTP and WebSocket conversation with a tapprove server (PROTOCOL.md §3).
+"""The device's HTTP and WebSocket conversation with a tapprove server (docs/protocol.md §3).
 
 `enroll()` registers a new device. `PhoneClient` then lists and answers approvals over HTTP,
 or holds the device WebSocket with `run()`: it acks every request at once, asks a `decide`

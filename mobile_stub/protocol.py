@@ -1,4 +1,4 @@
-"""The device side of PROTOCOL.md §3 as pure functions: enrollment links, decisions, backoff.
+"""The device side of docs/protocol.md §3 as pure functions: enrollment links, decisions, backoff.
 
 Nothing here does I/O, so tests drive it directly; `client.py` moves the bytes.
 """
@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import pyotp
 
 Approval = dict[str, Any]
-"""An Approval object as the server sends it (PROTOCOL.md §3)."""
+"""An Approval object as the server sends it (docs/protocol.md §3.3)."""
 
 ENROLL_SCHEME = "tapprove"
 WS_DEVICE_PATH = "/ws/device"
@@ -127,7 +127,7 @@ class Decision:
 def decision_claims(
     approval: Mapping[str, Any], decision: Decision, *, now: float
 ) -> dict[str, Any]:
-    """The JWS claims for a decision on `approval` (PROTOCOL.md §3, "Decision")."""
+    """The JWS claims for a decision on `approval` (docs/protocol.md §3.4)."""
     claims: dict[str, Any] = {
         "aid": approval["id"],
         "chl": approval["challenge"],

@@ -462,7 +462,7 @@ function addRequest(approval) {
   const match = approval.match || {};
   const digits = Number(match.digits) || 0;
   const offered = Array.isArray(approval.number_choices) ? approval.number_choices.map(String) : null;
-  // Phone-only confirmation (docs/protocol-additions.md): the asker shows no number, so the
+  // Phone-only confirmation (docs/protocol.md §3.3): the asker shows no number, so the
   // person approves or denies, and the approval carries the one value it was given.
   const confirmNumber = match.mode === "confirm" && offered && offered.length === 1 ? offered[0] : null;
   const choices = confirmNumber === null ? offered : null;
@@ -584,7 +584,7 @@ function addRequest(approval) {
   (confirmNumber !== null ? approveButton : choices ? choiceButtons[0] : numberInput).focus({ preventScroll: false });
 }
 
-/** Who asks (`requester`, see docs/protocol-additions.md); a server without it sends logins only. */
+/** Who asks (`requester`, docs/protocol.md §3.3); a server without it sends logins only. */
 function requester(approval) {
   const given = approval.requester && typeof approval.requester === "object" ? approval.requester : {};
   if (given.kind !== "rp") return { rp: false, shows: "your browser" };

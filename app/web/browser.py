@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from typing import Literal
 
 from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 from sqlmodel import select
 from starlette.requests import Request
 from starlette.responses import Response
@@ -42,10 +44,25 @@ from app.web.common import (
     TRUST_DAYS,
     clear_cookie,
     client_ip,
-    json,
     request_context,
     services,
     set_cookie,
+)
+from app.web.contract import (
+    LOGIN,
+    RATE_LIMITED,
+    Answer,
+    ApprovalStatus,
+    Channel,
+    Decision,
+    Done,
+    Match,
+    Reason,
+    Reply,
+    Time,
+    answer,
+    answers,
+    omitted_if_none,
 )
 from app.web.errors import StrictBody, read_body
 from app.web.security import check_csrf, origin_allowed
@@ -65,6 +82,47 @@ class RecoveryLoginBody(StrictBody):
     email: str = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=1024)
     code: str = Field(min_length=1, max_length=64)
+
+
+class LoginResult(Answer):
+    """The answer to a password: signed in, a first device to enroll, or an approval to wait
+    for (the members after `status` only then)."""
+
+    status: Literal["authenticated", "enrollment_required", "approval_required"]
+    approval_id: str | SkipJsonSchema[None] = omitted_if_none()
+    number: str | SkipJsonSchema[None] = omitted_if_none()
+    match: Match | SkipJsonSchema[None] = omitted_if_none()
+    expires_at: Time | SkipJsonSchema[None] = omitted_if_none()
+    channels: list[Channel] | SkipJsonSchema[None] = omitted_if_none()
+    stream: str | SkipJsonSchema[None] = omitted_if_none("WebSocket path /ws/login/<id>")
+    # Lets the page offer "Use an SMS code instead" only when it can work (an addition).
+    sms_available: bool | SkipJsonSchema[None] = omitted_if_none()
+
+
+class SignedIn(Answer):
+    status: Literal["authenticated"]
+
+
+class RecoverySignIn(Answer):
+    status: Literal["authenticated"]
+    recovery_codes_left: int = Field(ge=0)
+
+
+class LoginStatus(Answer):
+    approval_id: str
+    status: ApprovalStatus
+    channels: list[Channel]
+    delivered: list[Channel]
+    expires_at: Time
+    reason: Reason
+
+
+class Resent(Answer):
+    status: Literal["resent"]
+    resends_left: int = Field(ge=0)
+
+
+_SIGNED_IN = ("Set-Cookie",)
 
 
 async def _trusted_browser(svc: Services, request: Request) -> TrustedBrowser | None:
@@ -150,6 +208,28 @@ async def _password_checked(
     return user
 
 
+@answers(
+    {
+        200: Reply(
+            "Signed in (trusted browser), or a restricted session to enroll a first device",
+            LoginResult,
+            headers=_SIGNED_IN,
+        ),
+        202: Reply(
+            "Approval required; stream the result from `stream`",
+            LoginResult,
+            headers=_SIGNED_IN,
+        ),
+        401: "invalid_credentials (unknown email and wrong password alike)",
+        403: "email_not_verified; recovery_required (every device is gone and no SMS code "
+        "can be sent: the password alone cannot add one; a recovery code can, through "
+        "POST /api/login/recovery); passkey_required (the account has a passkey and "
+        "TAPPROVE_PASSKEY_ALLOWS_PUSH=false); or csrf",
+        423: "locked after a fraud report",
+        429: RATE_LIMITED,
+    },
+    body=LoginBody,
+)
 async def login(request: Request) -> Response:
     """POST /api/login: password check, then a trusted skip, enrollment, or an approval."""
     svc = services(request)
@@ -181,11 +261,9 @@ async def login(request: Request) -> Response:
             # Never had a second factor: the password may enroll the very first device.
             token = await svc.sessions.create(user.id, restricted=True)
             async with svc.db() as db:
-                await audit.record(
-                    db, "login.enrollment_required", user_id=user.id, ip=ip, now=now
-                )
+                await audit.record(db, "login.enrollment_required", user_id=user.id, ip=ip, now=now)
                 await db.commit()
-            response = json({"status": "enrollment_required"})
+            response = answer(LoginResult(status="enrollment_required"))
             set_cookie(response, request, SESSION_COOKIE, token, None)
             metrics.LOGINS.labels("enrollment_required").inc()
             return response
@@ -212,22 +290,17 @@ async def login(request: Request) -> Response:
         browser_binding=browser_binding(login_token),
         remember_browser=body.remember_browser,
     )
-    response = json(
-        {
-            "status": "approval_required",
-            "approval_id": approval.id,
-            "number": approval.number,
-            "match": approval.match.to_json(),
-            "expires_at": rfc3339(approval.expires_at),
-            "channels": approval.channels,
-            "stream": f"/ws/login/{approval.id}",
-            # Lets the page offer "Use an SMS code instead" only when it can work.
-            "sms_available": svc.providers.sms is not None
-            and user.phone_verified
-            and bool(user.phone),
-        },
-        status=202,
+    required = LoginResult(
+        status="approval_required",
+        approval_id=approval.id,
+        number=approval.number,
+        match=Match.model_validate(approval.match.to_json()),
+        expires_at=rfc3339(approval.expires_at),
+        channels=approval.channels,
+        stream=f"/ws/login/{approval.id}",
+        sms_available=svc.providers.sms is not None and user.phone_verified and bool(user.phone),
     )
+    response = answer(required, 202)
     set_cookie(response, request, LOGIN_COOKIE, login_token, svc.settings.approval_ttl + 300)
     metrics.LOGINS.labels("approval_required").inc()
     return response
@@ -244,6 +317,23 @@ async def _passkey_required(svc: Services, user: User) -> bool:
         return await has_passkey(db, user.id)
 
 
+@answers(
+    {
+        200: Reply(
+            "Signed in with the password and a recovery code (used up now); the session "
+            "may add a phone once every phone is gone",
+            RecoverySignIn,
+            headers=_SIGNED_IN,
+        ),
+        400: "invalid_code (wrong, used or malformed recovery code)",
+        401: "invalid_credentials (unknown email and wrong password alike)",
+        403: "email_not_verified, or csrf",
+        423: "locked after a fraud report",
+        429: "rate_limited: the sign-in budgets, or 10 wrong codes per account an hour",
+    },
+    body=RecoveryLoginBody,
+    description="An addition to PROTOCOL.md v1 (docs/protocol.md §2.4).",
+)
 async def recovery_login(request: Request) -> Response:
     """POST /api/login/recovery: the password and a recovery code sign in, once per code.
 
@@ -257,11 +347,9 @@ async def recovery_login(request: Request) -> Response:
     body = await read_body(request, RecoveryLoginBody)
     trusted = await _trusted_browser(svc, request)
     user = await _password_checked(svc, request, body.email, body.password, trusted)
-    left = await recovery.sign_in_with_code(
-        svc, user, body.code, context=request_context(request)
-    )
+    left = await recovery.sign_in_with_code(svc, user, body.code, context=request_context(request))
     token = await svc.sessions.create(user.id, approved_with_recovery_code=True)
-    response = json({"status": "authenticated", "recovery_codes_left": left})
+    response = answer(RecoverySignIn(status="authenticated", recovery_codes_left=left))
     set_cookie(response, request, SESSION_COOKIE, token, None)
     metrics.LOGINS.labels("recovery_code").inc()
     return response
@@ -284,26 +372,33 @@ async def _trusted_sign_in(
         )
         await db.commit()
     token = await svc.sessions.create(user.id)
-    response = json({"status": "authenticated"})
+    response = answer(LoginResult(status="authenticated"))
     set_cookie(response, request, SESSION_COOKIE, token, None)
     return response
 
 
+@answers(
+    {
+        200: Reply("The approval's status, for clients without sockets", LoginStatus),
+        403: "not_allowed: this browser did not start that sign-in",
+        404: "not_found",
+    },
+    auth=LOGIN,
+)
 async def login_status(request: Request) -> Response:
     """GET /api/login/<id>: the stream's information as JSON, for clients without sockets."""
     approval, delivered = await sign_in.current_state(
         services(request), request.path_params["approval_id"], request.cookies.get(LOGIN_COOKIE)
     )
-    return json(
-        {
-            "approval_id": approval.id,
-            "status": approval.status.value,
-            "channels": approval.channels,
-            "delivered": delivered,
-            "expires_at": rfc3339(approval.expires_at),
-            "reason": approval.final_reason,
-        }
+    state = LoginStatus(
+        approval_id=approval.id,
+        status=approval.status.value,
+        channels=approval.channels,
+        delivered=delivered,
+        expires_at=rfc3339(approval.expires_at),
+        reason=approval.final_reason,
     )
+    return answer(state)
 
 
 async def login_stream(websocket: WebSocket) -> None:
@@ -367,6 +462,15 @@ async def _send_result(websocket: WebSocket, ended: PendingApproval) -> None:
         await websocket.close(1000)
 
 
+@answers(
+    {
+        200: Reply("Signed in (session cookie)", SignedIn, headers=_SIGNED_IN),
+        403: "not_allowed",
+        404: "not_found",
+        409: "not_approved or already_completed",
+    },
+    auth=LOGIN,
+)
 async def complete(request: Request) -> Response:
     """POST /api/login/<id>/complete: turn an approved sign-in into a session, once."""
     svc = services(request)
@@ -383,7 +487,7 @@ async def complete(request: Request) -> Response:
         approval_id=approval.id,
     )
     now = svc.clock.now()
-    response = json({"status": "authenticated"})
+    response = answer(SignedIn(status="authenticated"))
     if approval.remember_browser:
         trust_token = new_token()
         context = approval.context
@@ -435,26 +539,60 @@ async def _pending(request: Request) -> PendingApproval:
     )
 
 
+@answers(
+    {
+        202: Reply("Sent to the devices again", Resent),
+        403: "not_allowed",
+        404: "not_found",
+        409: "already_decided",
+        410: "expired",
+        429: "rate_limited: at most 3 resends",
+    },
+    auth=LOGIN,
+)
 async def resend(request: Request) -> Response:
     """POST /api/login/<id>/resend: send the pending request to the devices again (3 times)."""
     svc = services(request)
     check_csrf(request, svc.settings)
     left = await sign_in.resend(svc, await _pending(request))
-    return json({"status": "resent", "resends_left": left}, status=202)
+    return answer(Resent(status="resent", resends_left=left), 202)
 
 
 class CodeBody(StrictBody):
     code: str = Field(min_length=1, max_length=32)
 
 
+@answers(
+    {
+        202: Reply("An SMS code is on its way (`sms_sent`)", Done),
+        403: "not_allowed",
+        404: "not_found",
+        409: "already_decided or sms_unavailable",
+        410: "expired",
+        429: RATE_LIMITED,
+    },
+    auth=LOGIN,
+)
 async def send_sms(request: Request) -> Response:
     """POST /api/login/<id>/sms: text a code to the user's verified phone."""
     svc = services(request)
     check_csrf(request, svc.settings)
     await sign_in.send_sms_code(svc, await _pending(request))
-    return json({"status": "sms_sent"}, status=202)
+    return answer(Done(status="sms_sent"), 202)
 
 
+@answers(
+    {
+        200: Reply("Approved with the SMS code", Decision),
+        400: "invalid_code (after 5 the approval is denied)",
+        403: "not_allowed",
+        404: "not_found",
+        409: "already_decided",
+        410: "expired",
+    },
+    body=CodeBody,
+    auth=LOGIN,
+)
 async def enter_code(request: Request) -> Response:
     """POST /api/login/<id>/code: approve with the SMS code; 5 wrong codes deny."""
     svc = services(request)
@@ -462,9 +600,24 @@ async def enter_code(request: Request) -> Response:
     approval = await _pending(request)
     body = await read_body(request, CodeBody)
     await sign_in.approve_with_code(svc, approval, body.code, client_ip(request))
-    return json({"status": "approved"})
+    return answer(Decision(status="approved"))
 
 
+@answers(
+    {
+        200: Reply("Approved with an offline passcode from the phone", Decision),
+        400: "invalid_code (the same for every wrong code, and for a user without a "
+        "device; after 5 on one approval it is denied, with status denied)",
+        403: "not_allowed",
+        404: "not_found",
+        409: "already_decided",
+        410: "expired",
+        429: "rate_limited: 10 wrong passcodes per user in 15 minutes (with Retry-After)",
+    },
+    body=CodeBody,
+    auth=LOGIN,
+    description="An addition to PROTOCOL.md v1 (docs/protocol.md §3.6).",
+)
 async def enter_passcode(request: Request) -> Response:
     """POST /api/login/<id>/passcode: approve with an offline passcode from the phone."""
     svc = services(request)
@@ -472,9 +625,10 @@ async def enter_passcode(request: Request) -> Response:
     approval = await _pending(request)
     body = await read_body(request, CodeBody)
     await passcodes.approve_with_passcode(svc, approval, body.code, ip=client_ip(request))
-    return json({"status": "approved"})
+    return answer(Decision(status="approved"))
 
 
+@answers({200: Reply("The session has ended (`signed_out`)", Done)})
 async def logout(request: Request) -> Response:
     """POST /api/logout: end the server-side session."""
     svc = services(request)
@@ -493,7 +647,7 @@ async def logout(request: Request) -> Response:
                     now=svc.clock.now(),
                 )
                 await db.commit()
-    response = json({"status": "signed_out"})
+    response = answer(Done(status="signed_out"))
     clear_cookie(response, request, SESSION_COOKIE)
     return response
 

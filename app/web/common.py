@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
 from sqlmodel import select
 from starlette.requests import HTTPConnection, Request
@@ -15,7 +14,6 @@ from app.core.tokens import hash_token
 from app.db.models import Device
 from app.services import Services
 from app.store.sessions import Session
-from app.web.errors import FastJSON
 
 SESSION_COOKIE = "tapprove_session"
 LOGIN_COOKIE = "tapprove_login"
@@ -27,10 +25,6 @@ def services(conn: HTTPConnection) -> Services:
     """The Services of the app serving this request."""
     found: Services = conn.app.state.services
     return found
-
-
-def json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> FastJSON:
-    return FastJSON(content, status_code=status, headers=headers)
 
 
 def client_ip(conn: HTTPConnection) -> str:

@@ -40,6 +40,10 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_BIG = 1009
 MAX_TOKEN = 256
 
+# The events of the user's channel that go to the phone as they are, frames of their own
+# (docs/protocol.md §3.7); the channel's other events are for the server.
+FORWARDED_EVENTS = frozenset({"approval_request", "approval_resolved"})
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectedDevice:
@@ -161,7 +165,7 @@ class DeviceConnection:
         if event is RECONNECTED:
             # Redis may have restarted empty: say again that this phone is here.
             self.svc.spawn(self._rejoin())
-        elif kind in ("approval_request", "approval_resolved"):
+        elif kind in FORWARDED_EVENTS:
             self._send_soon(event)
         elif kind == "device_revoked" and event.get("device_id") == self.device.id:
             self.svc.spawn(self._close(CLOSE_UNAUTHORIZED, "device revoked"))

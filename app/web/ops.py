@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, text
@@ -16,7 +16,9 @@ from starlette.routing import BaseRoute, Route
 from app import metrics
 from app.db.models import OutboxMessage
 from app.services import Services
-from app.web.common import json, services
+from app.web.common import services
+from app.web.contract import PROMETHEUS, Answer, Done, Reply, answer, answers
+from app.web.errors import FastJSON
 from app.web.openapi import document
 
 log = logging.getLogger(__name__)
@@ -25,16 +27,39 @@ log = logging.getLogger(__name__)
 # (`sent` only grows; its rate is tapprove_outbox_attempts_total{outcome="sent"}.)
 OUTBOX_GAUGED = ("queued", "processing", "dead")
 
+_TEXT = {"type": "string"}
 
+
+class Ready(Answer):
+    status: Literal["ready"]
+
+
+class NotReady(Answer):
+    error: Literal["unavailable"]
+    message: str
+    failing: list[Literal["redis", "database"]]
+
+
+@answers(
+    {200: Reply("The process is alive (Redis and the database are not asked)", Done)},
+    store=False,
+)
 async def healthz(request: Request) -> Response:
     """GET /healthz: the process is alive (never touches Redis or the database)."""
-    return json({"status": "ok"})
+    return answer(Done(status="ok"))
 
 
+@answers(
+    {
+        200: Reply("Redis and the database answer", Ready),
+        503: Reply("Not ready; `failing` names the unreachable dependency", NotReady),
+    },
+    store=False,
+)
 async def readyz(request: Request) -> Response:
     """GET /readyz: 200 when Redis and the database answer, else 503 naming the failing one."""
     svc = services(request)
-    failing: list[str] = []
+    failing: list[Literal["redis", "database"]] = []
     try:
         await asyncio.wait_for(svc.redis.ping(), timeout=2)
     except Exception:
@@ -45,15 +70,9 @@ async def readyz(request: Request) -> Response:
     except Exception:
         failing.append("database")
     if failing:
-        return json(
-            {
-                "error": "unavailable",
-                "message": f"not ready: {', '.join(failing)} unreachable",
-                "failing": failing,
-            },
-            status=503,
-        )
-    return json({"status": "ready"})
+        message = f"not ready: {', '.join(failing)} unreachable"
+        return answer(NotReady(error="unavailable", message=message, failing=failing), 503)
+    return answer(Ready(status="ready"))
 
 
 async def _measure_outbox(svc: Services) -> None:
@@ -77,19 +96,24 @@ async def _measure_outbox(svc: Services) -> None:
         metrics.OUTBOX_DEPTH.labels(status).set(found.get(status, 0))
 
 
+@answers(
+    {200: Reply("Prometheus text exposition of this process", schema=_TEXT, media=PROMETHEUS)},
+    store=False,
+)
 async def metrics_endpoint(request: Request) -> Response:
     """GET /metrics: Prometheus text for this process (each process serves its own)."""
     await _measure_outbox(services(request))
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
+@answers({200: Reply("This document", schema={"type": "object"})}, store=False)
 async def openapi(request: Request) -> Response:
     """GET /openapi.json: the OpenAPI 3.1 description of every HTTP call."""
     state = request.app.state
     doc: dict[str, Any] | None = getattr(state, "openapi", None)
     if doc is None:  # built once per app, from its own route table
         doc = state.openapi = document(state.settings.public_url, request.app.routes)
-    return json(doc)
+    return FastJSON(doc)  # a document, not a typed answer
 
 
 routes: list[BaseRoute] = [

@@ -11,6 +11,8 @@ from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from app.web.contract import HTML, JAVASCRIPT, MANIFEST, Reply, answers
+
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 
 PAGES: dict[str, str] = {
@@ -24,19 +26,27 @@ PAGES: dict[str, str] = {
 def page(path: str, filename: str) -> Route:
     """A GET route that serves one HTML file from the static directory."""
 
+    @answers({200: Reply("The page", schema={"type": "string"}, media=HTML)}, store=False)
     async def serve(request: Request) -> FileResponse:
         return FileResponse(STATIC_DIR / filename, media_type="text/html; charset=utf-8")
 
     return Route(path, serve, methods=["GET"], name=f"page:{filename.removesuffix('.html')}")
 
 
+@answers(
+    {200: Reply("The /phone app's web app manifest", schema={"type": "object"}, media=MANIFEST)},
+    store=False,
+)
 async def phone_manifest(request: Request) -> FileResponse:
     """GET /phone/manifest.webmanifest: the /phone app's web app manifest."""
-    return FileResponse(
-        STATIC_DIR / "phone.webmanifest", media_type="application/manifest+json"
-    )
+    return FileResponse(STATIC_DIR / "phone.webmanifest", media_type="application/manifest+json")
 
 
+@answers(
+    {200: Reply("The /phone app's service worker", schema={"type": "string"}, media=JAVASCRIPT)},
+    description="Sent with `Service-Worker-Allowed: /phone`, so it controls /phone.",
+    store=False,
+)
 async def phone_service_worker(request: Request) -> FileResponse:
     """GET /phone/sw.js: the /phone app's service worker (offline shell, Web Push).
 
@@ -50,6 +60,7 @@ async def phone_service_worker(request: Request) -> FileResponse:
     )
 
 
+@answers({200: Reply("The icon", schema={"type": "string"}, media="image/x-icon")}, store=False)
 async def favicon(request: Request) -> FileResponse:
     """GET /favicon.ico: the icon as .ico (16, 32 and 48 px PNGs rendered from icon.svg)."""
     return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")

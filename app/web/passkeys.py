@@ -11,20 +11,30 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from app import metrics, passkeys
+from app.core.clock import rfc3339
 from app.core.errors import ApiError
 from app.db import audit
 from app.db import passkeys as stored
-from app.db.models import Passkey, User
+from app.db.models import Passkey as PasskeyRow
+from app.db.models import User
 from app.store.sessions import Session
 from app.web.common import (
     SESSION_COOKIE,
     client_ip,
     current_session,
-    json,
     plausible_id,
     request_context,
     services,
     set_cookie,
+)
+from app.web.contract import (
+    SESSION,
+    Answer,
+    Done,
+    Reply,
+    Time,
+    answer,
+    answers,
 )
 from app.web.errors import StrictBody, read_body
 from app.web.security import check_csrf
@@ -75,6 +85,38 @@ class PasskeyRename(StrictBody):
     name: str = Field(min_length=1, max_length=100)
 
 
+class Passkey(Answer):
+    """A passkey as its owner sees it on the account page."""
+
+    id: str
+    name: str
+    created_at: Time
+    last_used_at: Time | None
+
+    @classmethod
+    def of(cls, passkey: PasskeyRow) -> Passkey:
+        return cls(
+            id=passkey.id,
+            name=passkey.name,
+            created_at=rfc3339(passkey.created_at),
+            last_used_at=rfc3339(passkey.last_used_at) if passkey.last_used_at else None,
+        )
+
+
+class PasskeyOptions(Answer):
+    publicKey: dict[str, Any] = Field(
+        description="PublicKeyCredentialCreationOptions or ...RequestOptions in WebAuthn's "
+        "JSON form (binary members base64url), for navigator.credentials"
+    )
+
+
+class PasskeySignedIn(Answer):
+    status: Literal["authenticated"]
+
+
+_ADDITION = "An addition to PROTOCOL.md v1 (docs/protocol.md §2.4, §2.5, §7)."
+
+
 def _strong(session: Session) -> None:
     """Adding a passkey needs a sign-in approved on a phone, or with a passkey."""
     if not (session.approved_with_device or session.signed_in_with_passkey):
@@ -93,6 +135,20 @@ async def _user(request: Request, session: Session) -> User:
     return user
 
 
+@answers(
+    {
+        200: Reply(
+            "Options for navigator.credentials.create(): discoverable credential, user "
+            "verification required, ES256 or RS256, the user's passkeys excluded",
+            PasskeyOptions,
+        ),
+        401: "unauthorized",
+        403: "not_allowed (needs a sign-in approved on a phone, or with a passkey), "
+        "passkeys_disabled, or csrf",
+    },
+    auth=SESSION,
+    description=_ADDITION,
+)
 async def registration_options(request: Request) -> Response:
     """POST /api/account/passkeys/options: options for `navigator.credentials.create()`."""
     svc = services(request)
@@ -100,9 +156,22 @@ async def registration_options(request: Request) -> Response:
     session = await current_session(request, allow_restricted=False)
     _strong(session)
     options = await passkeys.registration_options(svc, await _user(request, session))
-    return json({"publicKey": options})
+    return answer(PasskeyOptions(publicKey=options))
 
 
+@answers(
+    {
+        201: Reply("The passkey was added (the owner is mailed)", Passkey),
+        400: "passkey_refused (expired or replayed challenge, another origin, no user "
+        "verification, an algorithm other than ES256/RS256, a malformed answer)",
+        401: "unauthorized",
+        403: "not_allowed, passkeys_disabled, or csrf",
+        409: "passkey_exists: this credential is already registered",
+    },
+    body=AddPasskeyBody,
+    auth=SESSION,
+    description=_ADDITION,
+)
 async def add_passkey(request: Request) -> Response:
     """POST /api/account/passkeys: keep the new passkey the browser made; the owner is mailed."""
     svc = services(request)
@@ -117,18 +186,24 @@ async def add_passkey(request: Request) -> Response:
         body.name,
         context=request_context(request),
     )
-    return json(passkeys.passkey_json(passkey), status=201)
+    return answer(Passkey.of(passkey), 201)
 
 
-async def _own_passkey(request: Request, session: Session) -> Passkey:
+async def _own_passkey(request: Request, session: Session) -> PasskeyRow:
     passkey_id = request.path_params["passkey_id"]
     async with services(request).db() as db:
-        passkey = await db.get(Passkey, passkey_id) if plausible_id(passkey_id) else None
+        passkey = await db.get(PasskeyRow, passkey_id) if plausible_id(passkey_id) else None
     if passkey is None or passkey.user_id != session.user_id:
         raise ApiError(404, "not_found", "no such passkey")
     return passkey
 
 
+@answers(
+    {200: Reply("Renamed", Passkey), 401: "unauthorized", 404: "not_found"},
+    body=PasskeyRename,
+    auth=SESSION,
+    description=_ADDITION,
+)
 async def rename_passkey(request: Request) -> Response:
     """PATCH /api/account/passkeys/<id> `{"name"}`."""
     svc = services(request)
@@ -148,9 +223,18 @@ async def rename_passkey(request: Request) -> Response:
             now=svc.clock.now(),
         )
         await db.commit()
-    return json(passkeys.passkey_json(passkey))
+    return answer(Passkey.of(passkey))
 
 
+@answers(
+    {
+        200: Reply("Removed: it no longer signs in (`removed`)", Done),
+        401: "unauthorized",
+        404: "not_found",
+    },
+    auth=SESSION,
+    description=_ADDITION,
+)
 async def remove_passkey(request: Request) -> Response:
     """DELETE /api/account/passkeys/<id>: the passkey stops signing in at once."""
     svc = services(request)
@@ -169,7 +253,7 @@ async def remove_passkey(request: Request) -> Response:
             now=svc.clock.now(),
         )
         await db.commit()
-    return json({"status": "removed"})
+    return answer(Done(status="removed"))
 
 
 # One page load asks for sign-in options (for conditional mediation), so they are cheap but
@@ -178,6 +262,18 @@ OPTIONS_PER_IP = 100
 OPTIONS_WINDOW = 5 * 60
 
 
+@answers(
+    {
+        200: Reply(
+            "Options for a usernameless navigator.credentials.get() (a single-use "
+            "challenge, 5 minutes, user verification required)",
+            PasskeyOptions,
+        ),
+        403: "passkeys_disabled (TAPPROVE_PASSKEY_LOGIN=false), or csrf",
+        429: "rate_limited: 100 per IP in 5 minutes (with Retry-After)",
+    },
+    description=_ADDITION,
+)
 async def login_options(request: Request) -> Response:
     """POST /api/login/passkey/options: options for a usernameless `navigator.credentials.get()`."""
     svc = services(request)
@@ -195,9 +291,25 @@ async def login_options(request: Request) -> Response:
             "too many passkey sign-ins started from this address",
             {"Retry-After": str(verdict.retry_after)},
         )
-    return json({"publicKey": await passkeys.login_options(svc)})
+    return answer(PasskeyOptions(publicKey=await passkeys.login_options(svc)))
 
 
+@answers(
+    {
+        200: Reply(
+            "Signed in with the passkey: no password, no phone (session cookie)",
+            PasskeySignedIn,
+            headers=("Set-Cookie",),
+        ),
+        400: "passkey_refused (expired, replayed or foreign challenge; another origin; "
+        "unknown or removed passkey; a user handle not the owner's; a bad signature; a "
+        "signature counter that went backwards, which is audited)",
+        403: "passkeys_disabled, or csrf",
+        423: "locked after a fraud report",
+    },
+    body=PasskeySignInBody,
+    description=_ADDITION,
+)
 async def passkey_sign_in(request: Request) -> Response:
     """POST /api/login/passkey: a passkey's answer signs in, without password or phone."""
     svc = services(request)
@@ -206,7 +318,7 @@ async def passkey_sign_in(request: Request) -> Response:
     credential: dict[str, Any] = body.credential.model_dump(exclude_none=True)
     user = await passkeys.sign_in(svc, credential, ip=client_ip(request))
     token = await svc.sessions.create(user.id, signed_in_with_passkey=True)
-    response = json({"status": "authenticated"})
+    response = answer(PasskeySignedIn(status="authenticated"))
     set_cookie(response, request, SESSION_COOKIE, token, None)
     metrics.LOGINS.labels("passkey").inc()
     return response

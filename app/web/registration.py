@@ -27,7 +27,8 @@ from app.db.accounts import (
 from app.delivery.outbox import kick
 from app.services import Services
 from app.verification import confirm, issue_verification, notify_existing_account, publish
-from app.web.common import client_ip, json, services
+from app.web.common import client_ip, services
+from app.web.contract import HTML, Done, Query, Reply, answer, answers
 from app.web.errors import StrictBody, read_body
 
 # Mails one address may receive (verification or "account exists"): per minute and per day.
@@ -44,7 +45,8 @@ REGISTRATIONS_PER_IP = (20, 15 * 60)
 # Tokens are 43 characters; anything far longer is not one of ours.
 MAX_TOKEN_LENGTH = 256
 
-SENT = {"status": "verification_sent"}
+SENT = Done(status="verification_sent")
+_SENT = Reply("Accepted (the same answer for known and unknown addresses)", Done)
 
 
 class RegisterBody(StrictBody):
@@ -74,9 +76,7 @@ async def _mail_allowed(svc: Services, email: str) -> bool:
     return True
 
 
-async def _registration_allowed(
-    svc: Services, kind: str, who: str, limit: tuple[int, int]
-) -> None:
+async def _registration_allowed(svc: Services, kind: str, who: str, limit: tuple[int, int]) -> None:
     """Spend one registration from `who`'s budget, or 429 `rate_limited`."""
     calls, window = limit
     key = svc.limits.key("register", kind, who)
@@ -90,6 +90,15 @@ async def _registration_allowed(
         )
 
 
+@answers(
+    {
+        202: _SENT,
+        422: "invalid_request: malformed email or a password under 8 characters",
+        429: "rate_limited (with Retry-After): too many for this address or this IP "
+        "(an addition to PROTOCOL.md v1)",
+    },
+    body=RegisterBody,
+)
 async def register(request: Request) -> Response:
     """POST /api/register: 202 for new and taken addresses alike, 429 past either budget."""
     svc = services(request)
@@ -114,10 +123,10 @@ async def register(request: Request) -> Response:
             await audit.record(session, "user.registered", user_id=user.id, ip=ip, now=now)
     except DuplicateUser:
         await _notify_existing(svc, email, ip=ip, now=now, send=allowed)
-        return json(SENT, status=202)
+        return answer(SENT, 202)
     await kick(svc, message.id)
     await publish(svc, "user.registered", user_id=user.id, email=user.email)
-    return json(SENT, status=202)
+    return answer(SENT, 202)
 
 
 async def _notify_existing(svc: Services, email: str, *, ip: str, now: float, send: bool) -> None:
@@ -148,6 +157,17 @@ def _pages() -> Environment:
     )
 
 
+@answers(
+    {
+        200: Reply(
+            "A page whose button confirms; opening it changes nothing",
+            schema={"type": "string"},
+            media=HTML,
+        )
+    },
+    query=(Query("token", "The token from the mailed link", {"type": "string"}),),
+    store=False,
+)
 async def verify_page(request: Request) -> Response:
     """GET /verify-email?token=T: a page whose button confirms; opening it changes nothing."""
     token = request.query_params.get("token", "")
@@ -160,6 +180,13 @@ async def verify_page(request: Request) -> Response:
     )
 
 
+@answers(
+    {
+        200: Reply("Verified", Done),
+        400: "invalid_or_expired_token (unknown, expired and used alike)",
+    },
+    body=TokenBody,
+)
 async def verify_email(request: Request) -> Response:
     """POST /api/verify-email: use the token once; does not sign the user in."""
     svc = services(request)
@@ -176,9 +203,10 @@ async def verify_email(request: Request) -> Response:
             session, "user.email_verified", user_id=token.user_id, ip=client_ip(request), now=now
         )
     await publish(svc, "user.verified", user_id=token.user_id)
-    return json({"status": "verified"})
+    return answer(Done(status="verified"))
 
 
+@answers({202: _SENT}, body=EmailBody)
 async def resend(request: Request) -> Response:
     """POST /api/verify-email/resend: 202 always; a fresh link goes out within the limits."""
     svc = services(request)
@@ -186,14 +214,14 @@ async def resend(request: Request) -> Response:
     try:
         email = normalize_email(body.email)
     except InvalidAccountData:
-        return json(SENT, status=202)
+        return answer(SENT, 202)
     ip_key = svc.limits.key("resend", "ip", client_ip(request))
     by_ip = await svc.limits.hit(ip_key, limit=RESENDS_PER_IP_HOUR, window=3600)
     # Limits are silent: "202 always" must not turn into an oracle for anything.
     if by_ip.allowed and await _mail_allowed(svc, email):
         # The worker looks the address up, so known and unknown ones cost the request the same.
         await publish(svc, "verification.requested", email=email)
-    return json(SENT, status=202)
+    return answer(SENT, 202)
 
 
 routes: list[BaseRoute] = [

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
 
 from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -21,7 +21,23 @@ from app.core.errors import ApiError
 from app.core.tokens import hash_token
 from app.db.accounts import get_api_key_by_plaintext
 from app.db.models import ApiKey
-from app.web.common import bearer, client_ip, json, plausible_id, request_context, services
+from app.web.common import bearer, client_ip, plausible_id, request_context, services
+from app.web.contract import (
+    RATE_LIMITED,
+    RP_KEY,
+    Answer,
+    ApprovalStatus,
+    Channel,
+    Decision,
+    Match,
+    Query,
+    Reason,
+    Reply,
+    Time,
+    answer,
+    answers,
+    omitted_if_none,
+)
 from app.web.errors import StrictBody, read_body
 
 MAX_WAIT = 30
@@ -46,6 +62,36 @@ class CreateApproval(StrictBody):
     user: str = Field(min_length=1, max_length=320)
     context: RpContext | None = None
     ttl: int | None = Field(default=None, ge=10, le=600)
+
+
+class RpApprovalCreated(Answer):
+    approval_id: str
+    number: str
+    expires_at: Time
+    match: Match
+    channels: list[Channel]
+
+
+class RpApprovalStatus(Answer):
+    approval_id: str
+    status: ApprovalStatus
+    expires_at: Time
+    created_at: Time
+    # Only once it ended.
+    decided_at: Time | SkipJsonSchema[None] = omitted_if_none()
+    reason: Reason
+
+    @classmethod
+    def of(cls, approval: PendingApproval) -> RpApprovalStatus:
+        return cls(
+            approval_id=approval.id,
+            status=approval.status.value,
+            expires_at=rfc3339(approval.expires_at),
+            created_at=rfc3339(approval.created_at),
+            decided_at=rfc3339(approval.decided_at) if approval.decided_at is not None else None,
+            # Why it ended (e.g. `superseded` vs `timeout` for an expiry); null while pending.
+            reason=approval.final_reason,
+        )
 
 
 async def _api_key(request: Request) -> ApiKey:
@@ -77,20 +123,17 @@ def _shown_context(context: RpContext | None) -> dict[str, str]:
     return given
 
 
-def _rp_json(approval: PendingApproval) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "approval_id": approval.id,
-        "status": approval.status.value,
-        "expires_at": rfc3339(approval.expires_at),
-        "created_at": rfc3339(approval.created_at),
-    }
-    if approval.decided_at is not None:
-        body["decided_at"] = rfc3339(approval.decided_at)
-    # Why it ended (e.g. `superseded` vs `timeout` for an expiry); null while pending.
-    body["reason"] = approval.final_reason
-    return body
-
-
+@answers(
+    {
+        201: Reply("The approval was sent to the user's devices", RpApprovalCreated),
+        401: "unauthorized",
+        404: "unknown_user",
+        423: "locked",
+        429: RATE_LIMITED,
+    },
+    body=CreateApproval,
+    auth=RP_KEY,
+)
 async def create(request: Request) -> Response:
     """POST /api/v1/approvals: ask a user to approve something on their phone."""
     svc = services(request)
@@ -110,16 +153,14 @@ async def create(request: Request) -> Response:
         api_key_id=key.id,
         requester_name=key.name,
     )
-    return json(
-        {
-            "approval_id": approval.id,
-            "number": approval.number,
-            "expires_at": rfc3339(approval.expires_at),
-            "match": approval.match.to_json(),
-            "channels": approval.channels,
-        },
-        status=201,
+    created = RpApprovalCreated(
+        approval_id=approval.id,
+        number=approval.number,
+        expires_at=rfc3339(approval.expires_at),
+        match=Match.model_validate(approval.match.to_json()),
+        channels=approval.channels,
     )
+    return answer(created, 201)
 
 
 def _wait_seconds(request: Request) -> float:
@@ -135,6 +176,22 @@ def _wait_seconds(request: Request) -> float:
     return wait
 
 
+@answers(
+    {
+        200: Reply("The status", RpApprovalStatus),
+        401: "unauthorized",
+        404: "not_found (also another key's approval)",
+        422: "invalid_request: wait is not a number from 0 to 30",
+    },
+    auth=RP_KEY,
+    query=(
+        Query(
+            "wait",
+            "Hold the request until the approval ends or this many seconds pass",
+            {"type": "number", "minimum": 0, "maximum": 30},
+        ),
+    ),
+)
 async def status(request: Request) -> Response:
     """GET /api/v1/approvals/<id>?wait=N: the status, optionally held until it ends."""
     svc = services(request)
@@ -148,9 +205,23 @@ async def status(request: Request) -> Response:
     )
     if approval is None or approval.api_key_id != key.id:
         raise NotFound()
-    return json(_rp_json(approval))
+    return answer(RpApprovalStatus.of(approval))
 
 
+@answers(
+    {
+        200: Reply("Approved with an offline passcode the person typed", Decision),
+        400: "invalid_code (after 5 on one approval it is denied, with status denied)",
+        401: "unauthorized",
+        404: "not_found (also another key's approval)",
+        409: "already_decided",
+        410: "expired",
+        429: "rate_limited: 10 wrong passcodes per user in 15 minutes (with Retry-After)",
+    },
+    body=PasscodeBody,
+    auth=RP_KEY,
+    description="An addition to PROTOCOL.md v1 (docs/protocol.md §3.6).",
+)
 async def passcode(request: Request) -> Response:
     """POST /api/v1/approvals/<id>/passcode: approve with a passcode the person read off
     their phone (offline) and typed into the relying party."""
@@ -167,7 +238,7 @@ async def passcode(request: Request) -> Response:
         raise NotFound()
     require_pending(approval.status)
     await passcodes.approve_with_passcode(svc, approval, body.passcode, ip=client_ip(request))
-    return json({"status": "approved"})
+    return answer(Decision(status="approved"))
 
 
 routes: list[BaseRoute] = [

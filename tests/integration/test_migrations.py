@@ -228,7 +228,7 @@ async def test_0003_remembers_every_device_an_account_ever_had(any_db_url: str) 
 
 
 async def test_0005_leaves_devices_enrolled_before_without_a_seed(any_db_url: str) -> None:
-    # They get one over their socket on the next connection (docs/protocol-additions.md).
+    # They get one over their socket on the next connection (docs/protocol.md §3.6).
     settings = Settings(database_url=any_db_url)
     await migrate.upgrade_async(settings, "0003")
     engine = engine_from_url(any_db_url, pooled=False)

@@ -1,5 +1,5 @@
 """A phone is told who asks: a browser sign-in, or a relying party by its API key's name
-(`requester` in the Approval object, docs/protocol-additions.md), on every way it reads one.
+(`requester` in the Approval object, docs/protocol.md §3.3), on every way it reads one.
 """
 
 from __future__ import annotations
