@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.db",
     "tests.fixtures.mail",
     "tests.fixtures.browser",
+    "tests.fixtures.cluster",
 ]

@@ -1,6 +1,7 @@
 """Waiting for an approval to end, without a Redis subscription per wait.
 
-Each process listens on one inbox channel of its own (`ev:proc:<process id>`). A waiter
+Each process listens on inbox channels of its own (`{s<k>}:ev:proc:<process id>`, one per
+shard k, so the script that ends an approval publishes within its slot). A waiter
 registers its process's inbox on the approval in the same Lua step that reads it
 (ApprovalStore.watch), and the step that ends an approval (the `finalize` Lua library)
 publishes the result to every inbox registered. A relying party's long
@@ -28,7 +29,8 @@ class Waiters:
     ) -> None:
         self._events = events
         self._approvals = approvals
-        self._inbox = keys.process_inbox(process_id)
+        # One inbox per shard: the script that ends an approval publishes in its own slot.
+        self._inboxes = [keys.process_inbox(process_id, shard) for shard in keys.shards]
         self._local: dict[str, list[Listener]] = {}
         self._listening = False
         self._lock = asyncio.Lock()
@@ -36,7 +38,7 @@ class Waiters:
     async def _listen(self) -> None:
         async with self._lock:
             if not self._listening:
-                await self._events.add_listener(self._on_event, self._inbox)
+                await self._events.add_listener(self._on_event, *self._inboxes)
                 self._listening = True
 
     @contextlib.asynccontextmanager
@@ -51,7 +53,9 @@ class Waiters:
         waiting = self._local.setdefault(approval_id, [])
         waiting.append(listener)
         try:
-            yield await self._approvals.watch(approval_id, self._inbox)
+            shard = self._approvals.keys.shard_of(approval_id)
+            inbox = self._inboxes[shard if shard is not None else 0]
+            yield await self._approvals.watch(approval_id, inbox)
         finally:
             waiting.remove(listener)
             if not waiting:

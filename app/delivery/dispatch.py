@@ -278,7 +278,7 @@ async def run_delivery_jobs(svc: Services, stop: asyncio.Event) -> None:
     another."""
     queue = svc.jobs
     running: set[asyncio.Task[None]] = set()
-    async with svc.events.listen(queue.wake_channel) as wake:
+    async with svc.events.listen(*queue.wake_channels) as wake:
         while not stop.is_set():
             claimed: list[Job] = []
             try:

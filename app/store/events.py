@@ -1,8 +1,15 @@
-"""Cross-process events: one Redis pub/sub connection per process, fanned out locally.
+"""Cross-process events: one Redis pub/sub link per process, fanned out locally.
 
 A socket never holds a Redis subscription of its own; it gets a local queue (`listen`) or
 a callback (`subscribe`), and the process subscribes once per channel however many local
 listeners share it.
+
+On a Redis Cluster the link is sharded pub/sub (SPUBLISH / SSUBSCRIBE, Redis 7): an event
+goes only to the master that owns its channel's slot (channels carry their keys' hash tag,
+app.store.redis.KeySpace), and a process holds one connection per master it listens on,
+not a copy of every event of the deployment. When the cluster's masters change (a
+failover, slots moved) the link follows them, and listeners get RECONNECTED, as after a
+lost connection, since events published meanwhile may be gone.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -27,13 +37,103 @@ Listener = Callable[[Event], None]
 # missed, so listeners re-read the state they care about.
 RECONNECTED: Event = {"type": "_reconnected"}
 
+# Errors after which the link is rebuilt and every channel subscribed again.
+LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
+
+
+class Link:
+    """The process's subscriptions on a single Redis server: plain pub/sub."""
+
+    confirmed = "subscribe"
+    delivered = "message"
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=False)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pubsub.subscribed)
+
+    @property
+    def connected(self) -> bool:
+        return self.pubsub.connection is not None
+
+    async def subscribe(self, *channels: str) -> None:
+        await self.pubsub.subscribe(*channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self.pubsub.unsubscribe(*channels)
+
+    async def get_message(self, wait: float) -> dict[str, Any] | None:
+        message: dict[str, Any] | None = await self.pubsub.get_message(timeout=wait)
+        return message
+
+    def moved(self) -> bool:
+        """Whether the servers behind the link changed since the last call."""
+        return False
+
+    async def close(self) -> None:
+        await self.pubsub.aclose()
+
+
+class ShardedLink:
+    """The process's subscriptions on a Redis Cluster: sharded pub/sub, one connection per
+    master that owns a channel's slot (redis-py's ClusterPubSub re-routes a channel whose
+    slot moved)."""
+
+    confirmed = "ssubscribe"
+    delivered = "smessage"
+
+    def __init__(self, redis: RedisCluster) -> None:
+        self._cluster = redis
+        self.sharded: ClusterPubSub = redis.pubsub(ignore_subscribe_messages=False)
+        self._masters = self._current_masters()
+
+    def _current_masters(self) -> frozenset[str]:
+        return frozenset(node.name for node in self._cluster.get_primaries())
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sharded.shard_channels)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.sharded.node_pubsub_mapping)
+
+    async def subscribe(self, *channels: str) -> None:
+        await self.sharded.ssubscribe(*channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self.sharded.sunsubscribe(*channels)
+
+    async def get_message(self, wait: float) -> dict[str, Any] | None:
+        return await self.sharded.get_sharded_message(timeout=wait)
+
+    def moved(self) -> bool:
+        masters = self._current_masters()
+        if masters == self._masters:
+            return False
+        self._masters = masters
+        return True
+
+    async def close(self) -> None:
+        await self.sharded.aclose()
+
+
+def open_link(redis: aioredis.Redis) -> Link | ShardedLink:
+    """A sharded link on a Redis Cluster, a plain one on a single server."""
+    if isinstance(redis, RedisCluster):
+        return ShardedLink(redis)
+    return Link(redis)
+
 
 class EventBus:
     """Publish JSON events to Redis channels and listen to them from many local tasks."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=False)
+        self._sharded = isinstance(redis, RedisCluster)
+        self._link = open_link(redis)
         # Lists, not sets: most channels have one listener (a phone's user channel), and a
         # one-item set costs an idle socket 150 bytes more.
         self._listeners: dict[str, list[Listener]] = {}
@@ -54,11 +154,14 @@ class EventBus:
                 await self._reader
             self._reader = None
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
+            await self._link.close()
 
     async def publish(self, channel: str, event: Event) -> None:
         """Send one event to every listener of `channel`, in every process."""
-        await self._redis.publish(channel, orjson.dumps(event))
+        if self._sharded:
+            await self._redis.spublish(channel, orjson.dumps(event))
+        else:
+            await self._redis.publish(channel, orjson.dumps(event))
 
     @contextlib.asynccontextmanager
     async def listen(self, *channels: str) -> AsyncIterator[asyncio.Queue[Event]]:
@@ -108,7 +211,7 @@ class EventBus:
                 waits.append(future)
             if new:
                 try:
-                    await self._pubsub.subscribe(*new)
+                    await self._link.subscribe(*new)
                 except Exception:
                     self._drop(listener, channels)
                     raise
@@ -129,9 +232,9 @@ class EventBus:
     async def remove_listener(self, listener: Listener, *channels: str) -> None:
         async with self._lock:
             gone = self._drop(listener, channels)
-            if gone and self._pubsub.connection is not None:
+            if gone and self._link.connected:
                 with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe(*gone)
+                    await self._link.unsubscribe(*gone)
 
     def _drop(self, listener: Listener, channels: tuple[str, ...]) -> list[str]:
         gone = []
@@ -161,11 +264,15 @@ class EventBus:
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
                 try:
                     await self._resubscribe()
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                except LINK_ERRORS as exc:
                     failures += 1
                     log.warning("event bus cannot resubscribe yet (%s)", type(exc).__name__)
                     continue
-            if not self._pubsub.subscribed:
+            if self._link.moved():
+                # A failover or resharding: events sent meanwhile may be lost.
+                log.warning("event bus: the cluster's masters changed")
+                self._broadcast(RECONNECTED)
+            if not self._link.active:
                 if failures:
                     failures = 0
                     self._broadcast(RECONNECTED)
@@ -173,11 +280,11 @@ class EventBus:
                 await asyncio.sleep(0.05)
                 continue
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await self._link.get_message(1.0)
                 if failures:
                     failures = 0
                     self._broadcast(RECONNECTED)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except LINK_ERRORS as exc:
                 failures += 1
                 log.warning("event bus lost Redis (%s); retrying", type(exc).__name__)
                 continue
@@ -189,23 +296,23 @@ class EventBus:
         """A fresh pub/sub connection subscribed to every channel that has listeners."""
         async with self._lock:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+                await self._link.close()
+            self._link = open_link(self._redis)
             channels = list(self._listeners)
             if channels:
-                await self._pubsub.subscribe(*channels)
+                await self._link.subscribe(*channels)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         channel = message.get("channel")
         if isinstance(channel, bytes):
             channel = channel.decode()
-        if kind == "subscribe":
+        if kind == self._link.confirmed:
             future = self._confirmations.pop(str(channel), None)
             if future is not None and not future.done():
                 future.set_result(None)
             return
-        if kind != "message":
+        if kind != self._link.delivered:
             return
         try:
             event = orjson.loads(message["data"])

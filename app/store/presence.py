@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from app.core.tokens import new_id
 from app.store.lua import Script
@@ -98,11 +99,16 @@ class Presence:
 
     async def join(self, user_id: str, device_id: str) -> None:
         """Record the device's socket as held here (again after Redis lost it, too)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._keys.presence(user_id), device_id, self.process_id)
-            # Counted at once, even before the next heartbeat (a restarted Redis lost them).
-            await self._say_alive(self._keys.shard_of(user_id), client=pipe)
-            await pipe.execute()
+        shard = self._keys.shard_of(user_id)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self._keys.presence(user_id), device_id, self.process_id)
+                # Counted at once, even before the next heartbeat (a restarted Redis lost them).
+                await self._say_alive(shard, client=pipe)
+                await pipe.execute()
+        except NoScriptError:
+            # A cluster's pipeline does not load scripts: a master promoted since lacks it.
+            await self._say_alive(shard)
 
     async def leave(self, user_id: str, device_id: str) -> None:
         await self._leave(
