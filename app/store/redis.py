@@ -248,6 +248,31 @@ async def connect_cluster(settings: Settings) -> RedisHandle:
     return RedisHandle(cast(aioredis.Redis, cluster), cluster=cluster)
 
 
+HEALTH_WAIT = 2.0
+
+
+async def cluster_health(cluster: RedisCluster) -> dict[str, Any]:
+    """The cluster as this process sees it: the state a master reports (`ok` or `fail`),
+    how many masters answer, and which do not (their users wait; the others do not)."""
+    masters = cluster.get_primaries()
+
+    async def ask(node: Any) -> dict[str, Any] | None:
+        try:
+            async with asyncio.timeout(HEALTH_WAIT):
+                info: dict[str, Any] = await cluster.cluster_info(target_nodes=node)
+                return info
+        except (RedisError, OSError, TimeoutError):
+            return None
+
+    answers = await asyncio.gather(*(ask(node) for node in masters))
+    states = {str(info.get("cluster_state")) for info in answers if info is not None}
+    return {
+        "state": "ok" if states == {"ok"} else ("fail" if states else "unreachable"),
+        "masters": sum(1 for info in answers if info is not None),
+        "unreachable": sorted(n.name for n, info in zip(masters, answers, strict=True) if not info),
+    }
+
+
 async def connect(settings: Settings) -> RedisHandle:
     """Connect to `TAPPROVE_REDIS_URL` (a server, or a cluster's node with
     TAPPROVE_REDIS_CLUSTER), or start the embedded server in the data dir."""

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 from app import metrics
 from app.db.models import OutboxMessage
 from app.services import Services
+from app.store.redis import cluster_health
 from app.web.common import json, services
 from app.web.openapi import document
 
@@ -32,28 +33,41 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """GET /readyz: 200 when Redis and the database answer, else 503 naming the failing one."""
+    """GET /readyz: 200 when Redis and the database answer, else 503 naming the failing one.
+
+    On a Redis Cluster, Redis answers when any master does (a master down stops only the
+    users of its slots, who get 503 with Retry-After); the body reports the cluster: its
+    state, the masters that answer and those that do not.
+    """
     svc = services(request)
     failing: list[str] = []
-    try:
-        await asyncio.wait_for(svc.redis.ping(), timeout=2)
-    except Exception:
-        failing.append("redis")
+    cluster: dict[str, Any] | None = None
+    if svc.redis_handle.cluster is not None:
+        cluster = await cluster_health(svc.redis_handle.cluster)
+        if not cluster["masters"]:
+            failing.append("redis")
+    else:
+        try:
+            await asyncio.wait_for(svc.redis.ping(), timeout=2)
+        except Exception:
+            failing.append("redis")
     try:
         async with svc.engine.connect() as conn:
             await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
     except Exception:
         failing.append("database")
+    extra = {"redis_cluster": cluster} if cluster is not None else {}
     if failing:
         return json(
             {
                 "error": "unavailable",
                 "message": f"not ready: {', '.join(failing)} unreachable",
                 "failing": failing,
+                **extra,
             },
             status=503,
         )
-    return json({"status": "ready"})
+    return json({"status": "ready", **extra})
 
 
 async def _measure_outbox(svc: Services) -> None:
