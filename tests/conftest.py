@@ -3,10 +3,10 @@
 pytest_plugins = [
     "tests.fixtures.providers",
     "tests.fixtures.services",
+    "tests.fixtures.cluster",
     "tests.fixtures.app",
     "tests.fixtures.processes",
     "tests.fixtures.db",
     "tests.fixtures.mail",
     "tests.fixtures.browser",
-    "tests.fixtures.cluster",
 ]
