@@ -104,7 +104,7 @@ async def approve_with_passcode(
     """Approve a pending approval with a passcode, or refuse: TooManyPasscodes past the
     user's budget, InvalidPasscode (denied when it was the approval's last try), Expired /
     AlreadyDecided when it had already ended."""
-    user_budget = svc.limits.key("passcode", "user", approval.user_id)
+    user_budget = svc.limits.user_key(approval.user_id, "passcode", "user", approval.user_id)
     verdict = await svc.limits.hit(user_budget, limit=MAX_PER_USER, window=USER_WINDOW)
     if not verdict.allowed:
         raise TooManyPasscodes(verdict.retry_after)
@@ -115,7 +115,7 @@ async def approve_with_passcode(
         return
     # The approval's own tries, counted before this one ends it: the last wrong one denies.
     tries = await svc.limits.hit(
-        svc.limits.key("passcode", "approval", approval.id),
+        svc.limits.user_key(approval.user_id, "passcode", "approval", approval.id),
         limit=MAX_PER_APPROVAL - 1,
         window=max(60, int(approval.expires_at - svc.clock.now()) + 60),
     )

@@ -156,6 +156,15 @@ class Script:
         client: aioredis.Redis | Pipeline | None = None,
     ) -> Any:
         self._check(keys, args)
+        if client is None and is_cluster(self._redis):
+            names, values = list(keys.values()), list(args.values())
+            try:
+                return await self._redis.evalsha(self._registered.sha, len(names), *names, *values)
+            except NoScriptError:
+                # The node of this slot never ran it (a replica promoted since). EVAL runs and
+                # caches it there; redis-py's SCRIPT LOAD would go to every master, and fail
+                # while one of them is down.
+                return await self._redis.eval(self.source, len(names), *names, *values)
         return await self._registered(
             keys=list(keys.values()), args=list(args.values()), client=client
         )
@@ -170,22 +179,24 @@ class Script:
         if replicas <= 0:
             return await self(keys, args), 0
         names, values = list(keys.values()), list(args.values())
-        for attempt in (1, 2):
+        cluster = is_cluster(self._redis)
+        for cached in (True, False):
             async with self._redis.pipeline(transaction=False) as pipe:
-                if is_cluster(self._redis):
-                    node = self._redis.get_node_from_key(names[0])  # type: ignore[attr-defined]
-                    pipe.evalsha(self._registered.sha, len(names), *names, *values)
-                    pipe.execute_command("WAIT", replicas, wait_ms, target_nodes=node)
-                else:
+                if not cluster:
                     await self._registered(keys=names, args=values, client=pipe)
                     pipe.execute_command("WAIT", replicas, wait_ms)
+                else:
+                    node = self._redis.get_node_from_key(names[0])  # type: ignore[attr-defined]
+                    if cached:
+                        pipe.evalsha(self._registered.sha, len(names), *names, *values)
+                    else:  # the node never ran it (see __call__)
+                        pipe.eval(self.source, len(names), *names, *values)
+                    pipe.execute_command("WAIT", replicas, wait_ms, target_nodes=node)
                 try:
                     result, acked = await pipe.execute()
                 except NoScriptError:
-                    if attempt == 2:
+                    if not (cluster and cached):
                         raise
-                    # A node that never ran it (a replica promoted since): load, try again.
-                    await self._redis.script_load(self.source)
                     continue
             return result, int(acked)
         raise AssertionError("unreachable")

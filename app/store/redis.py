@@ -243,6 +243,9 @@ async def connect_cluster(settings: Settings) -> RedisHandle:
         socket_connect_timeout=2,
         max_connections=MAX_CONNECTIONS,  # per node
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), CLUSTER_RETRIES),
+        # A shard that is down (a master and its replicas gone) must stop only its own
+        # users: the slot map may have holes (the servers need the same: docs/deploy.md).
+        require_full_coverage=False,
     )
     await cluster.initialize()
     return RedisHandle(cast(aioredis.Redis, cluster), cluster=cluster)

@@ -1,11 +1,14 @@
-"""A Redis Cluster master dies (SIGKILL) with approvals in flight: its replica is promoted,
-the approval that was pending is still there and the phone's decision completes it, the
-one already decided keeps its result, no server process fails, and the delivery job queued
-on that shard before the kill is sent once after the promotion."""
+"""A Redis Cluster under stress. A master dies (SIGKILL) with approvals in flight: its
+replica is promoted, the approval that was pending is still there and the phone's decision
+completes it, the one already decided keeps its result, no server process fails, and the
+delivery job queued on that shard before the kill is sent once after the promotion. A
+shard with no replica left stops only its own users (503 with Retry-After). Slots move
+(`redis-cli --cluster reshard`) while flows run, and they keep completing."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from typing import Any
 
@@ -120,3 +123,133 @@ async def test_a_master_dies_and_its_replica_carries_on(
         assert time.monotonic() < deadline, "the push job was never finished"
         await asyncio.sleep(0.1)
     assert len(fake_fcm.requests) == 1
+
+
+async def test_a_shard_that_is_down_makes_only_its_users_wait(
+    server_factory: ServerFactory, private_cluster: LocalCluster
+) -> None:
+    cluster = private_cluster
+    server = await server_factory(redis_url=cluster.url, redis_cluster=True)
+    svc = server.services
+    people: dict[str, tuple[str, Phone]] = {}  # master address -> (email, phone)
+    for i in range(40):
+        email = f"outage-{i}@example.com"
+        user_id = await server.add_user(email)
+        address = cluster.master_of(svc.keys.in_shard(svc.keys.shard_of(user_id), "x")).address
+        if address not in people:
+            people[address] = (email, await server.enroll_phone(user_id))
+        if len(people) == 3:
+            break
+    assert len(people) == 3
+    down, *up = list(people)
+    node = next(n for n in cluster.nodes if n.address == down)
+    replica = cluster.replica_of(node)
+    cluster.kill(replica)  # no replica left to take over: the shard is down
+    cluster.kill(node)
+
+    key = await api_key(server)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as rp:
+        refused = await rp.post("/api/v1/approvals", json={"user": people[down][0]})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "unavailable"
+        assert int(refused.headers["Retry-After"]) >= 1
+        for address in up:
+            created = await rp.post("/api/v1/approvals", json={"user": people[address][0]})
+            assert created.status_code == 201, created.text
+            phone = people[address][1]
+            approval_id = created.json()["approval_id"]
+            number = created.json()["number"]
+            assert await decide_over_http(server, phone, approval_id, number=number) == 200
+            assert await status_once_answered(rp, approval_id) == "approved"
+        ready = await rp.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["redis_cluster"]["unreachable"] == [down]
+    assert ready.json()["redis_cluster"]["masters"] == 2
+    assert ready.json()["redis_cluster"]["state"] == "ok"  # the others serve their slots
+
+
+async def test_flows_keep_completing_while_slots_move(
+    server_factory: ServerFactory, private_cluster: LocalCluster
+) -> None:
+    cluster = private_cluster
+    server = await server_factory(redis_url=cluster.url, redis_cluster=True)
+    svc = server.services
+    # The shard whose slot comes first in its master's range: the fewest slots to move.
+    ranges = cluster.masters()
+
+    def offset(shard: int) -> tuple[int, str]:
+        slot = cluster.keyslot(svc.keys.in_shard(shard, "x"))
+        for address, spans in ranges.items():
+            for first, last in spans:
+                if first <= slot <= last:
+                    return slot - first, address
+        raise AssertionError(slot)
+
+    shard = min(svc.keys.shards, key=lambda s: offset(s)[0])
+    moved, source = offset(shard)
+    target = next(address for address in ranges if address != source)
+    slot = cluster.keyslot(svc.keys.in_shard(shard, "x"))
+    for i in range(400):
+        email = f"reshard-{i}@example.com"
+        user_id = await server.add_user(email)
+        if svc.keys.shard_of(user_id) == shard:
+            break
+    else:
+        raise AssertionError("no user on that shard")
+    phone = await server.enroll_phone(user_id)
+
+    key = await api_key(server)
+    completed: list[str] = []
+    during: list[str] = []
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as rp:
+
+        async def flow() -> str:
+            while True:  # 503 (TRYAGAIN while a slot's keys are split): retry as told
+                created = await rp.post("/api/v1/approvals", json={"user": email})
+                if created.status_code != 503:
+                    break
+                await asyncio.sleep(0.1)
+            assert created.status_code == 201, created.text
+            approval_id: str = created.json()["approval_id"]
+            number = created.json()["number"]
+            decided = 503
+            while decided == 503:
+                decided = await decide_over_http(server, phone, approval_id, number=number)
+            assert decided == 200
+            assert await status_once_answered(rp, approval_id) == "approved"
+            return approval_id
+
+        reshard = asyncio.create_task(asyncio.to_thread(
+            subprocess.run,
+            [
+                "redis-cli", "--cluster", "reshard", source,
+                "--cluster-from", node_id(cluster, source),
+                "--cluster-to", node_id(cluster, target),
+                "--cluster-slots", str(moved + 1),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=180,
+            check=False,
+        ))
+        while not reshard.done():
+            completed.append(await flow())
+            if not reshard.done():
+                during.append(completed[-1])
+        done = await reshard
+        assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()
+        completed.append(await flow())  # and after
+    assert during, "no flow ran while the slots moved"
+    assert cluster.master_of(svc.keys.in_shard(shard, "x")).address == target
+    assert cluster.keyslot(svc.keys.in_shard(shard, "x")) == slot
+
+
+def node_id(cluster: LocalCluster, address: str) -> str:
+    node = next(n for n in cluster.nodes if n.address == address)
+    with node.client() as client:
+        found: str = client.execute_command("CLUSTER MYID")
+        return found
