@@ -17,15 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import MovedError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,17 @@ Listener = Callable[[Event], None]
 # missed, so listeners re-read the state they care about.
 RECONNECTED: Event = {"type": "_reconnected"}
 
+# Seconds between tries to subscribe channels whose shard was down.
+HEAL_EVERY = 1.0
+
 # Errors after which the link is rebuilt and every channel subscribed again.
-LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
+LINK_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisClusterException,
+    MovedError,
+    OSError,
+)
 
 
 class Link:
@@ -58,8 +71,12 @@ class Link:
     def connected(self) -> bool:
         return self.pubsub.connection is not None
 
-    async def subscribe(self, *channels: str) -> None:
+    async def subscribe(self, *channels: str, tolerant: bool = False) -> None:
         await self.pubsub.subscribe(*channels)
+
+    async def heal(self) -> bool:
+        """Subscribe what a tolerant subscribe could not; True when something was."""
+        return False
 
     async def unsubscribe(self, *channels: str) -> None:
         await self.pubsub.unsubscribe(*channels)
@@ -78,15 +95,25 @@ class Link:
 
 class ShardedLink:
     """The process's subscriptions on a Redis Cluster: sharded pub/sub, one connection per
-    master that owns a channel's slot (redis-py's ClusterPubSub re-routes a channel whose
-    slot moved)."""
+    master that owns a subscribed channel's slot, each read by a task of its own (so an
+    event waits for no other master's) into one queue.
+
+    A master lost, a slot moved away (Redis then ends the subscription with SUNSUBSCRIBE) or
+    a subscription answered MOVED is reported as a lost link: the bus builds a new one from
+    a refreshed slot map and tells its listeners (RECONNECTED).
+    """
 
     confirmed = "ssubscribe"
     delivered = "smessage"
 
     def __init__(self, redis: RedisCluster) -> None:
         self._cluster = redis
-        self.sharded: ClusterPubSub = redis.pubsub(ignore_subscribe_messages=False)
+        self._nodes: dict[str, tuple[aioredis.Redis, PubSub, asyncio.Task[None]]] = {}
+        self._owner: dict[str, str] = {}  # channel -> the node holding its subscription
+        self._leaving: set[str] = set()
+        self._missing: set[str] = set()  # wanted, but their master did not answer
+        self._next_heal = 0.0
+        self._inbox: asyncio.Queue[dict[str, Any] | Exception] = asyncio.Queue()
         self._masters = self._current_masters()
 
     def _current_masters(self) -> frozenset[str]:
@@ -94,20 +121,104 @@ class ShardedLink:
 
     @property
     def active(self) -> bool:
-        return bool(self.sharded.shard_channels)
+        return bool(self._owner or self._missing)
 
     @property
     def connected(self) -> bool:
-        return bool(self.sharded.node_pubsub_mapping)
+        return bool(self._nodes)
 
-    async def subscribe(self, *channels: str) -> None:
-        await self.sharded.ssubscribe(*channels)
+    def _pubsub(self, node: ClusterNode) -> PubSub:
+        found = self._nodes.get(node.name)
+        if found is not None:
+            return found[1]
+        # No retries of its own: a lost connection must reach the bus, which resubscribes
+        # everything and tells the listeners.
+        kwargs = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+        pool = aioredis.ConnectionPool(connection_class=node.connection_class, **kwargs)
+        client = aioredis.Redis(connection_pool=pool)
+        pubsub = client.pubsub(ignore_subscribe_messages=False)
+        reader = asyncio.create_task(self._read(node.name, pubsub), name=f"shard-{node.name}")
+        self._nodes[node.name] = (client, pubsub, reader)
+        return pubsub
+
+    async def subscribe(self, *channels: str, tolerant: bool = False) -> None:
+        """SSUBSCRIBE on the masters of the channels' slots. `tolerant`: channels whose
+        master does not answer (a shard down) are kept aside for `heal`, so one shard's
+        outage leaves the other shards' listeners hearing."""
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        refreshed = False
+        # One SSUBSCRIBE per slot: Redis refuses one that spans slots.
+        for group in by_slot.values():
+            try:
+                node = self._cluster.get_node_from_key(group[0])
+                if node is None:  # the slot has no master now: its shard is down
+                    raise RedisConnectionError(f"no master serves {group[0]}")
+                await self._pubsub(node).ssubscribe(*group)
+            except (MovedError, RedisConnectionError, RedisTimeoutError, OSError):
+                if not refreshed:
+                    # The slot map may be stale (a failover, a slot moved): the next try
+                    # uses a fresh one.
+                    refreshed = True
+                    with contextlib.suppress(*LINK_ERRORS):
+                        await self._cluster.nodes_manager.initialize()
+                if not tolerant:
+                    raise
+                self._missing.update(group)
+                continue
+            for channel in group:
+                self._owner[channel] = node.name
+                self._leaving.discard(channel)
+                self._missing.discard(channel)
+
+    async def heal(self) -> bool:
+        if not self._missing or time.monotonic() < self._next_heal:
+            return False
+        self._next_heal = time.monotonic() + HEAL_EVERY
+        before = len(self._missing)
+        await self.subscribe(*self._missing, tolerant=True)
+        return len(self._missing) < before
 
     async def unsubscribe(self, *channels: str) -> None:
-        await self.sharded.sunsubscribe(*channels)
+        for channel in channels:
+            self._missing.discard(channel)
+            name = self._owner.pop(channel, None)
+            if name is not None and name in self._nodes:
+                self._leaving.add(channel)
+                await self._nodes[name][1].sunsubscribe(channel)
+
+    async def _read(self, name: str, pubsub: PubSub) -> None:
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    await asyncio.sleep(0.05)  # nothing to read on this node yet
+                    continue
+                message = await pubsub.get_message(timeout=1.0)
+            except Exception as exc:  # lost: the bus resubscribes
+                self._inbox.put_nowait(exc)
+                return
+            if message is None:
+                continue
+            if message["type"] == "sunsubscribe":
+                channel = str(message["channel"])
+                if channel in self._leaving:
+                    self._leaving.discard(channel)
+                elif self._owner.get(channel) == name:  # the slot moved to another master
+                    self._inbox.put_nowait(RedisConnectionError(f"{channel} moved"))
+                    return
+                continue
+            self._inbox.put_nowait(message)
 
     async def get_message(self, wait: float) -> dict[str, Any] | None:
-        return await self.sharded.get_sharded_message(timeout=wait)
+        try:
+            async with asyncio.timeout(wait):
+                item = await self._inbox.get()
+        except TimeoutError:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     def moved(self) -> bool:
         masters = self._current_masters()
@@ -117,7 +228,15 @@ class ShardedLink:
         return True
 
     async def close(self) -> None:
-        await self.sharded.aclose()
+        for client, pubsub, reader in self._nodes.values():
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose(close_connection_pool=True)
+        self._nodes.clear()
 
 
 def open_link(redis: aioredis.Redis) -> Link | ShardedLink:
@@ -272,6 +391,13 @@ class EventBus:
                 # A failover or resharding: events sent meanwhile may be lost.
                 log.warning("event bus: the cluster's masters changed")
                 self._broadcast(RECONNECTED)
+            try:
+                async with self._lock:
+                    healed = await self._link.heal()
+                if healed:
+                    self._broadcast(RECONNECTED)  # a shard is back: its events were missed
+            except LINK_ERRORS as exc:
+                log.warning("event bus cannot heal yet (%s)", type(exc).__name__)
             if not self._link.active:
                 if failures:
                     failures = 0
@@ -300,7 +426,8 @@ class EventBus:
             self._link = open_link(self._redis)
             channels = list(self._listeners)
             if channels:
-                await self._link.subscribe(*channels)
+                # Tolerant: a shard that is down must not keep the others' listeners deaf.
+                await self._link.subscribe(*channels, tolerant=True)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

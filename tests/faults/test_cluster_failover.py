@@ -8,6 +8,7 @@ shard with no replica left stops only its own users (503 with Retry-After). Slot
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from tests.fakes import wait_until
 from tests.fakes.fcm import FakeFcm
 from tests.fixtures.app import LiveServer, Phone, ServerFactory
 from tests.fixtures.cluster import LocalCluster
+from tests.integration.test_login_loop import device_socket, next_frame
 from tests.integration.test_push_delivery import providers_for
 from tests.security.harness import api_key
 
@@ -144,6 +146,9 @@ async def test_a_shard_that_is_down_makes_only_its_users_wait(
     down, *up = list(people)
     node = next(n for n in cluster.nodes if n.address == down)
     replica = cluster.replica_of(node)
+    # A phone on another shard holds its socket through the outage.
+    socket_phone = people[up[0]][1]
+    ws = await device_socket(server, socket_phone)
     cluster.kill(replica)  # no replica left to take over: the shard is down
     cluster.kill(node)
 
@@ -161,6 +166,16 @@ async def test_a_shard_that_is_down_makes_only_its_users_wait(
             phone = people[address][1]
             approval_id = created.json()["approval_id"]
             number = created.json()["number"]
+            if phone is socket_phone:
+                # Events still flow for this shard: the request reaches the socket, and the
+                # long poll (this process's inbox of that shard) hears the decision.
+                request = await next_frame(ws, "approval_request", timeout=30)
+                assert request["approval"]["id"] == approval_id
+                poll = asyncio.create_task(rp.get(f"/api/v1/approvals/{approval_id}?wait=30"))
+                jws = phone.sign(request["approval"], number=number)
+                await ws.send(json.dumps({"type": "decision", "jws": jws}))
+                assert (await poll).json()["status"] == "approved"
+                continue
             assert await decide_over_http(server, phone, approval_id, number=number) == 200
             assert await status_once_answered(rp, approval_id) == "approved"
         ready = await rp.get("/readyz")
