@@ -77,17 +77,19 @@ class Presence:
             with contextlib.suppress(BaseException):
                 await self._beating
             self._beating = None
-        with contextlib.suppress(Exception):
-            for shard in self._keys.shards:
+        for shard in self._keys.shards:
+            with contextlib.suppress(Exception):
                 await self._redis.zrem(self._keys.processes(shard), self.process_id)
 
     async def _beat(self) -> None:
         while True:
-            try:
-                for shard in self._keys.shards:
+            # Shard by shard: one that is down (a Redis Cluster master lost) must not stop
+            # the heartbeat in the others, or their phones would stop counting as connected.
+            for shard in self._keys.shards:
+                try:
                     await self._say_alive(shard)
-            except Exception as exc:
-                log.warning("presence heartbeat failed: %s", type(exc).__name__)
+                except Exception as exc:
+                    log.warning("presence heartbeat failed: %s", type(exc).__name__)
             await asyncio.sleep(HEARTBEAT)
 
     async def _say_alive(self, shard: int, client: aioredis.Redis | Pipeline | None = None) -> None:
