@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PROCESS_TTL = 30
 HEARTBEAT = 10
+STOP_WAIT = 2.0
 # A process gone this long leaves the registry (its entries no longer count long before).
 FORGET_AFTER = 86400
 
@@ -77,9 +78,15 @@ class Presence:
             with contextlib.suppress(BaseException):
                 await self._beating
             self._beating = None
-        for shard in self._keys.shards:
-            with contextlib.suppress(Exception):
-                await self._redis.zrem(self._keys.processes(shard), self.process_id)
+        # Bounded: a process stopping while Redis (or a shard) is away must still stop; its
+        # entries stop counting PROCESS_TTL seconds after its last heartbeat anyway.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(STOP_WAIT):
+                await asyncio.gather(
+                    *(self._redis.zrem(self._keys.processes(s), self.process_id)
+                      for s in self._keys.shards),
+                    return_exceptions=True,
+                )
 
     async def _beat(self) -> None:
         while True:

@@ -8,9 +8,10 @@ import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -233,10 +234,14 @@ CLUSTER_RETRIES = 6
 
 
 async def connect_cluster(settings: Settings) -> RedisHandle:
-    """Connect to the Redis Cluster that `TAPPROVE_REDIS_URL` names one node of."""
+    """Connect to the Redis Cluster that `TAPPROVE_REDIS_URL` names one node of, or several
+    (comma-separated URLs: a process starting while one of them is down finds the others)."""
     assert settings.redis_url is not None  # Settings checks it
+    first, *others = [url.strip() for url in settings.redis_url.split(",") if url.strip()]
+    more = [urlsplit(url) for url in others]
     cluster = RedisCluster.from_url(
-        settings.redis_url,
+        first,
+        startup_nodes=[ClusterNode(u.hostname or "127.0.0.1", u.port or 6379) for u in more],
         decode_responses=True,
         socket_keepalive=True,
         socket_timeout=5,

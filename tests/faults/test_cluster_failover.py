@@ -1,8 +1,8 @@
 """A Redis Cluster under stress. A master dies (SIGKILL) with approvals in flight: its
 replica is promoted, the approval that was pending is still there and the phone's decision
 completes it, the one already decided keeps its result, no server process fails, and the
-delivery job queued on that shard before the kill is sent once after the promotion. A
-shard with no replica left stops only its own users (503 with Retry-After). Slots move
+delivery job and the mail queued on that shard before the kill are sent once after the
+promotion. A shard with no replica left stops only its own users (503 with Retry-After). Slots move
 (`redis-cli --cluster reshard`) while flows run, and they keep completing."""
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
+from app.delivery.outbox import outbox_stream
 from tests.fakes import wait_until
 from tests.fakes.fcm import FakeFcm
 from tests.fixtures.app import LiveServer, Phone, ServerFactory
 from tests.fixtures.cluster import LocalCluster
+from tests.fixtures.mail import MailAppFactory, SmtpServer
 from tests.integration.test_login_loop import device_socket, next_frame
+from tests.integration.test_outbox import register, row_where, rows
 from tests.integration.test_push_delivery import providers_for
 from tests.security.harness import api_key
 
@@ -54,8 +57,8 @@ async def status_once_answered(rp: httpx.AsyncClient, approval_id: str) -> str:
 
 
 async def test_a_master_dies_and_its_replica_carries_on(
+    private_cluster: LocalCluster,  # first: it outlives the servers, which stop before it
     server_factory: ServerFactory,
-    private_cluster: LocalCluster,
     fcm_env: dict[str, str],
     fake_fcm: FakeFcm,
 ) -> None:
@@ -128,7 +131,7 @@ async def test_a_master_dies_and_its_replica_carries_on(
 
 
 async def test_a_shard_that_is_down_makes_only_its_users_wait(
-    server_factory: ServerFactory, private_cluster: LocalCluster
+    private_cluster: LocalCluster, server_factory: ServerFactory
 ) -> None:
     cluster = private_cluster
     server = await server_factory(redis_url=cluster.url, redis_cluster=True)
@@ -186,7 +189,7 @@ async def test_a_shard_that_is_down_makes_only_its_users_wait(
 
 
 async def test_flows_keep_completing_while_slots_move(
-    server_factory: ServerFactory, private_cluster: LocalCluster
+    private_cluster: LocalCluster, server_factory: ServerFactory
 ) -> None:
     cluster = private_cluster
     server = await server_factory(redis_url=cluster.url, redis_cluster=True)
@@ -268,3 +271,29 @@ def node_id(cluster: LocalCluster, address: str) -> str:
     with node.client() as client:
         found: str = client.execute_command("CLUSTER MYID")
         return found
+
+
+async def test_mail_queued_on_a_shard_whose_master_dies_is_sent_once(
+    private_cluster: LocalCluster, mail_app_factory: MailAppFactory, smtp_server: SmtpServer
+) -> None:
+    cluster = private_cluster
+    # Every node: a process may start while the one named first is the one that died.
+    every_node = ",".join(f"redis://{node.address}/0" for node in cluster.nodes)
+    on_cluster = {"redis_url": every_node, "redis_cluster": True, "outbox_lease": 2.0}
+    web = await mail_app_factory(run_worker=False, **on_cluster)
+    await register(web)  # the verification mail: a row in SQL, an entry on its shard's stream
+    [message] = await rows(web)
+    stream = outbox_stream(web.services, message.id).stream
+    assert await web.services.redis.xlen(stream) == 1
+    cluster.kill(cluster.master_of(stream))
+    cluster.wait_until_ok()
+
+    # A worker started after the promotion sends it: from the stream if the replica had the
+    # entry, else from SQL once the lease ends (the outbox publishes unsent rows again).
+    worker = await mail_app_factory(run_worker=True, **on_cluster)
+    [mail] = await smtp_server.wait_for(1, timeout=60)
+    assert "ada@example.com" in mail.recipients
+    await row_where(worker, status="sent", attempts=1)
+    # Two more leases: nothing is sent again (the row says sent; a stale entry is skipped).
+    await asyncio.sleep(2 * 2.0)
+    assert len(smtp_server.received) == 1
