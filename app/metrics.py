@@ -43,6 +43,12 @@ DELIVERY_LATENCY = Histogram(
 OPEN_SOCKETS = Gauge(
     "tapprove_open_sockets", "Open WebSockets by kind", ["kind"], registry=REGISTRY
 )
+UNREPLICATED = Counter(
+    "tapprove_redis_unreplicated_total",
+    "Approvals created or decided that no replica acknowledged within TAPPROVE_REDIS_WAIT_MS",
+    ["step"],
+    registry=REGISTRY,
+)
 LOGINS = Counter("tapprove_logins_total", "Login results", ["result"], registry=REGISTRY)
 RATE_LIMITED = Counter(
     "tapprove_rate_limited_total", "Calls refused by a rate limit", ["what"], registry=REGISTRY

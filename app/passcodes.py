@@ -120,7 +120,7 @@ async def check_passcode(
     """Check a code the user typed against their devices' passcodes, and then `also` (a
     caller's other code, e.g. one texted to them), within their budget of wrong codes:
     TooManyPasscodes past MAX_PER_USER in USER_WINDOW; a wrong code spends one."""
-    user_budget = svc.limits.key("passcode", "user", user_id)
+    user_budget = svc.limits.user_key(user_id, "passcode", "user", user_id)
     verdict = await svc.limits.hit(user_budget, limit=MAX_PER_USER, window=USER_WINDOW)
     if not verdict.allowed:
         raise TooManyPasscodes(verdict.retry_after)
@@ -143,7 +143,7 @@ async def approve_with_passcode(
         return
     # The approval's own tries, counted before this one ends it: the last wrong one denies.
     tries = await svc.limits.hit(
-        svc.limits.key("passcode", "approval", approval.id),
+        svc.limits.user_key(approval.user_id, "passcode", "approval", approval.id),
         limit=MAX_PER_APPROVAL - 1,
         window=max(60, int(approval.expires_at - svc.clock.now()) + 60),
     )

@@ -50,7 +50,7 @@ async def sign_in_with_code(
 ) -> int:
     """Use up one of the user's codes (the password was checked); the codes left.
     400 `invalid_code` for a wrong, used or malformed code, 429 past the budget."""
-    budget = svc.limits.key("recovery-code", user.id)
+    budget = svc.limits.user_key(user.id, "recovery-code", user.id)
     verdict = await svc.limits.hit(budget, limit=MAX_WRONG, window=WINDOW)
     if not verdict.allowed:
         raise ApiError(

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.account_cache import AccountCache
-from app.approval.store import ApprovalStore
+from app.approval.store import ApprovalStore, Durability
 from app.approval.waiters import Waiters
 from app.core.clock import Clock, SystemClock
 from app.core.tokens import new_id
@@ -109,7 +109,13 @@ async def build_services(
     sessions = make_sessionmaker(engine)
     presence = Presence(handle.client, keys, process_id)
     jobs = JobQueue(handle.client, keys, clock)
-    approvals = ApprovalStore(handle.client, keys, clock, jobs)
+    approvals = ApprovalStore(
+        handle.client,
+        keys,
+        clock,
+        jobs,
+        Durability(settings.wait_replicas, settings.redis_wait_ms),
+    )
     services = Services(
         settings=settings,
         clock=clock,

@@ -23,6 +23,9 @@ DEFAULT_WEBPUSH_HOSTS = (
 # Where `tapprove serve` writes the public URL it runs with, for CLI commands to read.
 SERVER_RECORD = "server.json"
 SQLITE_FILE = "tapprove.sqlite3"
+# Hash tags (TAPPROVE_REDIS_SHARDS) on a Redis Cluster unless set: enough to spread users
+# over a few masters, each tag's slot moving whole when slots are resharded.
+CLUSTER_SHARDS = 16
 
 
 class Settings(BaseSettings):
@@ -37,6 +40,13 @@ class Settings(BaseSettings):
     # How many hash tags a user's keys are spread over (app.store.redis.KeySpace); more than
     # one only matters on a Redis Cluster. Changing it orphans the approvals under way.
     redis_shards: int = Field(default=1, ge=1, le=256)
+    # TAPPROVE_REDIS_URL names one node of a Redis Cluster (the client finds the others);
+    # events then go over sharded pub/sub (app.store.events). Needs Redis 7.
+    redis_cluster: bool = False
+    # A pending approval and a decision are answered only once this many replicas hold
+    # them (WAIT), up to redis_wait_ms; unset: 1 on a cluster, 0 (no WAIT) otherwise.
+    redis_wait_replicas: int | None = Field(default=None, ge=0, le=16)
+    redis_wait_ms: int = Field(default=500, ge=1, le=60_000)
     # Unset: derived from where `tapprove serve` listens (see listening_public_url), and read
     # by CLI commands from the data dir's server record (see with_recorded_public_url).
     public_url: str = DEFAULT_PUBLIC_URL
@@ -131,6 +141,24 @@ class Settings(BaseSettings):
             if not loopback or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{entry!r} is not a loopback IP:port")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_node(self) -> Settings:
+        """Cluster mode names a node to discover the cluster from; the embedded Redis is
+        one server. Unless TAPPROVE_REDIS_SHARDS is given, a cluster gets CLUSTER_SHARDS
+        hash tags, so the users spread over its masters."""
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("TAPPROVE_REDIS_CLUSTER needs TAPPROVE_REDIS_URL (any one node)")
+        if self.redis_cluster and "redis_shards" not in self.model_fields_set:
+            self.redis_shards = CLUSTER_SHARDS
+        return self
+
+    @property
+    def wait_replicas(self) -> int:
+        """Replicas that must hold a new approval or a decision before it is answered."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_cluster else 0
 
     @model_validator(mode="after")
     def _test_endpoints_only_in_tests(self) -> Settings:

@@ -32,7 +32,7 @@ from app.db.models import EmailToken, OutboxMessage, User
 from app.delivery import outbox
 from app.services import Services
 from app.settings import Settings
-from app.store.streams import Entry, StreamGroup
+from app.store.streams import Entry, StreamGroup, route, spread
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,16 @@ TOKEN_BYTES = 32
 NOTICE_TTL = 86_400.0
 
 
-def events_stream(svc: Services) -> StreamGroup:
-    """The broker stream of account events, read by the `accounts` consumer group."""
-    return StreamGroup(svc.redis, svc.keys("events"), EVENTS_GROUP, svc.process_id)
+def events_streams(svc: Services) -> list[StreamGroup]:
+    """The broker streams of account events (one per shard), read by the `accounts`
+    consumer group."""
+    return spread(svc.redis, svc.keys, "events", EVENTS_GROUP, svc.process_id)
+
+
+def events_stream(svc: Services, about: str) -> StreamGroup:
+    """The stream an event about `about` (a user id, else an address) goes to: one
+    person's events stay in order on one stream."""
+    return route(events_streams(svc), about)
 
 
 async def publish(svc: Services, kind: str, **fields: str) -> None:
@@ -53,7 +60,8 @@ async def publish(svc: Services, kind: str, **fields: str) -> None:
     Best effort: the committed rows are the truth, so a lost event costs no mail and no state.
     """
     try:
-        await events_stream(svc).add({"type": kind, "at": repr(svc.clock.now()), **fields})
+        about = fields.get("user_id") or fields.get("email") or kind
+        await events_stream(svc, about).add({"type": kind, "at": repr(svc.clock.now()), **fields})
     except (RedisConnectionError, RedisTimeoutError, OSError):
         log.warning("could not publish %s; the database already holds its effect", kind)
 
@@ -213,12 +221,19 @@ async def handle_event(svc: Services, fields: dict[str, str]) -> None:
 
 
 async def run_user_events(svc: Services, stop: asyncio.Event) -> None:
-    """Consume account events with the `accounts` group until `stop` is set."""
-    group = events_stream(svc)
-    await group.ensure()
+    """Consume account events from every shard's stream with the `accounts` group until
+    `stop` is set."""
+    await asyncio.gather(*(_consume_events(svc, group, stop) for group in events_streams(svc)))
+
+
+async def _consume_events(svc: Services, group: StreamGroup, stop: asyncio.Event) -> None:
     last_reclaim = 0.0
+    ready = False
     while not stop.is_set():
         try:
+            if not ready:
+                await group.ensure()
+                ready = True
             entries: list[Entry] = []
             if time.monotonic() - last_reclaim > 30:
                 last_reclaim = time.monotonic()
@@ -233,6 +248,7 @@ async def run_user_events(svc: Services, stop: asyncio.Event) -> None:
             await group.ack(entries)
         except outbox.TRANSIENT as exc:
             # Unacknowledged entries stay pending and are reclaimed once the trouble passes.
+            ready = False
             log.warning("account events: %s; retrying", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)

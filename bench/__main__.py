@@ -7,6 +7,7 @@
     python -m bench --publish        # also rewrite bench/RESULTS.md's table and bench/latency.png
     python -m bench --profile        # py-spy on the server under saturated RP load instead
     python -m bench --trace          # Redis commands, SQL transactions, syscalls per RP flow
+    python -m bench --redis cluster  # tapprove on one Redis and on a local 3-master cluster
     python -m bench --render bench/out/latest.json [--publish]   # re-print a saved run
 """
 
@@ -37,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sockets", type=int, help="idle phone sockets (default 10,000)")
     parser.add_argument("--servers", type=int, default=1, help="tapprove serve processes")
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare baseline")
+    parser.add_argument(
+        "--redis",
+        choices=("single", "cluster"),
+        default="single",
+        help="cluster: run tapprove on one Redis and again on a local 3-master cluster",
+    )
     parser.add_argument(
         "--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}"
     )
@@ -88,7 +95,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "workdir": str(workdir),
     }
     log(f"plan {plan.name}; load average {results['loadavg']['start']}; logs in {workdir}")
-    kinds = ["tapprove"] + (["baseline"] if plan.baseline else [])
+    kinds = ["tapprove"] + (["tapprove-cluster"] if args.redis == "cluster" else [])
+    kinds += ["baseline"] if plan.baseline else []
     for kind in kinds:
         results["targets"][kind] = await run_target(kind, plan, workdir / kind)
     results["loadavg"]["end"] = procs.loadavg()

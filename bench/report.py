@@ -288,6 +288,27 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cluster_table(results: dict[str, Any]) -> str:
+    """tapprove on one Redis beside tapprove on the 3-master cluster (`--redis cluster`)."""
+    if "tapprove-cluster" not in results["targets"]:
+        return ""
+    plan = results["plan"]
+    single = figures(results["targets"].get("tapprove", {}), plan)
+    cluster = figures(results["targets"]["tapprove-cluster"], plan)
+    lines = [
+        "| figure | unit | one Redis | Redis Cluster (3 masters, 3 replicas) | cluster ÷ one |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for key, label, unit, _goal in ROWS:
+        s, c = single.get(key), cluster.get(key)
+        if s is None and c is None:
+            continue
+        numbers = isinstance(s, int | float) and isinstance(c, int | float) and s
+        ratio = f"{c / s:.2f}" if numbers else "-"  # type: ignore[operator]
+        lines.append(f"| {label} | {unit} | {_fmt(s)} | {_fmt(c)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def phase_table(results: dict[str, Any]) -> str:
     """Every load-generator phase of every target, one line each."""
     lines = [
@@ -338,6 +359,7 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "",
         table(results),
         "",
+        *([cluster_table(results), ""] if cluster_table(results) else []),
         "Per phase (closed loop; *in flight* = concurrent flows; the phone answers "
         f"{results['plan']['think_ms']} ms after each request arrives, "
         f"{results['plan'].get('paced_think_ms', '-')} ms in the *-paced* phases):",
@@ -433,5 +455,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    sys.stdout.write(table(results) + "\n\n" + phase_table(results) + "\n")
+    clustered = cluster_table(results)
+    sys.stdout.write(
+        table(results) + "\n\n" + (clustered + "\n\n" if clustered else "")
+        + phase_table(results) + "\n"
+    )
     sys.stdout.flush()

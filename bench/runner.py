@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import PASSWORD, procs
+from bench.cluster import PrivateCluster
 from bench.population import (
     Population,
     baseline_population,
@@ -136,12 +137,12 @@ def log(message: str) -> None:
 class Target:
     """A started system under test: its servers, helpers and everything to stop afterwards."""
 
-    kind: str  # "tapprove" | "baseline"
+    kind: str  # "tapprove" | "tapprove-cluster" | "baseline"
     urls: list[str]
     pids: dict[str, list[int]]
     population: Population
     children: list[procs.Child]
-    redis: procs.PrivateRedis
+    redis: procs.PrivateRedis | PrivateCluster
     db: procs.ScratchDatabase | None = None
     setup_s: dict[str, float] = field(default_factory=dict)
 
@@ -151,11 +152,17 @@ class Target:
         self.redis.child.stop()
 
 
-async def start_tapprove(plan: Plan, workdir: Path, idle: int) -> Target:
-    """Private Redis, a fresh database, `tapprove worker` and N `tapprove serve --no-worker`."""
+async def start_tapprove(
+    plan: Plan, workdir: Path, idle: int, *, cluster: bool = False
+) -> Target:
+    """Private Redis (or a private 3-master cluster), a fresh database, `tapprove worker` and
+    N `tapprove serve --no-worker`."""
     timings: dict[str, float] = {}
     began = time.monotonic()
-    redis = procs.PrivateRedis.start(workdir / "redis")
+    redis: procs.PrivateRedis | PrivateCluster = (
+        PrivateCluster.start(workdir / "redis") if cluster
+        else procs.PrivateRedis.start(workdir / "redis")
+    )
     db = await procs.ScratchDatabase.create()
     ports = [procs.free_port() for _ in range(plan.servers)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -166,8 +173,11 @@ async def start_tapprove(plan: Plan, workdir: Path, idle: int) -> Target:
         origin=ORIGIN,
         data_dir=workdir / "data",
     )
+    if cluster:
+        env["TAPPROVE_REDIS_CLUSTER"] = "true"
     children: list[procs.Child] = []
-    target = Target("tapprove", urls, {}, Population("", [], []), children, redis, db)
+    kind = "tapprove-cluster" if cluster else "tapprove"
+    target = Target(kind, urls, {}, Population("", [], []), children, redis, db)
     try:
         procs.run_cli(["db", "upgrade"], env)
         timings["migrate"] = round(time.monotonic() - began, 2)
@@ -201,7 +211,7 @@ async def start_tapprove(plan: Plan, workdir: Path, idle: int) -> Target:
         target.pids = {
             "server": [c.pid for c in children if c.name.startswith("server")],
             "worker": [children[0].pid],
-            "redis": [redis.child.pid],
+            "redis": redis.masters if isinstance(redis, PrivateCluster) else [redis.child.pid],
             "postgres": await db.backends(),
         }
         timings["total"] = round(time.monotonic() - began, 2)
@@ -508,15 +518,17 @@ async def run_target(kind: str, plan: Plan, workdir: Path) -> dict[str, Any]:
         log(note)
     log(f"{kind}: starting")
     target = (
-        await start_tapprove(plan, workdir, sockets)
-        if kind == "tapprove"
+        await start_tapprove(plan, workdir, sockets, cluster=kind == "tapprove-cluster")
+        if kind.startswith("tapprove")
         else await start_baseline(plan, workdir)
     )
     out: dict[str, Any] = {"kind": kind, "servers": target.urls, "setup_s": target.setup_s}
     try:
         log(f"{kind}: up in {target.setup_s.get('total')} s; flows")
         # The baseline has no Duo face.
-        phases = [p for p in flow_phases(plan) if kind == "tapprove" or p.get("path") != "duo"]
+        phases = [
+            p for p in flow_phases(plan) if kind.startswith("tapprove") or p.get("path") != "duo"
+        ]
         if phases:
             result = await asyncio.to_thread(
                 run_loadgen, loadgen_config(target, phases), workdir, f"{kind}-flows"

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.providers",
     "tests.fixtures.services",
+    "tests.fixtures.cluster",
     "tests.fixtures.app",
     "tests.fixtures.processes",
     "tests.fixtures.db",

@@ -53,7 +53,7 @@ class ApprovalKeys:
             acks=f"{base}:acks",
             inflight=f"{base}:inflight",
             waiters=f"{base}:waiters",
-            delivered=self.space("ev", "approval", approval_id, "delivered"),
+            delivered=self.space.in_shard(shard, "ev", "approval", approval_id, "delivered"),
         )
 
     def user(self, user_id: str) -> UserKeySet:

@@ -82,7 +82,7 @@ async def resend(svc: Services, approval: PendingApproval) -> int:
 async def send_sms_code(svc: Services, approval: PendingApproval) -> None:
     """Text a code to the user's verified phone (MAX_SMS_CODES per sign-in)."""
     verdict = await svc.limits.hit(
-        svc.limits.key("login-sms", approval.id),
+        svc.limits.user_key(approval.user_id, "login-sms", approval.id),
         limit=MAX_SMS_CODES,
         window=svc.settings.approval_ttl + 60,
     )

@@ -8,6 +8,7 @@ a call was the one that ended an approval, so each end is counted once (app.metr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,6 +32,8 @@ from app.store.jobs import JobQueue, PreparedJob
 from app.store.lua import Script
 from app.store.presence import PROCESS_TTL, Snapshot
 from app.store.redis import KeySpace
+
+log = logging.getLogger(__name__)
 
 _BACKOFF_SCHEDULE = ",".join(str(wait) for wait in backoff_schedule())
 
@@ -91,6 +94,18 @@ class DecideResult:
     status: Status | None
 
 
+@dataclass(frozen=True)
+class Durability:
+    """How many replicas must hold a new approval or a decision before the caller hears of
+    it (Redis's WAIT), and how long to wait for them (TAPPROVE_REDIS_WAIT_*). Replication
+    is asynchronous: without a replica's acknowledgement, a master that dies at once can
+    take the change with it. When none acknowledges in time the answer still goes out (a
+    replica down must not stop sign-ins), logged and counted (tapprove_redis_unreplicated)."""
+
+    replicas: int = 0
+    wait_ms: int = 500
+
+
 def delivered_event(channel: str) -> bytes:
     """The browser stream's `delivered` event for `channel`."""
     return orjson.dumps({"type": "delivered", "channel": channel})
@@ -100,9 +115,15 @@ class ApprovalStore:
     """Reads and atomically changes approvals held in Redis."""
 
     def __init__(
-        self, redis: aioredis.Redis, space: KeySpace, clock: Clock, jobs: JobQueue
+        self,
+        redis: aioredis.Redis,
+        space: KeySpace,
+        clock: Clock,
+        jobs: JobQueue,
+        durability: Durability | None = None,
     ) -> None:
         self._redis = redis
+        self._durability = durability or Durability()
         self._space = space
         self.keys = ApprovalKeys(space)
         self._clock = clock
@@ -152,11 +173,15 @@ class ApprovalStore:
         shard = self.shard_for(approval.user_id)
         old_id, superseded_line = superseding or ("", b"")
         delivery = delivery or Delivery()
-        kind, value, expired_old = await self._create(
+        (kind, value, expired_old), acked = await self._create.replicated(
             self._create_keys(approval, shard, old_id),
             self._create_args(approval, now, old_id, delivery, planned_with, request_event,
                               audit_line, superseded_line),
+            replicas=self._durability.replicas,
+            wait_ms=self._durability.wait_ms,
         )
+        if kind == "created":
+            self._check_replicated("create", acked)
         if kind == "changed":
             return Changed(Snapshot.from_lua(value.split("\n")))
         if kind == "pending":
@@ -225,10 +250,18 @@ class ApprovalStore:
             "request_event": request_event,
             "audit_line": audit_line,
             "superseded_line": superseded_line,
-            "wake": self._jobs.wake_channel,
+            "wake": self._jobs.wake_channel(self.shard_for(approval.user_id)),
             "timeout_reason": end_reason(TIMED_OUT),
             "superseded_reason": end_reason(SUPERSEDED),
         }
+
+    def _check_replicated(self, step: str, acked: int) -> None:
+        if acked < self._durability.replicas:
+            metrics.UNREPLICATED.labels(step).inc()
+            log.warning(
+                "%s acknowledged by %d of %d replicas within %d ms",
+                step, acked, self._durability.replicas, self._durability.wait_ms,
+            )
 
     # --- reading -------------------------------------------------------------------------
 
@@ -306,7 +339,7 @@ class ApprovalStore:
         user = self.keys.user(approval.user_id)
         shard = keys.shard
         now = self._clock.now()
-        kind, status, ended_created_at = await self._decide(
+        (kind, status, ended_created_at), acked = await self._decide.replicated(
             {
                 "approval": keys.hash,
                 "acks": keys.acks,
@@ -330,7 +363,11 @@ class ApprovalStore:
                 "audit_line": audit_line,
                 "timeout_reason": end_reason(TIMED_OUT),
             },
+            replicas=self._durability.replicas,
+            wait_ms=self._durability.wait_ms,
         )
+        if kind == "decided":
+            self._check_replicated("decide", acked)
         if ended_created_at:
             metrics.approval_ended(status, now - float(ended_created_at))
         return DecideResult(kind, Status(status) if status else None)

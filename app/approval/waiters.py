@@ -1,6 +1,7 @@
 """Waiting for an approval to end, without a Redis subscription per wait.
 
-Each process listens on one inbox channel of its own (`ev:proc:<process id>`). A waiter
+Each process listens on inbox channels of its own (`{s<k>}:ev:proc:<process id>`, one per
+shard k, so the script that ends an approval publishes within its slot). A waiter
 registers its process's inbox on the approval in the same Lua step that reads it
 (ApprovalStore.watch), and the step that ends an approval (the `finalize` Lua library)
 publishes the result to every inbox registered. A relying party's long
@@ -28,16 +29,19 @@ class Waiters:
     ) -> None:
         self._events = events
         self._approvals = approvals
-        self._inbox = keys.process_inbox(process_id)
+        # One inbox per shard: the script that ends an approval publishes in its own slot.
+        self._inboxes = [keys.process_inbox(process_id, shard) for shard in keys.shards]
         self._local: dict[str, list[Listener]] = {}
-        self._listening = False
+        # Shards whose inbox this process listens on: each from its first wait on, so a
+        # shard that is down fails only the waits on its own approvals.
+        self._listening: set[int] = set()
         self._lock = asyncio.Lock()
 
-    async def _listen(self) -> None:
+    async def _listen(self, shard: int) -> None:
         async with self._lock:
-            if not self._listening:
-                await self._events.add_listener(self._on_event, self._inbox)
-                self._listening = True
+            if shard not in self._listening:
+                await self._events.add_listener(self._on_event, self._inboxes[shard])
+                self._listening.add(shard)
 
     @contextlib.asynccontextmanager
     async def watch(
@@ -46,12 +50,14 @@ class Waiters:
         """The approval as it is now (None when unknown); while the block runs, `listener`
         gets its `result` event when it ends, and RECONNECTED when events may have been
         missed (then read the approval again)."""
-        if not self._listening:
-            await self._listen()
+        shard = self._approvals.keys.shard_of(approval_id)
+        shard = 0 if shard is None else shard  # no such approval: watch says so
+        if shard not in self._listening:
+            await self._listen(shard)
         waiting = self._local.setdefault(approval_id, [])
         waiting.append(listener)
         try:
-            yield await self._approvals.watch(approval_id, self._inbox)
+            yield await self._approvals.watch(approval_id, self._inboxes[shard])
         finally:
             waiting.remove(listener)
             if not waiting:

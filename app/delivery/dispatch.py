@@ -275,27 +275,39 @@ HANDLERS: dict[str, Handler] = {
 async def run_delivery_jobs(svc: Services, stop: asyncio.Event) -> None:
     """Consume delivery jobs until `stop`: claim due ones from every shard and run each in
     its own task, so pushes to several devices (and slow providers) never wait for one
-    another."""
-    queue = svc.jobs
+    another. Each shard has a loop of its own, so one that is down (a Redis Cluster
+    master lost) holds up no other shard's jobs."""
     running: set[asyncio.Task[None]] = set()
-    async with svc.events.listen(queue.wake_channel) as wake:
-        while not stop.is_set():
-            claimed: list[Job] = []
-            try:
-                for shard in queue.shards:
-                    claimed += await queue.claim(shard)
-            except Exception as exc:
-                log.warning("job claim failed: %s", type(exc).__name__)
-                await _sleep_or_stop(stop, 1.0)
-            for job in claimed:
-                task = asyncio.create_task(_run_job(svc, job), name=f"job-{job.kind}")
-                running.add(task)
-                task.add_done_callback(running.discard)
-            if not claimed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.get(), timeout=await _pause(svc))
+    await asyncio.gather(*(_shard_jobs(svc, stop, shard, running) for shard in svc.jobs.shards))
     if running:
         await asyncio.wait(running, timeout=10)
+
+
+async def _shard_jobs(
+    svc: Services, stop: asyncio.Event, shard: int, running: set[asyncio.Task[None]]
+) -> None:
+    queue = svc.jobs
+    while not stop.is_set():
+        try:
+            async with svc.events.listen(queue.wake_channel(shard)) as wake:
+                while not stop.is_set():
+                    try:
+                        claimed: list[Job] = await queue.claim(shard)
+                    except Exception as exc:  # the listening goes on: the bus reconnects
+                        log.warning("job claim failed: %s", type(exc).__name__)
+                        await _sleep_or_stop(stop, 1.0)
+                        continue
+                    for job in claimed:
+                        task = asyncio.create_task(_run_job(svc, job), name=f"job-{job.kind}")
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                    if not claimed:
+                        with contextlib.suppress(TimeoutError):
+                            pause = await _pause(svc, shard)
+                            await asyncio.wait_for(wake.get(), timeout=pause)
+        except Exception as exc:
+            log.warning("job wake-ups not heard: %s", type(exc).__name__)
+            await _sleep_or_stop(stop, 1.0)
 
 
 async def _run_job(svc: Services, job: Job) -> None:
@@ -314,18 +326,15 @@ async def _run_job(svc: Services, job: Job) -> None:
             log.warning("could not finish job %s: %s", job.id, type(exc).__name__)
 
 
-async def _pause(svc: Services) -> float:
-    """How long to wait for a wake-up before claiming again: until the next due job, at
-    most a quarter second."""
-    due: list[float] = []
+async def _pause(svc: Services, shard: int) -> float:
+    """How long to wait for a wake-up before claiming again: until the shard's next due
+    job, at most a quarter second."""
+    due = None
     with contextlib.suppress(Exception):
-        for shard in svc.jobs.shards:
-            found = await svc.jobs.next_due(shard)
-            if found is not None:
-                due.append(found)
-    if not due:
+        due = await svc.jobs.next_due(shard)
+    if due is None:
         return 0.25
-    return max(0.0, min(0.25, min(due) - svc.clock.now()))
+    return max(0.0, min(0.25, due - svc.clock.now()))
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

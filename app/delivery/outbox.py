@@ -50,7 +50,7 @@ from app.delivery.mail import (
 )
 from app.delivery.retry import next_attempt_at
 from app.services import Services
-from app.store.streams import Entry, StreamGroup
+from app.store.streams import Entry, StreamGroup, route, spread
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,15 @@ def _seconds(at: datetime) -> float:
     return at.replace(tzinfo=UTC).timestamp()
 
 
-def outbox_stream(svc: Services) -> StreamGroup:
-    """The outbox stream and its consumer group, as seen by this process."""
-    return StreamGroup(svc.redis, svc.keys("outbox", "stream"), GROUP, svc.process_id)
+def outbox_streams(svc: Services) -> list[StreamGroup]:
+    """The outbox's streams (one per shard) and their consumer groups, as this process sees
+    them."""
+    return spread(svc.redis, svc.keys, "outbox:stream", GROUP, svc.process_id)
+
+
+def outbox_stream(svc: Services, message_id: str) -> StreamGroup:
+    """The outbox stream a message is put on."""
+    return route(outbox_streams(svc), message_id)
 
 
 async def kick(svc: Services, message_id: str) -> None:
@@ -128,7 +134,7 @@ async def kick(svc: Services, message_id: str) -> None:
     Best effort: if Redis is down, the dispatcher publishes the row from SQL on its next tick.
     """
     try:
-        await outbox_stream(svc).add({"id": message_id, "attempts": "0"})
+        await outbox_stream(svc, message_id).add({"id": message_id, "attempts": "0"})
     except (RedisConnectionError, RedisTimeoutError, OSError):
         log.warning("outbox kick failed for %s; the dispatcher will publish it", message_id)
 
@@ -157,7 +163,7 @@ class OutboxWorker:
         self.mailer = mailer
         self.policy = policy
         self.renderer = MailRenderer(svc.settings.public_url)
-        self.group = outbox_stream(svc)
+        self.groups = outbox_streams(svc)
         self._last_depth = 0.0
 
     # -- dispatcher and sweeper -------------------------------------------------------------
@@ -233,8 +239,14 @@ class OutboxWorker:
                 if taken.rowcount == 1:
                     published.append((message_id, attempts))
             await db.commit()
-        if published:
-            await self.group.add(*({"id": m, "attempts": str(n)} for m, n in published))
+        batches: dict[str, tuple[StreamGroup, list[dict[str, str]]]] = {}
+        for message_id, attempts in published:
+            group = route(self.groups, message_id)
+            batches.setdefault(group.stream, (group, []))[1].append(
+                {"id": message_id, "attempts": str(attempts)}
+            )
+        for group, entries in batches.values():
+            await group.add(*entries)
         if time.monotonic() - self._last_depth > 15:
             await self._measure_depth()
         return len(published)
@@ -255,31 +267,40 @@ class OutboxWorker:
     # -- consumer ---------------------------------------------------------------------------
 
     async def consume_forever(self, stop: asyncio.Event) -> None:
-        """Read the stream with the consumer group, send, record the outcome, acknowledge."""
-        await self.group.ensure()
+        """Read every outbox stream with the consumer group, send, record the outcome,
+        acknowledge."""
+        await asyncio.gather(*(self._consume(group, stop) for group in self.groups))
+
+    async def _consume(self, group: StreamGroup, stop: asyncio.Event) -> None:
         last_reclaim = 0.0
+        ready = False
         while not stop.is_set():
             try:
+                if not ready:
+                    await group.ensure()
+                    ready = True
                 if time.monotonic() - last_reclaim > self.policy.lease / 2:
                     last_reclaim = time.monotonic()
                     await self._handle_all(
-                        await self.group.reclaim(
+                        group,
+                        await group.reclaim(
                             min_idle_ms=int(self.policy.lease * 1000), count=self.policy.batch
-                        )
+                        ),
                     )
-                    await self.group.forget_idle_consumers()
+                    await group.forget_idle_consumers()
                 await self._handle_all(
-                    await self.group.read(count=self.policy.batch, block_ms=1000)
+                    group, await group.read(count=self.policy.batch, block_ms=1000)
                 )
             except TRANSIENT as exc:
+                ready = False
                 log.warning("outbox consumer: %s; retrying", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.policy.tick)
 
-    async def _handle_all(self, entries: list[Entry]) -> None:
+    async def _handle_all(self, group: StreamGroup, entries: list[Entry]) -> None:
         # Sends of one batch run side by side; each is bounded by the send timeout.
         await asyncio.gather(*(self._handle(fields) for _id, fields in entries))
-        await self.group.ack(entries)
+        await group.ack(entries)
 
     async def _handle(self, fields: dict[str, str]) -> None:
         try:

@@ -205,7 +205,7 @@ async def send_sms(
     if number is None or sender is None:
         return answers.SMS_UNAVAILABLE
     verdict = await svc.limits.hit(
-        svc.limits.key("duo-sms", user_id), limit=SMS_PER_USER, window=SMS_WINDOW
+        svc.limits.user_key(user_id, "duo-sms", user_id), limit=SMS_PER_USER, window=SMS_WINDOW
     )
     if not verdict.allowed:
         return answers.too_many_texts(verdict.retry_after)

@@ -20,7 +20,7 @@ from redis.asyncio.client import Pipeline
 from app.core.clock import Clock
 from app.core.tokens import new_id
 from app.store.lua import Script
-from app.store.redis import KeySpace
+from app.store.redis import KeySpace, is_cluster
 
 LEASE_SECONDS = 30
 
@@ -69,7 +69,7 @@ class JobQueue:
         self._redis = redis
         self._space = keys
         self._clock = clock
-        self.wake_channel = keys("jobs", "wake")
+        self._sharded = is_cluster(redis)
         self._claim = Script(redis, "app.store", "jobs_claim")
 
     def keys(self, shard: int) -> JobKeys:
@@ -79,6 +79,14 @@ class JobQueue:
             leased=self._space.in_shard(shard, "jobs", "leased"),
             data=self._space.in_shard(shard, "jobs", "data"),
         )
+
+    def wake_channel(self, shard: int) -> str:
+        """Published when a job of `shard` is due at once (workers listen to every shard's)."""
+        return self._space.in_shard(shard, "jobs", "wake")
+
+    @property
+    def wake_channels(self) -> list[str]:
+        return [self.wake_channel(shard) for shard in self.shards]
 
     @property
     def shards(self) -> range:
@@ -114,7 +122,10 @@ class JobQueue:
             pipe.hset(keys.data, job.id, job.body)
             pipe.zadd(keys.due, {job.id: job.run_at})
         if any(job.run_at <= now for job in jobs):
-            pipe.publish(self.wake_channel, b"1")
+            if self._sharded:
+                pipe.spublish(self.wake_channel(shard), b"1")
+            else:
+                pipe.publish(self.wake_channel(shard), b"1")
 
     async def claim(self, shard: int, limit: int = 50) -> list[Job]:
         """Take up to `limit` due jobs of `shard` under a lease."""

@@ -14,6 +14,11 @@ and which only defines local functions shared by several scripts (they take thei
 arguments). Every key a script touches comes in its KEYS (Redis Cluster refuses anything
 else) and channel names come in ARGV: no script builds a name (tests/unit/test_lua.py).
 Callers pass `keys` and `args` as dicts in header order; each call checks the names.
+
+Scripts publish with `redis.call(PUBLISH, channel, message)`: the loader sets `PUBLISH` to
+`SPUBLISH` on a Redis Cluster (sharded pub/sub: the event goes only to the shard that owns
+the channel's slot, which is the script's own, as channels carry the keys' hash tag) and
+to `PUBLISH` on a single server (the embedded redis-server 6.2 has no SPUBLISH).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+from app.store.redis import is_cluster
 
 Arg = str | bytes | int | float
 
@@ -114,16 +122,31 @@ def read(package: str, name: str) -> LuaFile:
     return LuaFile(package, name, header, text, "".join([*libraries, prologue, text]))
 
 
+def publish_command(sharded: bool) -> str:
+    """The line that names the publish command scripts use (see the module's docstring)."""
+    return f"local PUBLISH = '{'SPUBLISH' if sharded else 'PUBLISH'}'\n"
+
+
 class Script:
     """A script registered on a client; called with its KEYS and ARGV by name."""
 
-    __slots__ = ("_registered", "lua")
+    __slots__ = ("_redis", "_registered", "lua", "source")
 
     def __init__(self, redis: aioredis.Redis, package: str, name: str) -> None:
         self.lua = read(package, name)
         if self.lua.header.library:
             raise ValueError(f"{package}/{name}.lua is a library, not a script")
-        self._registered = redis.register_script(self.lua.source)
+        self._redis = redis
+        self.source = publish_command(is_cluster(redis)) + self.lua.source
+        self._registered = redis.register_script(self.source)
+
+    def _check(self, keys: Mapping[str, str], args: Mapping[str, Arg]) -> None:
+        header = self.lua.header
+        if tuple(keys) != header.keys or tuple(args) != header.argv:
+            raise TypeError(
+                f"{self.lua.package}/{self.lua.name}.lua takes KEYS {header.keys} and "
+                f"ARGV {header.argv}, given {tuple(keys)} and {tuple(args)}"
+            )
 
     async def __call__(
         self,
@@ -132,12 +155,48 @@ class Script:
         *,
         client: aioredis.Redis | Pipeline | None = None,
     ) -> Any:
-        header = self.lua.header
-        if tuple(keys) != header.keys or tuple(args) != header.argv:
-            raise TypeError(
-                f"{self.lua.package}/{self.lua.name}.lua takes KEYS {header.keys} and "
-                f"ARGV {header.argv}, given {tuple(keys)} and {tuple(args)}"
-            )
+        self._check(keys, args)
+        if client is None and is_cluster(self._redis):
+            names, values = list(keys.values()), list(args.values())
+            try:
+                return await self._redis.evalsha(self._registered.sha, len(names), *names, *values)
+            except NoScriptError:
+                # The node of this slot never ran it (a replica promoted since). EVAL runs and
+                # caches it there; redis-py's SCRIPT LOAD would go to every master, and fail
+                # while one of them is down.
+                return await self._redis.eval(self.source, len(names), *names, *values)
         return await self._registered(
             keys=list(keys.values()), args=list(args.values()), client=client
         )
+
+    async def replicated(
+        self, keys: Mapping[str, str], args: Mapping[str, Arg], *, replicas: int, wait_ms: int
+    ) -> tuple[Any, int]:
+        """Run the script, then `WAIT replicas wait_ms` on the same connection: its result
+        and how many replicas acknowledged its writes (WAIT counts this connection's writes
+        only, so both go down one connection: on a cluster, the node of the first key)."""
+        self._check(keys, args)
+        if replicas <= 0:
+            return await self(keys, args), 0
+        names, values = list(keys.values()), list(args.values())
+        cluster = is_cluster(self._redis)
+        for cached in (True, False):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if not cluster:
+                    await self._registered(keys=names, args=values, client=pipe)
+                    pipe.execute_command("WAIT", replicas, wait_ms)
+                else:
+                    node = self._redis.get_node_from_key(names[0])  # type: ignore[attr-defined]
+                    if cached:
+                        pipe.evalsha(self._registered.sha, len(names), *names, *values)
+                    else:  # the node never ran it (see __call__)
+                        pipe.eval(self.source, len(names), *names, *values)
+                    pipe.execute_command("WAIT", replicas, wait_ms, target_nodes=node)
+                try:
+                    result, acked = await pipe.execute()
+                except NoScriptError:
+                    if not (cluster and cached):
+                        raise
+                    continue
+            return result, int(acked)
+        raise AssertionError("unreachable")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from app.core.tokens import new_id
 from app.store.lua import Script
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PROCESS_TTL = 30
 HEARTBEAT = 10
+STOP_WAIT = 2.0
 # A process gone this long leaves the registry (its entries no longer count long before).
 FORGET_AFTER = 86400
 
@@ -76,17 +78,25 @@ class Presence:
             with contextlib.suppress(BaseException):
                 await self._beating
             self._beating = None
+        # Bounded: a process stopping while Redis (or a shard) is away must still stop; its
+        # entries stop counting PROCESS_TTL seconds after its last heartbeat anyway.
         with contextlib.suppress(Exception):
-            for shard in self._keys.shards:
-                await self._redis.zrem(self._keys.processes(shard), self.process_id)
+            async with asyncio.timeout(STOP_WAIT):
+                await asyncio.gather(
+                    *(self._redis.zrem(self._keys.processes(s), self.process_id)
+                      for s in self._keys.shards),
+                    return_exceptions=True,
+                )
 
     async def _beat(self) -> None:
         while True:
-            try:
-                for shard in self._keys.shards:
+            # Shard by shard: one that is down (a Redis Cluster master lost) must not stop
+            # the heartbeat in the others, or their phones would stop counting as connected.
+            for shard in self._keys.shards:
+                try:
                     await self._say_alive(shard)
-            except Exception as exc:
-                log.warning("presence heartbeat failed: %s", type(exc).__name__)
+                except Exception as exc:
+                    log.warning("presence heartbeat failed: %s", type(exc).__name__)
             await asyncio.sleep(HEARTBEAT)
 
     async def _say_alive(self, shard: int, client: aioredis.Redis | Pipeline | None = None) -> None:
@@ -98,11 +108,16 @@ class Presence:
 
     async def join(self, user_id: str, device_id: str) -> None:
         """Record the device's socket as held here (again after Redis lost it, too)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._keys.presence(user_id), device_id, self.process_id)
-            # Counted at once, even before the next heartbeat (a restarted Redis lost them).
-            await self._say_alive(self._keys.shard_of(user_id), client=pipe)
-            await pipe.execute()
+        shard = self._keys.shard_of(user_id)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self._keys.presence(user_id), device_id, self.process_id)
+                # Counted at once, even before the next heartbeat (a restarted Redis lost them).
+                await self._say_alive(shard, client=pipe)
+                await pipe.execute()
+        except NoScriptError:
+            # A cluster's pipeline does not load scripts: a master promoted since lacks it.
+            await self._say_alive(shard)
 
     async def leave(self, user_id: str, device_id: str) -> None:
         await self._leave(

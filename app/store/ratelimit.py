@@ -30,7 +30,14 @@ class RateLimiter:
         self._refund = Script(redis, "app.store", "ratelimit_refund")
 
     def key(self, *parts: str) -> str:
+        """A counter of something that belongs to no user (an IP, an address typed in)."""
         return self._keys("rl", *parts)
+
+    def user_key(self, user_id: str, *parts: str) -> str:
+        """A counter of one user's calls (or of their approval's), under the user's shard
+        tag: on a Redis Cluster it lives with their other keys, so a shard that is down
+        stops only its own users."""
+        return self._keys.in_shard(self._keys.shard_of(user_id), "rl", *parts)
 
     async def hit(self, key: str, *, limit: int, window: int, cost: int = 1) -> Verdict:
         """Count one call against `limit` per `window` seconds."""

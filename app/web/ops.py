@@ -7,6 +7,7 @@ import logging
 from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import func, text
 from sqlmodel import col, select
 from starlette.requests import Request
@@ -16,8 +17,9 @@ from starlette.routing import BaseRoute, Route
 from app import metrics
 from app.db.models import OutboxMessage
 from app.services import Services
+from app.store.redis import cluster_health
 from app.web.common import services
-from app.web.contract import PROMETHEUS, Answer, Done, Reply, answer, answers
+from app.web.contract import PROMETHEUS, Answer, Done, Reply, answer, answers, omitted_if_none
 from app.web.errors import FastJSON
 from app.web.openapi import document
 
@@ -30,14 +32,27 @@ OUTBOX_GAUGED = ("queued", "processing", "dead")
 _TEXT = {"type": "string"}
 
 
+class ClusterHealth(Answer):
+    """A Redis Cluster as this process sees it (present only in cluster mode)."""
+
+    state: Literal["ok", "fail", "unreachable"]
+    masters: int
+    unreachable: list[str]
+
+
+_CLUSTER_NOTE = "On a Redis Cluster: its state, the masters that answer and those that do not"
+
+
 class Ready(Answer):
     status: Literal["ready"]
+    redis_cluster: ClusterHealth | SkipJsonSchema[None] = omitted_if_none(_CLUSTER_NOTE)
 
 
 class NotReady(Answer):
     error: Literal["unavailable"]
     message: str
     failing: list[Literal["redis", "database"]]
+    redis_cluster: ClusterHealth | SkipJsonSchema[None] = omitted_if_none(_CLUSTER_NOTE)
 
 
 @answers(
@@ -57,13 +72,24 @@ async def healthz(request: Request) -> Response:
     store=False,
 )
 async def readyz(request: Request) -> Response:
-    """GET /readyz: 200 when Redis and the database answer, else 503 naming the failing one."""
+    """GET /readyz: 200 when Redis and the database answer, else 503 naming the failing one.
+
+    On a Redis Cluster, Redis answers when any master does (a master down stops only the
+    users of its slots, who get 503 with Retry-After); the body reports the cluster: its
+    state, the masters that answer and those that do not.
+    """
     svc = services(request)
     failing: list[Literal["redis", "database"]] = []
-    try:
-        await asyncio.wait_for(svc.redis.ping(), timeout=2)
-    except Exception:
-        failing.append("redis")
+    cluster: ClusterHealth | None = None
+    if svc.redis_handle.cluster is not None:
+        cluster = ClusterHealth(**await cluster_health(svc.redis_handle.cluster))
+        if not cluster.masters:
+            failing.append("redis")
+    else:
+        try:
+            await asyncio.wait_for(svc.redis.ping(), timeout=2)
+        except Exception:
+            failing.append("redis")
     try:
         async with svc.engine.connect() as conn:
             await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
@@ -71,8 +97,11 @@ async def readyz(request: Request) -> Response:
         failing.append("database")
     if failing:
         message = f"not ready: {', '.join(failing)} unreachable"
-        return answer(NotReady(error="unavailable", message=message, failing=failing), 503)
-    return answer(Ready(status="ready"))
+        not_ready = NotReady(
+            error="unavailable", message=message, failing=failing, redis_cluster=cluster
+        )
+        return answer(not_ready, 503)
+    return answer(Ready(status="ready", redis_cluster=cluster))
 
 
 async def _measure_outbox(svc: Services) -> None:

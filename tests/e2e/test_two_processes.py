@@ -1,6 +1,7 @@
 """End to end across real processes: two `tapprove serve` on one Redis and one PostgreSQL,
 a `tapprove worker`, the reference phone (mobile_stub) on one process and the browser on
-the other. Every event has to cross processes through Redis.
+the other. Every event has to cross processes through Redis. Each test runs on a single
+Redis and again on a Redis Cluster (three masters, three replicas; sharded pub/sub).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import websockets
 
+from tests.fixtures.cluster import LocalCluster, cluster_env
 from tests.fixtures.processes import Deployment
 
 pytestmark = pytest.mark.timeout(180)
@@ -94,8 +97,14 @@ async def wait_until_ready(process: subprocess.Popen[bytes]) -> list[dict[str, o
             return seen
 
 
-@pytest.fixture
-def two_servers(deployment: Deployment) -> tuple[Deployment, str, str]:
+@pytest.fixture(params=["redis", "cluster"])
+def two_servers(
+    request: pytest.FixtureRequest, deployment: Deployment
+) -> tuple[Deployment, str, str]:
+    if request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        deployment.env.update(cluster_env(cluster))
+        deployment.cluster = cluster
     deployment.env["TAPPROVE_PUBLIC_URL"] = ORIGIN
     first, second = deployment.serve(), deployment.serve()
     deployment.worker()
@@ -151,6 +160,12 @@ async def test_phone_on_one_process_approves_a_browser_on_another(
     ) as other:
         account = await other.get("/api/account")
     assert account.status_code == 200 and account.json()["email"] == "e2e@example.com"
+    if deployment.cluster is not None:
+        prefix = deployment.env["TAPPROVE_REDIS_PREFIX"]
+        for address in deployment.cluster.masters():
+            host, port = address.rsplit(":", 1)
+            with redis.Redis(host=host, port=int(port)) as node:
+                assert next(node.scan_iter(match=f"{prefix}*", count=1000), None), address
 
 
 async def test_relying_party_waits_on_one_process_while_the_phone_denies_on_another(

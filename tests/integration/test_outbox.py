@@ -20,7 +20,14 @@ from sqlmodel import col, select
 from app.core.clock import ManualClock
 from app.db.models import OutboxMessage
 from app.delivery.mail import Mail, MailError, build_mailer, message_id_for
-from app.delivery.outbox import OutboxPolicy, OutboxWorker, enqueue, kick, outbox_stream
+from app.delivery.outbox import (
+    OutboxPolicy,
+    OutboxWorker,
+    enqueue,
+    kick,
+    outbox_stream,
+    outbox_streams,
+)
 from tests.fixtures.mail import MailApp, MailAppFactory, SmtpServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -237,7 +244,8 @@ async def test_a_lost_stream_entry_is_published_again_from_sql(
     dispatcher = OutboxWorker(web.services, build_mailer(web.settings), OutboxPolicy())
     assert await dispatcher.tick() == 1
     # ...then Redis loses the stream, entries, group and all.
-    await web.services.redis.delete(web.services.keys("outbox", "stream"))
+    for stream in outbox_streams(web.services):
+        await web.services.redis.delete(stream.stream)
 
     worker = await mail_app_factory(clock=clock, run_worker=True)
     await asyncio.sleep(1.5)
@@ -333,7 +341,7 @@ async def test_a_worker_killed_mid_send_loses_nothing(
         assert len(await rows(web)) == 1
 
         # The dead consumer's pending entry is reclaimed (XAUTOCLAIM) and acknowledged.
-        group = outbox_stream(web.services)
+        group = outbox_stream(web.services, sent.id)
 
         async def nothing_pending() -> bool:
             summary = await web.services.redis.xpending(group.stream, "senders")

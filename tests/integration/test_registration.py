@@ -16,7 +16,7 @@ from app.core.clock import ManualClock
 from app.core.tokens import hash_token
 from app.db.accounts import create_user
 from app.db.models import EmailToken, OutboxMessage, User
-from app.verification import events_stream, publish
+from app.verification import events_streams, publish
 from tests.fixtures.hashing import Argon2Work, todays_parameters
 from tests.fixtures.mail import MailApp, MailAppFactory, Received, SmtpServer
 
@@ -62,8 +62,11 @@ async def tokens(app: MailApp) -> list[EmailToken]:
 
 
 async def event_types(app: MailApp) -> list[str]:
-    entries = await app.services.redis.xrange(events_stream(app.services).stream)
-    return [str(fields["type"]) for _id, fields in entries or []]  # type: ignore[index]
+    found = []
+    for stream in events_streams(app.services):
+        entries = await app.services.redis.xrange(stream.stream)
+        found += [(entry_id, str(fields["type"])) for entry_id, fields in entries or []]  # type: ignore[index]
+    return [kind for _id, kind in sorted(found)]
 
 
 async def sent_row(app: MailApp) -> OutboxMessage:

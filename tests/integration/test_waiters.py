@@ -111,4 +111,4 @@ async def test_a_wait_the_caller_may_not_see_returns_at_once(
     )
 
     assert found is not None and found.status is Status.PENDING
-    assert await svc.approvals.watch("nope", svc.keys.process_inbox(svc.process_id)) is None
+    assert await svc.approvals.watch("nope", svc.keys.process_inbox(svc.process_id, 0)) is None

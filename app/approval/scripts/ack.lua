@@ -13,7 +13,7 @@ local added = redis.call('SADD', acks, device)
 if added == 1 then
   redis.call('EXPIRE', acks, redis.call('TTL', approval))
   if add_to_list(approval, 'delivered', channel) then
-    redis.call('PUBLISH', delivered_channel, delivered_event)
+    redis.call(PUBLISH, delivered_channel, delivered_event)
   end
   local check = redis.call('HGET', approval, 'ack_check')
   if check then

@@ -55,6 +55,6 @@ end
 enqueue_jobs(jobs_due, jobs_data, wake, now, cjson.decode(jobs))
 redis.call('SET', pending, id, 'EX', keep)
 redis.call('ZADD', deadlines, expires_at, id)
-redis.call('PUBLISH', user_channel, request_event)
+redis.call(PUBLISH, user_channel, request_event)
 append_audit(audit, audit_line)
 return {'created', superseded, expired_old}

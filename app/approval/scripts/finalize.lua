@@ -28,9 +28,9 @@ local function finalize(k, id, status, now, decided_by, reason, keep, backoff_sc
   local ended = cjson.encode({type = 'result', id = id, status = status, decided_at = now,
     reason = reason})
   for _, inbox in ipairs(redis.call('SMEMBERS', k.waiters)) do
-    redis.call('PUBLISH', inbox, ended)
+    redis.call(PUBLISH, inbox, ended)
   end
   redis.call('DEL', k.waiters)
-  redis.call('PUBLISH', user_channel,
+  redis.call(PUBLISH, user_channel,
     cjson.encode({type = 'approval_resolved', id = id, status = status, reason = reason}))
 end

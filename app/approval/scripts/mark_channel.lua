@@ -8,5 +8,5 @@
 if redis.call('HGET', approval, 'status') ~= 'pending' then return 0 end
 local added = add_to_list(approval, list, channel)
 if list == 'delivered' then add_to_list(approval, 'channels', channel) end
-if added and event ~= '' then redis.call('PUBLISH', delivered_channel, event) end
+if added and event ~= '' then redis.call(PUBLISH, delivered_channel, event) end
 return 1

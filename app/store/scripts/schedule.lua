@@ -10,7 +10,7 @@ local function enqueue_jobs(due, data, wake, now, jobs)
     redis.call('ZADD', due, job[3], job[1])
     if tonumber(job[3]) <= tonumber(now) then woken = true end
   end
-  if woken then redis.call('PUBLISH', wake, '1') end
+  if woken then redis.call(PUBLISH, wake, '1') end
 end
 -- cancel_job(due, data, id): a job not claimed yet never runs.
 local function cancel_job(due, data, id)
