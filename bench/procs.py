@@ -178,6 +178,12 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: Mapping[str, str] | None = None
+
+    def respawn(self) -> Child:
+        """The same command started again (after `stop`), its output appended to the log."""
+        return spawn(self.name, self.argv, self.log_path, self.env, append=True)
 
     @property
     def pid(self) -> int:
@@ -204,10 +210,15 @@ class Child:
 
 
 def spawn(
-    name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    append: bool = False,
 ) -> Child:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("wb")
+    log = log_path.open("ab" if append else "wb")
     proc = subprocess.Popen(
         argv,
         stdout=log,
@@ -217,7 +228,7 @@ def spawn(
         cwd=str(REPO),
     )
     log.close()
-    return Child(name, proc, log_path)
+    return Child(name, proc, log_path, argv, env)
 
 
 def wait_http(url: str, child: Child, timeout: float = 30.0) -> None:
