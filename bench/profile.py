@@ -16,6 +16,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import procs
 from bench.runner import (
     Plan,
     flow_phases,
@@ -127,7 +128,9 @@ async def profile_connect(plan: Plan, args: argparse.Namespace) -> None:
             stderr=subprocess.DEVNULL,
         )
         await asyncio.sleep(1.0)
+        cpu_before = procs.cpu_seconds(server)
         holders, reports = await start_holders(target, plan, plan.sockets, workdir)
+        cpu = procs.cpu_seconds(server) - cpu_before
         spy_process.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         await asyncio.to_thread(spy_process.wait)
         stop_holders(holders)
@@ -139,7 +142,8 @@ async def profile_connect(plan: Plan, args: argparse.Namespace) -> None:
     seconds = max(r["seconds"] for r in reports)
     text = "\n".join([
         f"Profile: {ok} phones connected (auth → ready) in {seconds} s, "
-        f"{ok / seconds:.0f}/s, 100 at a time.",
+        f"{ok / seconds:.0f}/s, 100 at a time; server CPU {1000 * cpu / max(1, ok):.2f} ms "
+        "per connect (py-spy's sampling included).",
         "",
         summarise(raw),
     ])  # fmt: skip

@@ -180,6 +180,8 @@ def figures(target: dict[str, Any], plan: dict[str, Any]) -> dict[str, float | N
         out["idle.failed"] = idle["failed"]
         out["idle.not_tried"] = idle.get("not_tried_before_deadline")
         out["idle.connects_per_s"] = idle["connects_per_s"]
+        for group, value in idle.get("cpu_ms_per_connect", {}).items():
+            out[f"idle.cpu_ms_per_connect.{group}"] = value
         out["idle.rss_per_socket_kib"] = idle["rss_per_socket_kib"]
         out["idle.server_core_fraction"] = idle.get("idle_server_core_fraction")
         flow = idle.get("flow_phase")
@@ -258,6 +260,9 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("idle.failed", "  sockets that failed", "", "0"),
     ("idle.not_tried", "  sockets not connected before the deadline", "", ""),
     ("idle.connects_per_s", "  connect rate (auth → ready)", "/s", ""),
+    ("idle.cpu_ms_per_connect.server", "  server CPU per connect", "ms", ""),
+    ("idle.cpu_ms_per_connect.redis", "  redis-server CPU per connect", "ms", ""),
+    ("idle.cpu_ms_per_connect.postgres", "  PostgreSQL backends CPU per connect", "ms", ""),
     ("idle.rss_per_socket_kib", "  server RSS per idle socket", "KiB", "≤ 24"),
     ("idle.server_core_fraction", "  server CPU while they idle (share of a core)", "", ""),
     ("idle.create_to_phone.p99", "  create → phone p99 meanwhile (10 in flight)", "ms", ""),

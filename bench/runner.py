@@ -489,9 +489,20 @@ async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dic
     began = time.monotonic()
     holders: list[Holder] = []
     out: dict[str, Any] = {}
+    watched = {"server": [server_pid], "redis": target.pids["redis"]}
     try:
+        cpu_before = procs.cpu_snapshot(watched)
+        sql_before = await sql_backends_cpu(target)
         holders, reports = await start_holders(target, plan, count, workdir)
         connected_s = time.monotonic() - began
+        connect_cpu = procs.cpu_delta(cpu_before, procs.cpu_snapshot(watched))
+        if target.db is not None:
+            # Backends the pool opened meanwhile count from zero.
+            sql_after = await sql_backends_cpu(target)
+            watched["postgres"] = list(sql_after)
+            connect_cpu["postgres"] = sum(
+                cpu - sql_before.get(pid, 0.0) for pid, cpu in sql_after.items()
+            )
         ok = sum(r["ok"] for r in reports)
         await asyncio.sleep(2.0)
         rss_after = procs.rss_bytes(server_pid)
@@ -506,6 +517,13 @@ async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dic
             "holders": len(holders),
             "connect_s": round(connected_s, 2),
             "connects_per_s": round(ok / connected_s, 1) if connected_s else None,
+            # CPU milliseconds per connect while they connected: steadier than the rate on
+            # a shared machine.
+            "cpu_ms_per_connect": {
+                group: round(1000 * connect_cpu[group] / ok, 3)
+                for group in watched
+                if ok and group in connect_cpu
+            },
             "handshake_ms": [r["handshake_ms"] for r in reports],
             "server_rss_before_mib": round(rss_before / 2**20, 1),
             "server_rss_after_mib": round(rss_after / 2**20, 1),
@@ -520,6 +538,13 @@ async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dic
     finally:
         stop_holders(holders)
     return out
+
+
+async def sql_backends_cpu(target: Target) -> dict[int, float]:
+    """CPU seconds of each backend of the target's scratch database (none for the baseline)."""
+    if target.db is None:
+        return {}
+    return {pid: procs.cpu_seconds(pid) for pid in await target.db.backends()}
 
 
 async def idle_figures(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
