@@ -762,6 +762,8 @@ async def hold(config: dict[str, Any]) -> None:
         while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "storm":
             handshake.clear()
             storm.watch(set(sockets))
+            # The runner stops the server only after this line: no drop goes unwatched.
+            print(orjson.dumps({"event": "watching"}).decode(), flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(storm.done.wait(), float(config.get("storm_deadline", 300)))
             print(orjson.dumps(storm.report(handshake)).decode(), flush=True)

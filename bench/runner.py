@@ -590,6 +590,8 @@ async def run_storm(
         assert holder.child.stdin is not None
         holder.child.stdin.write(b"storm\n")
         holder.child.stdin.flush()
+    for holder in holders:
+        await holder.next_report(workdir)  # {"event": "watching"}
     load_before = procs.loadavg()
     sigterm = time.monotonic()
     await asyncio.to_thread(old.stop)
