@@ -6,6 +6,7 @@ about them (CPU seconds, RSS).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import secrets
@@ -82,6 +83,19 @@ def machine_cpu() -> tuple[float, float]:
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
     return float(total - idle), float(total)
+
+
+def listen_overflows() -> int:
+    """Connections the kernel dropped because a listening socket's queue was full (all
+    sockets of the machine: /proc/net/netstat, TcpExt ListenOverflows)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    except OSError:
+        return 0
+    for names, values in itertools.pairwise(lines):
+        if names[0] == "TcpExt:" and values[0] == "TcpExt:" and "ListenOverflows" in names:
+            return int(values[names.index("ListenOverflows")])
+    return 0
 
 
 def loadavg() -> list[float]:

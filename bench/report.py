@@ -197,6 +197,7 @@ def figures(target: dict[str, Any], plan: dict[str, Any]) -> dict[str, float | N
         out["storm.all_ready_s"] = storm["all_ready_s"]
         out["storm.all_ready_after_up_s"] = storm["all_ready_after_up_s"]
         out["storm.attempts_per_phone"] = storm["attempts_per_phone"]
+        out["storm.listen_overflows"] = storm.get("listen_overflows")
         flow = storm["flow_phase"]
         for pct in ("p50", "p99", "max"):
             out[f"storm.create_to_phone.{pct}"] = _lat(flow, "create_to_phone", pct)
@@ -277,6 +278,8 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("storm.all_ready_s", "  SIGTERM → last phone ready", "s", ""),
     ("storm.all_ready_after_up_s", "  new process up → last phone ready", "s", ""),
     ("storm.attempts_per_phone", "  connect attempts per phone (backoff, full jitter)", "", ""),
+    ("storm.listen_overflows", "  connections dropped by a full accept queue (machine-wide)",
+     "", ""),
     ("storm.create_to_phone.p50", "  sign-in during the storm: create → phone p50", "ms", ""),
     ("storm.create_to_phone.p99", "  … p99", "ms", ""),
     ("storm.create_to_phone.max", "  … max", "ms", ""),

@@ -593,6 +593,7 @@ async def run_storm(
     for holder in holders:
         await holder.next_report(workdir)  # {"event": "watching"}
     load_before = procs.loadavg()
+    overflows = procs.listen_overflows()
     sigterm = time.monotonic()
     await asyncio.to_thread(old.stop)
     stopped = time.monotonic()
@@ -623,6 +624,7 @@ async def run_storm(
     finally:
         over.touch()
     flows = await signins
+    overflows = procs.listen_overflows() - overflows
     ready_at = [r["all_ready_at"] for r in reports if r["all_ready_at"] is not None]
     last = max(ready_at) if ready_at else None
     return {
@@ -632,6 +634,8 @@ async def run_storm(
         "restart_s": round(up - sigterm, 2),
         "all_ready_s": round(last - sigterm, 2) if last is not None else None,
         "all_ready_after_up_s": round(last - up, 2) if last is not None else None,
+        # Machine-wide, so other programs' count too; on a quiet machine, the storm's.
+        "listen_overflows": overflows,
         "attempts_per_phone": round(
             sum(r["attempts"] for r in reports) / max(1, sum(r["sockets"] for r in reports)), 2
         ),

@@ -95,6 +95,7 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_json(tmp_path: Path) -> 
     assert storm["not_ready"] == 0
     assert storm["attempts_per_phone"] >= 1
     assert storm["all_ready_s"] >= storm["restart_s"] > 0
+    assert storm["listen_overflows"] >= 0  # machine-wide, so no exact figure
     signins = storm["flow_phase"]
     assert signins["name"] == "signins-during-storm"
     assert signins["flows"] > 0, signins
