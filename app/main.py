@@ -51,6 +51,14 @@ def all_routes() -> list[BaseRoute]:
     ]
 
 
+# Python's defaults are (700, 10, 10): a generation-1 collection every 7,000 allocations
+# moved the objects of the flows in progress to the old generation, and full collections
+# followed every few seconds under load, each walking every idle socket's objects (50-230 ms
+# at 4,000 sockets, bench/RESULTS.md). Every 10,000 and 200,000 allocations, a flow's
+# objects are mostly gone before a collection sees them.
+YOUNG_GC_THRESHOLDS = (10_000, 20, 10)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -63,7 +71,10 @@ def create_app(
 
     `freeze_startup_objects` (a server process's own app, app.server) moves everything
     alive after start-up out of the garbage collector's sight: a full collection of those
-    ~150,000 objects stalled the event loop for 30-45 ms, which showed in tail latency.
+    ~150,000 objects stalled the event loop for 30-45 ms, which showed in tail latency. It
+    also collects the young generations less often (YOUNG_GC_THRESHOLDS), so that the
+    objects of flows in progress rarely reach the old generation and trigger full
+    collections, whose cost grows with every idle phone socket the process holds.
     """
     settings = settings or Settings()
 
@@ -74,6 +85,7 @@ def create_app(
         if freeze_startup_objects:
             gc.collect()
             gc.freeze()
+            gc.set_threshold(*YOUNG_GC_THRESHOLDS)
         await services.events.start()
         await services.presence.start()
         worker_task: asyncio.Task[None] | None = None

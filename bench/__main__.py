@@ -2,10 +2,12 @@
 
     python -m bench                  # the full run (≈ 6-8 min on 2 cores)
     python -m bench --quick          # the same scenarios, shorter, 1,000 sockets (≈ 2 min)
+    python -m bench --quick --repeat 3   # three runs: median and range of every figure
     python -m bench --smoke          # seconds: 1 server, a few flows, no baseline (CI)
     python -m bench --sockets 50000  # more idle phone sockets
     python -m bench --publish        # also rewrite bench/RESULTS.md's table and bench/latency.png
     python -m bench --profile        # py-spy on the server under saturated RP load instead
+    python -m bench --profile-connect --sockets 3000   # py-spy while idle phones connect
     python -m bench --trace          # Redis commands, SQL transactions, syscalls per RP flow
     python -m bench --redis cluster  # tapprove on one Redis and on a local 3-master cluster
     python -m bench --render bench/out/latest.json [--publish]   # re-print a saved run
@@ -27,7 +29,7 @@ from bench import procs, report
 from bench.runner import Plan, log, plan_json, plans, run_target
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("light", "saturation", "browser", "argon2", "idle", "duo")
+SCENARIOS = ("light", "saturation", "browser", "argon2", "idle", "duo", "storm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,10 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true", help="py-spy the server under saturated RP load"
     )
     parser.add_argument(
+        "--profile-connect",
+        action="store_true",
+        help="py-spy the server while the idle phones connect (--sockets of them)",
+    )
+    parser.add_argument(
         "--trace", action="store_true", help="count Redis/SQL round trips of one RP flow"
     )
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="print (and --publish) a saved run again"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run everything N times; the table gives each figure's median and range",
     )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--profile-concurrency", type=int, default=50)
@@ -116,11 +127,12 @@ def save(results: dict[str, Any], args: argparse.Namespace) -> None:
     (out / f"bench-{name}.json").write_text(text)
     (out / "latest.json").write_text(text)
     plot_path = out / f"latency-{name}.png"
-    if results["plan"]["name"] != "smoke":
-        report.plot(results, plot_path)
+    if results["plan"]["name"] != "smoke" and "saturation" in results["plan"]["scenarios"]:
+        report.plot(results.get("runs", [results])[-1], plot_path)
     (out / f"bench-{name}.md").write_text(report.markdown(results, plot_path.name) + "\n")
     if args.publish:
-        shutil.copyfile(plot_path, HERE / "latency.png")
+        if plot_path.exists():
+            shutil.copyfile(plot_path, HERE / "latency.png")
         report.publish(HERE / "RESULTS.md", report.markdown(results, "latency.png"))
         log("published bench/RESULTS.md and bench/latency.png")
     log(f"JSON: {out / f'bench-{name}.json'}")
@@ -129,6 +141,11 @@ def save(results: dict[str, Any], args: argparse.Namespace) -> None:
 def main() -> None:
     args = parse_args()
     procs.raise_nofile()
+    if args.profile_connect:
+        from bench.profile import profile_connect
+
+        asyncio.run(profile_connect(make_plan(args), args))
+        return
     if args.profile:
         from bench.profile import profile
 
@@ -145,12 +162,19 @@ def main() -> None:
         if args.publish:
             plot_path = args.out / "latency-render.png"
             args.out.mkdir(parents=True, exist_ok=True)
-            report.plot(results, plot_path)
+            report.plot(results.get("runs", [results])[-1], plot_path)
             shutil.copyfile(plot_path, HERE / "latency.png")
             report.publish(HERE / "RESULTS.md", report.markdown(results, "latency.png"))
             log("published bench/RESULTS.md and bench/latency.png")
         return
-    results = asyncio.run(run(args))
+    if args.repeat > 1:
+        runs = []
+        for i in range(args.repeat):
+            log(f"run {i + 1} of {args.repeat}")
+            runs.append(asyncio.run(run(args)))
+        results = report.repeated(runs)
+    else:
+        results = asyncio.run(run(args))
     report.print_summary(results)
     save(results, args)
 

@@ -39,6 +39,7 @@ from bench import procs
 from bench.jws import DeviceSigner
 from bench.population import idle_token
 from bench.stats import summarize
+from mobile_stub.protocol import Backoff
 
 now = time.perf_counter
 FLOW_TIMEOUT = 15.0
@@ -83,7 +84,22 @@ class Phone:
         self.reader: asyncio.Task[None] | None = None
         self.stray_frames = 0
 
-    async def connect(self, session: aiohttp.ClientSession) -> None:
+    async def connect(self, session: aiohttp.ClientSession, retry: Backoff | None = None) -> None:
+        """Connect and wait for `ready`; with `retry`, try again after its delays until then."""
+        attempt = 0
+        while True:
+            try:
+                await self._connect(session)
+                return
+            except (FlowError, aiohttp.ClientError, TimeoutError, OSError):
+                if retry is None or attempt > 30:
+                    raise
+            await asyncio.sleep(retry.delay(attempt))
+            attempt += 1
+
+    async def _connect(self, session: aiohttp.ClientSession) -> None:
+        if self.ws is not None:
+            await self.ws.close()
         self.ws = await session.ws_connect(ws_url(self.server) + "/ws/device", max_msg_size=1 << 20)
         await self.ws.send_str(orjson.dumps({"type": "auth", "token": self.token}).decode())
         while True:
@@ -526,7 +542,16 @@ async def run_phase(
     window.start = now()
     window.end = window.start + duration
     load_before = procs.loadavg()
-    await asyncio.sleep(duration)
+    until = phase.get("until_exists")
+    if until:
+        # A phase during a reconnect storm ends with it (the runner writes the file), or at
+        # `duration` at the latest.
+        while now() < window.end and not os.path.exists(until):
+            await asyncio.sleep(0.05)
+        window.end = min(window.end, now())
+        duration = window.end - window.start
+    else:
+        await asyncio.sleep(duration)
     after = procs.cpu_snapshot(pids)
     counters_after = await _counters(redis_url, postgres)
     done_between = window.done - done_before
@@ -546,7 +571,7 @@ async def run_phase(
         "login_load": logins,
         "warmup_s": round(window.start - begin, 2),
         "steady": steady.is_set(),
-        "duration": duration,
+        "duration": round(duration, 3),
         "flows": counts["flows"],
         "flows_per_s": round(counts["flows"] / duration, 2),
         "errors": dict(errors),
@@ -607,8 +632,9 @@ async def run_flows(config: dict[str, Any]) -> dict[str, Any]:
         if len(phones) < needed:
             raise SystemExit(f"config has {len(phones)} phones, phases need {needed}")
         connect_started = now()
+        retry = Backoff(**config["connect_backoff"]) if config.get("connect_backoff") else None
         for start in range(0, len(phones), 50):
-            await asyncio.gather(*(p.connect(http) for p in phones[start : start + 50]))
+            await asyncio.gather(*(p.connect(http, retry) for p in phones[start : start + 50]))
         connected_in = now() - connect_started
         results = []
         for phase in config["phases"]:
@@ -641,51 +667,82 @@ async def run_flows(config: dict[str, Any]) -> dict[str, Any]:
 
 
 async def hold(config: dict[str, Any]) -> None:
-    """Open `count` idle device sockets, report, and keep them until stdin closes."""
+    """Open `count` idle device sockets, report, and keep them until stdin closes.
+
+    With `reconnect`, a socket the server drops comes back the way the reference client
+    (mobile_stub) does it: after full-jitter capped exponential backoff, reset by `ready`.
+    A `storm` line on stdin starts watching for the next drop of every socket (a server
+    restart); once every one of them is ready again, one JSON line reports how long it took.
+    """
     url = ws_url(config["server"]) + "/ws/device"
     seed, first, count = config["seed"], int(config["first"]), int(config["count"])
     local = config.get("local_addr")
     connector = aiohttp.TCPConnector(limit=0, local_addr=(local, 0) if local else None)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     gate = asyncio.Semaphore(int(config.get("connect_concurrency", 100)))
-    sockets: list[aiohttp.ClientWebSocketResponse] = []
-    readers: list[asyncio.Task[None]] = []
+    backoff = Backoff(**config["backoff"]) if config.get("reconnect") else None
+    rand = random.Random(f"{seed}-{first}").random
+    sockets: dict[int, aiohttp.ClientWebSocketResponse] = {}
+    lives: list[asyncio.Task[None]] = []
     errors: Counter[str] = Counter()
     handshake: list[float] = []
     rss_before = procs.rss_bytes(os.getpid())
+    storm = Storm()
 
-    async def drain(ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for _ in ws:  # aiohttp answers the server's pings while we read
-            pass
+    async def open_one(session: aiohttp.ClientSession, index: int) -> str | None:
+        """Connect, authenticate and wait for `ready`; None when ready, else what failed."""
+        started = now()
+        try:
+            ws = await session.ws_connect(url, max_msg_size=1 << 16)
+            auth = {"type": "auth", "token": idle_token(seed, index)}
+            await ws.send_str(orjson.dumps(auth).decode())
+            msg = await asyncio.wait_for(ws.receive(), 30)
+            if msg.type is not aiohttp.WSMsgType.TEXT or b'"ready"' not in msg.data.encode():
+                await ws.close()
+                return f"not_ready_{msg.type.name}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return type(exc).__name__
+        handshake.append(now() - started)
+        sockets[index] = ws
+        return None
+
+    async def life(session: aiohttp.ClientSession, index: int) -> None:
+        """Read until the server drops the socket; then, with `reconnect`, come back."""
+        while True:
+            ws = sockets[index]
+            async for _ in ws:  # aiohttp answers the server's pings while we read
+                pass
+            storm.dropped(index)
+            if backoff is None:
+                return
+            attempt = 0
+            while True:
+                await asyncio.sleep(backoff.delay(attempt, rand))
+                attempt += 1
+                storm.attempts += 1
+                failure = await open_one(session, index)
+                if failure is None:
+                    storm.ready(index)
+                    break
+                storm.errors[failure] += 1
 
     deadline = now() + float(config.get("connect_deadline", 600))
     skipped: list[int] = []
 
-    async def open_one(session: aiohttp.ClientSession, index: int) -> None:
+    async def first_connect(session: aiohttp.ClientSession, index: int) -> None:
         async with gate:
             if now() > deadline:
                 skipped.append(index)
                 return
-            started = now()
-            try:
-                ws = await session.ws_connect(url, max_msg_size=1 << 16)
-                auth = {"type": "auth", "token": idle_token(seed, index)}
-                await ws.send_str(orjson.dumps(auth).decode())
-                msg = await asyncio.wait_for(ws.receive(), 30)
-                if msg.type is not aiohttp.WSMsgType.TEXT or b'"ready"' not in msg.data.encode():
-                    errors[f"not_ready_{msg.type.name}"] += 1
-                    await ws.close()
-                    return
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                errors[type(exc).__name__] += 1
-                return
-            handshake.append(now() - started)
-            sockets.append(ws)
-            readers.append(asyncio.create_task(drain(ws)))
+            failure = await open_one(session, index)
+        if failure is not None:
+            errors[failure] += 1
+            return
+        lives.append(asyncio.create_task(life(session, index)))
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         began = now()
-        await asyncio.gather(*(open_one(session, first + i) for i in range(count)))
+        await asyncio.gather(*(first_connect(session, first + i) for i in range(count)))
         took = now() - began
         report = {
             "event": "connected",
@@ -702,13 +759,81 @@ async def hold(config: dict[str, Any]) -> None:
         }
         print(orjson.dumps(report).decode(), flush=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, sys.stdin.readline)
-        still_open = sum(1 for ws in sockets if not ws.closed)
+        while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "storm":
+            handshake.clear()
+            storm.watch(set(sockets))
+            # The runner stops the server only after this line: no drop goes unwatched.
+            print(orjson.dumps({"event": "watching"}).decode(), flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(storm.done.wait(), float(config.get("storm_deadline", 300)))
+            print(orjson.dumps(storm.report(handshake)).decode(), flush=True)
+        still_open = sum(1 for ws in sockets.values() if not ws.closed)
         print(orjson.dumps({"event": "closing", "still_open": still_open}).decode(), flush=True)
-        for task in readers:
+        for task in lives:
             task.cancel()
     # Leaving without a close handshake per socket; the server sees the resets at once.
     os._exit(0)
+
+
+@dataclass
+class Storm:
+    """A reconnect storm seen by one holder: every watched socket dropped and came back."""
+
+    watched: set[int] = field(default_factory=set)
+    waiting: set[int] = field(default_factory=set)  # dropped since `watch`, not ready again
+    started: float = 0.0
+    first_drop: float = 0.0
+    last_drop: float = 0.0
+    readies: list[float] = field(default_factory=list)
+    attempts: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def watch(self, sockets: set[int]) -> None:
+        self.watched, self.waiting = set(sockets), set()
+        self.started, self.first_drop, self.last_drop = now(), 0.0, 0.0
+        self.readies, self.attempts = [], 0
+        self.errors.clear()
+        self.done.clear()
+
+    def dropped(self, index: int) -> None:
+        if index in self.watched:
+            self.watched.discard(index)
+            self.waiting.add(index)
+            self.first_drop = self.first_drop or now()
+            self.last_drop = now()
+
+    def ready(self, index: int) -> None:
+        if index in self.waiting:
+            self.waiting.discard(index)
+            self.readies.append(now())
+            if not self.waiting and not self.watched:
+                self.done.set()
+
+    def report(self, handshake: list[float]) -> dict[str, Any]:
+        """Times from the first drop (the server going away) to the n-th socket ready."""
+        readies = sorted(self.readies)
+
+        def after_drop(share: float) -> float | None:
+            if not readies:
+                return None
+            return round(readies[max(0, math.ceil(share * len(readies)) - 1)] - self.first_drop, 3)
+
+        return {
+            "event": "storm",
+            "sockets": len(readies),
+            "first_drop": self.first_drop,
+            "drops_s": round(self.last_drop - self.first_drop, 3),
+            "half_ready_s": after_drop(0.5),
+            "p90_ready_s": after_drop(0.9),
+            "all_ready_s": after_drop(1.0),
+            "first_ready_at": readies[0] if readies else None,
+            "all_ready_at": readies[-1] if readies else None,
+            "not_ready": len(self.waiting) + len(self.watched),
+            "attempts": self.attempts,
+            "errors": dict(self.errors),
+            "handshake_ms": summarize(handshake),
+        }
 
 
 def main() -> None:

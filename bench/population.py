@@ -151,6 +151,9 @@ async def insert_idle_devices(database_url: str, count: int, chunk: int = 5000) 
                         public_jwk=jwk,
                         token_hash=hash_token(idle_token(seed, i)),
                         created_at=created,
+                        # As enrollment leaves it: its passcode seed confirmed, so a
+                        # connect is not also a seed's delivery (one SQL write more).
+                        passcode_confirmed_at=created,
                     ).model_dump()
                 )
             async with engine.begin() as conn:

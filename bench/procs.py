@@ -6,6 +6,7 @@ about them (CPU seconds, RSS).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import secrets
@@ -82,6 +83,19 @@ def machine_cpu() -> tuple[float, float]:
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
     return float(total - idle), float(total)
+
+
+def listen_overflows() -> int:
+    """Connections the kernel dropped because a listening socket's queue was full (all
+    sockets of the machine: /proc/net/netstat, TcpExt ListenOverflows)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    except OSError:
+        return 0
+    for names, values in itertools.pairwise(lines):
+        if names[0] == "TcpExt:" and values[0] == "TcpExt:" and "ListenOverflows" in names:
+            return int(values[names.index("ListenOverflows")])
+    return 0
 
 
 def loadavg() -> list[float]:
@@ -178,6 +192,12 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: Mapping[str, str] | None = None
+
+    def respawn(self) -> Child:
+        """The same command started again (after `stop`), its output appended to the log."""
+        return spawn(self.name, self.argv, self.log_path, self.env, append=True)
 
     @property
     def pid(self) -> int:
@@ -204,10 +224,15 @@ class Child:
 
 
 def spawn(
-    name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    append: bool = False,
 ) -> Child:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("wb")
+    log = log_path.open("ab" if append else "wb")
     proc = subprocess.Popen(
         argv,
         stdout=log,
@@ -217,7 +242,7 @@ def spawn(
         cwd=str(REPO),
     )
     log.close()
-    return Child(name, proc, log_path)
+    return Child(name, proc, log_path, argv, env)
 
 
 def wait_http(url: str, child: Child, timeout: float = 30.0) -> None:

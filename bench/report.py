@@ -180,11 +180,28 @@ def figures(target: dict[str, Any], plan: dict[str, Any]) -> dict[str, float | N
         out["idle.failed"] = idle["failed"]
         out["idle.not_tried"] = idle.get("not_tried_before_deadline")
         out["idle.connects_per_s"] = idle["connects_per_s"]
+        for group, value in idle.get("cpu_ms_per_connect", {}).items():
+            out[f"idle.cpu_ms_per_connect.{group}"] = value
         out["idle.rss_per_socket_kib"] = idle["rss_per_socket_kib"]
-        out["idle.server_core_fraction"] = idle["idle_server_core_fraction"]
-        flow = idle["flow_phase"]
-        out["idle.create_to_phone.p99"] = _lat(flow, "create_to_phone", "p99")
-        out["idle.decision_to_phone_result.p99"] = _lat(flow, "decision_to_phone_result", "p99")
+        out["idle.server_core_fraction"] = idle.get("idle_server_core_fraction")
+        flow = idle.get("flow_phase")
+        for metric in ("create_to_phone", "decision_to_phone_result", "decision_to_rp_result"):
+            for pct in ("p50", "p99"):
+                out[f"idle.{metric}.{pct}"] = _lat(flow, metric, pct)
+        out["idle.flows_per_s"] = flow["flows_per_s"] if flow else None
+    storm = (idle or {}).get("storm")
+    if storm:
+        out["storm.phones"] = storm["phones"]
+        out["storm.not_ready"] = storm["not_ready"]
+        out["storm.restart_s"] = storm["restart_s"]
+        out["storm.all_ready_s"] = storm["all_ready_s"]
+        out["storm.all_ready_after_up_s"] = storm["all_ready_after_up_s"]
+        out["storm.attempts_per_phone"] = storm["attempts_per_phone"]
+        out["storm.listen_overflows"] = storm.get("listen_overflows")
+        flow = storm["flow_phase"]
+        for pct in ("p50", "p99", "max"):
+            out[f"storm.create_to_phone.{pct}"] = _lat(flow, "create_to_phone", pct)
+        out["storm.signins"] = flow["flows"]
     return out
 
 
@@ -244,10 +261,29 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("idle.failed", "  sockets that failed", "", "0"),
     ("idle.not_tried", "  sockets not connected before the deadline", "", ""),
     ("idle.connects_per_s", "  connect rate (auth → ready)", "/s", ""),
+    ("idle.cpu_ms_per_connect.server", "  server CPU per connect", "ms", ""),
+    ("idle.cpu_ms_per_connect.redis", "  redis-server CPU per connect", "ms", ""),
+    ("idle.cpu_ms_per_connect.postgres",
+     "  PostgreSQL backends CPU per connect (backends alive at the end only)", "ms", ""),
     ("idle.rss_per_socket_kib", "  server RSS per idle socket", "KiB", "≤ 24"),
     ("idle.server_core_fraction", "  server CPU while they idle (share of a core)", "", ""),
     ("idle.create_to_phone.p99", "  create → phone p99 meanwhile (10 in flight)", "ms", ""),
     ("idle.decision_to_phone_result.p99", "  decision → phone result p99 meanwhile", "ms", ""),
+    ("idle.decision_to_rp_result.p99", "  decision → RP long-poll result p99 meanwhile", "ms",
+     ""),
+    ("idle.flows_per_s", "  flows/s meanwhile", "/s", ""),
+    ("storm.phones", "reconnect storm: idle phones back after a server restart", "", ""),
+    ("storm.not_ready", "  phones not ready by the deadline", "", "0"),
+    ("storm.restart_s", "  SIGTERM → new process answers", "s", ""),
+    ("storm.all_ready_s", "  SIGTERM → last phone ready", "s", ""),
+    ("storm.all_ready_after_up_s", "  new process up → last phone ready", "s", ""),
+    ("storm.attempts_per_phone", "  connect attempts per phone (backoff, full jitter)", "", ""),
+    ("storm.listen_overflows", "  connections dropped by a full accept queue (machine-wide)",
+     "", ""),
+    ("storm.create_to_phone.p50", "  sign-in during the storm: create → phone p50", "ms", ""),
+    ("storm.create_to_phone.p99", "  … p99", "ms", ""),
+    ("storm.create_to_phone.max", "  … max", "ms", ""),
+    ("storm.signins", "  sign-ins measured during the storm", "", ""),
 ]
 
 
@@ -309,6 +345,81 @@ def cluster_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def repeated(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several whole runs as one result: each run kept, and every figure's values listed."""
+    last = runs[-1]
+    return {
+        "meta": {**last["meta"], "started_at": runs[0]["meta"]["started_at"]},
+        "plan": last["plan"],
+        "loadavg": {"start": runs[0]["loadavg"]["start"], "end": last["loadavg"]["end"]},
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "workdir": last["workdir"],
+        "runs": runs,
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _spread(values: list[float]) -> str:
+    """`median (min to max)` of the runs' values."""
+    if not values:
+        return "-"
+    median = _median(values)
+    if len(values) == 1:
+        return _fmt(median)
+    return f"{_fmt(median)} ({_fmt(min(values))} to {_fmt(max(values))})"
+
+
+# A figure "reproduces" when its runs' ratios to the baseline stay within this much of their
+# median (back-to-back runs of the same code differ by about ±7 % in flows/s here).
+REPRODUCES_WITHIN = 0.10
+
+
+def repeat_table(results: dict[str, Any]) -> str:
+    """Median and range over the runs: tapprove, baseline, and the same-run ratios."""
+    runs = results["runs"]
+    per_run = []
+    for run in runs:
+        targets = run["targets"]
+        tap = figures(targets.get("tapprove", {}), run["plan"])
+        base = figures(targets["baseline"], run["plan"]) if "baseline" in targets else {}
+        per_run.append((tap, base))
+    lines = [
+        f"| figure | unit | tapprove: median (range), {len(runs)} runs | baseline | "
+        "ratio of each run's pair: median (range) | reproduces |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for key, label, unit, _goal in ROWS:
+        taps = [t[key] for t, _ in per_run if isinstance(t.get(key), int | float)]
+        bases = [b[key] for _, b in per_run if isinstance(b.get(key), int | float)]
+        if not taps and not bases:
+            continue
+        ratios = [
+            t[key] / b[key]
+            for t, b in per_run
+            if isinstance(t.get(key), int | float)
+            and isinstance(b.get(key), int | float)
+            and b[key]
+            and (unit not in ("", "x") or key.startswith("rt."))
+        ]
+        ratio = "-"
+        verdict = ""
+        if ratios:
+            ratio = f"{_median(ratios):.2f} ({min(ratios):.2f} to {max(ratios):.2f})"
+            half = (max(ratios) - min(ratios)) / 2 / _median(ratios)
+            verdict = "yes" if half <= REPRODUCES_WITHIN else f"no (±{100 * half:.0f} %)"
+        lines.append(
+            f"| {label} | {unit} | {_spread(taps)} | {_spread(bases)} | {ratio} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def phase_table(results: dict[str, Any]) -> str:
     """Every load-generator phase of every target, one line each."""
     lines = [
@@ -319,8 +430,11 @@ def phase_table(results: dict[str, Any]) -> str:
     ]
     for kind, target in results["targets"].items():
         phases = list(target.get("flows", {}).get("phases", []))
-        if target.get("idle"):
-            phases.append(target["idle"]["flow_phase"])
+        idle = target.get("idle") or {}
+        if idle.get("flow_phase"):
+            phases.append(idle["flow_phase"])
+        if idle.get("storm"):
+            phases.append(idle["storm"]["flow_phase"])
         for p in phases:
             lat = p.get("latency_ms", {})
             c2p = lat.get("create_to_phone", {})
@@ -338,6 +452,8 @@ def phase_table(results: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any], plot_name: str | None) -> str:
+    if "runs" in results:
+        return markdown_repeated(results, plot_name)
     meta = results["meta"]
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     load = results["loadavg"]
@@ -372,6 +488,42 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
         note = target.get("idle", {}).get("note")
         if note:
             parts += ["", f"Note ({kind}): {note}."]
+    return "\n".join(parts)
+
+
+def markdown_repeated(results: dict[str, Any], plot_name: str | None) -> str:
+    """The block for `--repeat N`: medians and ranges first, then each run's phases."""
+    meta = results["meta"]
+    runs = results["runs"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    loads = "; ".join(
+        f"run {i + 1} ({r['meta']['started_at'][11:]}) {r['loadavg']['start']} → "
+        f"{r['loadavg']['end']}"
+        for i, r in enumerate(runs)
+    )
+    parts = [
+        f"Command: `{meta['command']}` ({results['plan']['name']} plan, {len(runs)} runs back "
+        f"to back, each tapprove then the baseline), {meta['started_at']}, "
+        f"{results['seconds']:.0f} s, commit {meta['git_commit']}"
+        + (f" + {meta['git_dirty_files']} uncommitted files" if meta["git_dirty_files"] else "")
+        + ".",
+        "",
+        f"Machine: {meta['nproc']} cores, {meta['cpu']}, {meta['memory_gib']} GiB, Linux "
+        f"{meta['kernel']}, open-file limit {meta['nofile_limit']}. Load average (1/5/15 min) "
+        f"at the start and end of each run: {loads}.",
+        "",
+        f"Versions: {versions}; {meta.get('redis_server', '')}; "
+        f"PostgreSQL {meta.get('postgres', '')}.",
+        "",
+        repeat_table(results),
+        "",
+        f"*Reproduces*: the runs' ratios stay within ±{100 * REPRODUCES_WITHIN:.0f} % of "
+        "their median.",
+    ]
+    for i, run in enumerate(runs):
+        parts += ["", f"Run {i + 1}, per phase:", "", phase_table(run)]
+    if plot_name:
+        parts += ["", f"![latency percentiles against load, last run]({plot_name})"]
     return "\n".join(parts)
 
 
@@ -455,9 +607,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    clustered = cluster_table(results)
-    sys.stdout.write(
-        table(results) + "\n\n" + (clustered + "\n\n" if clustered else "")
-        + phase_table(results) + "\n"
-    )
+    if "runs" in results:
+        sys.stdout.write(markdown_repeated(results, None) + "\n")
+    else:
+        clustered = cluster_table(results)
+        sys.stdout.write(
+            table(results) + "\n\n" + (clustered + "\n\n" if clustered else "")
+            + phase_table(results) + "\n"
+        )
     sys.stdout.flush()

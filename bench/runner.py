@@ -55,11 +55,16 @@ class Plan:
     idle_flow_duration: float
     idle_cpu_window: float
     connect_deadline: float  # idle sockets not connected by then are reported as not tried
+    # The reconnect storm (the idle sockets, after a server restart): how long the phones
+    # get to come back before the rest are reported as not ready.
+    storm_deadline: float
     max_warmup: float = 12.0  # a phase waits up to this long for every worker to finish once
     servers: int = 1
     baseline: bool = True
     scenarios: list[str] = field(
-        default_factory=lambda: ["light", "saturation", "browser", "argon2", "idle", "duo"]
+        default_factory=lambda: [
+            "light", "saturation", "browser", "argon2", "idle", "duo", "storm"
+        ]
     )
 
     @property
@@ -86,6 +91,7 @@ def plans() -> dict[str, Plan]:
             idle_flow_duration=6.0,
             idle_cpu_window=5.0,
             connect_deadline=120.0,
+            storm_deadline=300.0,
         ),
         "quick": Plan(
             name="quick",
@@ -104,6 +110,7 @@ def plans() -> dict[str, Plan]:
             idle_flow_duration=2.0,
             idle_cpu_window=1.0,
             connect_deadline=15.0,
+            storm_deadline=60.0,
             max_warmup=5.0,
         ),
         "smoke": Plan(
@@ -123,6 +130,7 @@ def plans() -> dict[str, Plan]:
             idle_flow_duration=1.0,
             idle_cpu_window=0.5,
             connect_deadline=20.0,
+            storm_deadline=30.0,
             max_warmup=5.0,
             baseline=False,
         ),
@@ -393,8 +401,19 @@ def loadgen_config(target: Target, phases: list[dict[str, Any]]) -> dict[str, An
 
 @dataclass
 class Holder:
+    """A holder process (bench.loadgen `hold` mode) and how many sockets it holds."""
+
     child: subprocess.Popen[bytes]
     count: int
+
+    async def next_report(self, workdir: Path) -> dict[str, Any]:
+        """The next JSON line the holder prints (after connecting, after a storm)."""
+        assert self.child.stdout is not None
+        line = await asyncio.to_thread(self.child.stdout.readline)
+        if not line:
+            raise RuntimeError(f"idle holder exited early (see {workdir}/holder-*.log)")
+        report: dict[str, Any] = json.loads(line)
+        return report
 
 
 def idle_capacity(requested: int) -> tuple[int, str]:
@@ -410,100 +429,227 @@ def idle_capacity(requested: int) -> tuple[int, str]:
     )
 
 
-async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dict[str, Any]:
-    """Connect `count` idle device sockets to the first server; RSS, connect rate, a flow."""
-    server_pid = target.pids["server"][0]
+# The reference client's reconnect policy (mobile_stub.protocol.Backoff, docs/protocol-
+# additions.md): full jitter over min(cap, base * 2^n) seconds, reset by `ready`.
+RECONNECT_BACKOFF = {"base": 0.5, "cap": 30.0}
+
+
+async def start_holders(
+    target: Target, plan: Plan, count: int, workdir: Path
+) -> tuple[list[Holder], list[dict[str, Any]]]:
+    """Holder processes with `count` idle device sockets on the first server, and their
+    first reports (once every socket is ready or the connect deadline passed)."""
     seed = target.population.idle_seed or "baseline-idle"
+    holders: list[Holder] = []
+    reports: list[dict[str, Any]] = []
+    first = 0
+    k = 0
+    while first < count:
+        n = min(PER_HOLDER, count - first)
+        config = {
+            "mode": "hold",
+            "server": target.urls[0],
+            "seed": seed,
+            "first": first,
+            "count": n,
+            "local_addr": f"127.0.0.{2 + k}",
+            "connect_concurrency": 100,
+            "connect_deadline": plan.connect_deadline,
+            "reconnect": "storm" in plan.scenarios,
+            "backoff": RECONNECT_BACKOFF,
+            "storm_deadline": plan.storm_deadline,
+        }
+        path = workdir / f"holder-{k}.json"
+        path.write_text(json.dumps(config))
+        with (workdir / f"holder-{k}.log").open("wb") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen", str(path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=str(procs.REPO),
+            )
+        holders.append(Holder(child, n))
+        first += n
+        k += 1
+    for holder in holders:
+        reports.append(await holder.next_report(workdir))
+    return holders, reports
+
+
+def stop_holders(holders: list[Holder]) -> None:
+    for holder in holders:
+        if holder.child.stdin is not None:
+            with contextlib.suppress(OSError):
+                holder.child.stdin.close()
+    for holder in holders:
+        try:
+            holder.child.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.child.kill()
+
+
+async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dict[str, Any]:
+    """Connect `count` idle device sockets to the first server; RSS, connect rate, a flow
+    phase while they stay connected, and (scenario `storm`) a reconnect storm."""
+    server_pid = target.pids["server"][0]
     await asyncio.sleep(1.0)
     rss_before = procs.rss_bytes(server_pid)
     load_before = procs.loadavg()
-    holders: list[Holder] = []
     began = time.monotonic()
-    reports: list[dict[str, Any]] = []
+    holders: list[Holder] = []
+    out: dict[str, Any] = {}
+    watched = {"server": [server_pid], "redis": target.pids["redis"]}
     try:
-        first = 0
-        k = 0
-        while first < count:
-            n = min(PER_HOLDER, count - first)
-            config = {
-                "mode": "hold",
-                "server": target.urls[0],
-                "seed": seed,
-                "first": first,
-                "count": n,
-                "local_addr": f"127.0.0.{2 + k}",
-                "connect_concurrency": 100,
-                "connect_deadline": plan.connect_deadline,
-            }
-            path = workdir / f"holder-{k}.json"
-            path.write_text(json.dumps(config))
-            with (workdir / f"holder-{k}.log").open("wb") as stderr:
-                child = subprocess.Popen(
-                    [sys.executable, "-m", "bench.loadgen", str(path)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=stderr,
-                    cwd=str(procs.REPO),
-                )
-            holders.append(Holder(child, n))
-            first += n
-            k += 1
-        for holder in holders:
-            assert holder.child.stdout is not None
-            line = await asyncio.to_thread(holder.child.stdout.readline)
-            if not line:
-                raise RuntimeError(f"idle holder exited early (see {workdir}/holder-*.log)")
-            reports.append(json.loads(line))
+        cpu_before = procs.cpu_snapshot(watched)
+        sql_before = await sql_backends_cpu(target)
+        holders, reports = await start_holders(target, plan, count, workdir)
         connected_s = time.monotonic() - began
+        connect_cpu = procs.cpu_delta(cpu_before, procs.cpu_snapshot(watched))
+        if target.db is not None:
+            # Backends the pool opened meanwhile count from zero.
+            sql_after = await sql_backends_cpu(target)
+            watched["postgres"] = list(sql_after)
+            connect_cpu["postgres"] = sum(
+                cpu - sql_before.get(pid, 0.0) for pid, cpu in sql_after.items()
+            )
         ok = sum(r["ok"] for r in reports)
         await asyncio.sleep(2.0)
         rss_after = procs.rss_bytes(server_pid)
-        watched = {"server": [server_pid], "redis": target.pids["redis"]}
-        before = procs.cpu_snapshot(watched)
-        await asyncio.sleep(plan.idle_cpu_window)
-        after = procs.cpu_snapshot(watched)
-        idle_cpu = procs.cpu_delta(before, after)
-        idle_counters = procs.counter_delta(before, after)["server"]
-        phase = {
-            "name": f"rp-c{plan.light}-with-idle",
-            "path": "rp",
-            "concurrency": plan.light,
-            "think_ms": plan.think_ms,
-            "warmup": min(1.0, plan.warmup),
-            "duration": plan.idle_flow_duration,
+        out = {
+            "requested": count,
+            "connected": ok,
+            "failed": sum(r["failed"] for r in reports),
+            "not_tried_before_deadline": sum(
+                r.get("not_tried_before_deadline", 0) for r in reports
+            ),
+            "errors": [r["errors"] for r in reports if r["errors"]],
+            "holders": len(holders),
+            "connect_s": round(connected_s, 2),
+            "connects_per_s": round(ok / connected_s, 1) if connected_s else None,
+            # CPU milliseconds per connect while they connected: steadier than the rate on
+            # a shared machine.
+            "cpu_ms_per_connect": {
+                group: round(1000 * connect_cpu[group] / ok, 3)
+                for group in watched
+                if ok and group in connect_cpu
+            },
+            "handshake_ms": [r["handshake_ms"] for r in reports],
+            "server_rss_before_mib": round(rss_before / 2**20, 1),
+            "server_rss_after_mib": round(rss_after / 2**20, 1),
+            "rss_per_socket_kib": round((rss_after - rss_before) / max(1, ok) / 1024, 2),
+            "client_rss_per_socket_kib": [r["client_rss_per_socket_kib"] for r in reports],
+            "loadavg": load_before,
         }
-        flows = run_loadgen(loadgen_config(target, [phase]), workdir, f"{target.kind}-idle-flows")
-        still = procs.rss_bytes(server_pid)
+        if "idle" in plan.scenarios:
+            out.update(await idle_figures(target, plan, workdir))
+        if "storm" in plan.scenarios:
+            out["storm"] = await run_storm(target, plan, holders, workdir)
     finally:
-        for holder in holders:
-            if holder.child.stdin is not None:
-                with contextlib.suppress(OSError):
-                    holder.child.stdin.close()
-        for holder in holders:
-            try:
-                holder.child.wait(30)
-            except subprocess.TimeoutExpired:
-                holder.child.kill()
+        stop_holders(holders)
+    return out
+
+
+async def sql_backends_cpu(target: Target) -> dict[int, float]:
+    """CPU seconds of each backend of the target's scratch database (none for the baseline)."""
+    if target.db is None:
+        return {}
+    return {pid: procs.cpu_seconds(pid) for pid in await target.db.backends()}
+
+
+async def idle_figures(target: Target, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """The server's CPU while the sockets idle, then a flow phase beside them."""
+    server_pid = target.pids["server"][0]
+    watched = {"server": [server_pid], "redis": target.pids["redis"]}
+    before = procs.cpu_snapshot(watched)
+    await asyncio.sleep(plan.idle_cpu_window)
+    after = procs.cpu_snapshot(watched)
+    idle_cpu = procs.cpu_delta(before, after)
+    idle_counters = procs.counter_delta(before, after)["server"]
+    phase = {
+        "name": f"rp-c{plan.light}-with-idle",
+        "path": "rp",
+        "concurrency": plan.light,
+        "think_ms": plan.think_ms,
+        "warmup": min(1.0, plan.warmup),
+        "duration": plan.idle_flow_duration,
+    }
+    flows = await asyncio.to_thread(
+        run_loadgen, loadgen_config(target, [phase]), workdir, f"{target.kind}-idle-flows"
+    )
     return {
-        "requested": count,
-        "connected": ok,
-        "failed": sum(r["failed"] for r in reports),
-        "not_tried_before_deadline": sum(r.get("not_tried_before_deadline", 0) for r in reports),
-        "errors": [r["errors"] for r in reports if r["errors"]],
-        "holders": len(holders),
-        "connect_s": round(connected_s, 2),
-        "connects_per_s": round(ok / connected_s, 1) if connected_s else None,
-        "handshake_ms": [r["handshake_ms"] for r in reports],
-        "server_rss_before_mib": round(rss_before / 2**20, 1),
-        "server_rss_after_mib": round(rss_after / 2**20, 1),
-        "server_rss_after_flows_mib": round(still / 2**20, 1),
-        "rss_per_socket_kib": round((rss_after - rss_before) / max(1, ok) / 1024, 2),
-        "client_rss_per_socket_kib": [r["client_rss_per_socket_kib"] for r in reports],
+        "server_rss_after_flows_mib": round(procs.rss_bytes(server_pid) / 2**20, 1),
         "idle_cpu": idle_cpu,
         "idle_server_syscalls": idle_counters,
         "idle_server_core_fraction": round(idle_cpu["server"] / idle_cpu["wall"], 4)
         if idle_cpu.get("wall")
         else None,
+        "flow_phase": flows["phases"][0],
+    }
+
+
+async def run_storm(
+    target: Target, plan: Plan, holders: list[Holder], workdir: Path
+) -> dict[str, Any]:
+    """Restart the first server (SIGTERM, as a deploy does) under its idle phones; they come
+    back with the reference client's backoff. Sign-ins run at the paced light load from the
+    moment the new process answers until the last phone is ready."""
+    index = next(i for i, c in enumerate(target.children) if c.pid == target.pids["server"][0])
+    old = target.children[index]
+    for holder in holders:
+        assert holder.child.stdin is not None
+        holder.child.stdin.write(b"storm\n")
+        holder.child.stdin.flush()
+    for holder in holders:
+        await holder.next_report(workdir)  # {"event": "watching"}
+    load_before = procs.loadavg()
+    overflows = procs.listen_overflows()
+    sigterm = time.monotonic()
+    await asyncio.to_thread(old.stop)
+    stopped = time.monotonic()
+    new = old.respawn()
+    target.children[index] = new
+    target.pids["server"][0] = new.pid
+    await asyncio.to_thread(procs.wait_http, target.urls[0] + "/healthz", new, 60.0)
+    up = time.monotonic()
+    over = workdir / f"{target.kind}-storm.over"
+    phase = {
+        "name": "signins-during-storm",
+        "path": "rp",
+        "concurrency": plan.light,
+        "think_ms": plan.paced_think_ms,
+        "think_jitter": PACED_JITTER,
+        "warmup": 0.0,
+        "max_warmup": 0.0,
+        "duration": plan.storm_deadline,
+        "until_exists": str(over),
+    }
+    config = loadgen_config(target, [phase])
+    config["connect_backoff"] = RECONNECT_BACKOFF
+    signins = asyncio.create_task(
+        asyncio.to_thread(run_loadgen, config, workdir, f"{target.kind}-storm-flows")
+    )
+    try:
+        reports = [await holder.next_report(workdir) for holder in holders]
+    finally:
+        over.touch()
+    flows = await signins
+    overflows = procs.listen_overflows() - overflows
+    ready_at = [r["all_ready_at"] for r in reports if r["all_ready_at"] is not None]
+    last = max(ready_at) if ready_at else None
+    return {
+        "phones": sum(r["sockets"] for r in reports),
+        "not_ready": sum(r["not_ready"] for r in reports),
+        "stop_s": round(stopped - sigterm, 2),
+        "restart_s": round(up - sigterm, 2),
+        "all_ready_s": round(last - sigterm, 2) if last is not None else None,
+        "all_ready_after_up_s": round(last - up, 2) if last is not None else None,
+        # Machine-wide, so other programs' count too; on a quiet machine, the storm's.
+        "listen_overflows": overflows,
+        "attempts_per_phone": round(
+            sum(r["attempts"] for r in reports) / max(1, sum(r["sockets"] for r in reports)), 2
+        ),
+        "holders": reports,
         "loadavg": load_before,
         "flow_phase": flows["phases"][0],
     }
@@ -512,7 +658,7 @@ async def run_idle(target: Target, plan: Plan, count: int, workdir: Path) -> dic
 async def run_target(kind: str, plan: Plan, workdir: Path) -> dict[str, Any]:
     """Everything for one target; its processes are stopped whatever happens."""
     workdir.mkdir(parents=True, exist_ok=True)
-    wants_idle = "idle" in plan.scenarios and plan.sockets > 0
+    wants_idle = bool({"idle", "storm"} & set(plan.scenarios)) and plan.sockets > 0
     sockets, note = idle_capacity(plan.sockets) if wants_idle else (0, "")
     if note:
         log(note)

@@ -16,9 +16,9 @@ import phonenumbers
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import Argon2Error
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import ColumnElement, func, update
+from sqlalchemy import ColumnElement, bindparam, func, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -284,24 +284,34 @@ async def get_user(session: AsyncSession, user_id: str) -> User | None:
     return await session.get(User, user_id)
 
 
+# The one statement a phone connects with, built once (no per-call statement building and
+# cache-key generation) and run on a bare connection, not an ORM session: 0.7 ms less CPU
+# per connect (1.4 → 0.6 ms, bench/RESULTS.md).
+_TOUCH_DEVICE = (
+    update(Device)
+    .where(col(Device.token_hash) == bindparam("hashed"), col(Device.revoked_at).is_(None))
+    .values(last_seen_at=bindparam("seen"))
+    .returning(
+        col(Device.id),
+        col(Device.user_id),
+        col(Device.public_jwk),
+        col(Device.passcode_confirmed_at),
+    )
+)
+
+
 async def touch_device(
-    session: AsyncSession, token_hash: str, *, now: float
+    engine: AsyncEngine, token_hash: str, *, now: float
 ) -> tuple[str, str, str, bool] | None:
     """Mark the live device holding this token seen now and return its (id, user_id,
     public_jwk, whether it has yet to confirm a passcode seed); None when no live device
-    holds it. One statement: a phone connects with it."""
-    result = await session.exec(
-        update(Device)
-        .where(col(Device.token_hash) == token_hash, col(Device.revoked_at).is_(None))
-        .values(last_seen_at=to_datetime(now))
-        .returning(
-            col(Device.id),
-            col(Device.user_id),
-            col(Device.public_jwk),
-            col(Device.passcode_confirmed_at),
+    holds it. One statement in its own transaction (unlike this module's other functions,
+    it commits): a phone connects with it."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            _TOUCH_DEVICE, {"hashed": token_hash, "seen": to_datetime(now)}
         )
-    )
-    row = result.first()
+        row = result.first()
     return (row[0], row[1], row[2], row[3] is None) if row is not None else None
 
 

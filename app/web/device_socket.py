@@ -108,9 +108,7 @@ async def _authenticate(svc: Services, websocket: WebSocket) -> ConnectedDevice 
         return None
     if len(token) > MAX_TOKEN:
         return None
-    async with svc.db() as db:
-        found = await touch_device(db, hash_token(token), now=svc.clock.now())
-        await db.commit()
+    found = await touch_device(svc.engine, hash_token(token), now=svc.clock.now())
     return ConnectedDevice(*found) if found else None
 
 

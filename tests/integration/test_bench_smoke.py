@@ -37,6 +37,9 @@ FIGURES = {
     "sat.cpu_ms_per_flow.server",
     "idle.sockets",
     "idle.rss_per_socket_kib",
+    "storm.phones",
+    "storm.all_ready_s",
+    "storm.create_to_phone.p99",
 }
 
 
@@ -84,6 +87,20 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_json(tmp_path: Path) -> 
     assert idle["connected"] == idle["requested"] == 20
     assert idle["failed"] == 0
     assert idle["flow_phase"]["flows"] > 0
+
+    # The reconnect storm: the server restarted under its idle phones, every one came back
+    # (with the reference client's backoff), and sign-ins went through meanwhile.
+    storm = idle["storm"]
+    assert storm["phones"] == 20
+    assert storm["not_ready"] == 0
+    assert storm["attempts_per_phone"] >= 1
+    assert storm["all_ready_s"] >= storm["restart_s"] > 0
+    assert storm["listen_overflows"] >= 0  # machine-wide, so no exact figure
+    signins = storm["flow_phase"]
+    assert signins["name"] == "signins-during-storm"
+    assert signins["flows"] > 0, signins
+    assert not signins["errors"], signins["errors"]
+    assert "create_to_phone" in signins["latency_ms"]
 
     assert set(data["summary"]["tapprove"]) >= FIGURES
 

@@ -255,8 +255,14 @@ async def test_an_older_state_file_gets_its_seed_over_the_socket_and_keeps_it(
     assert event == {"event": "passcode_seed", "stored": True}  # the seed is never printed
     kept = load_state(path)
     assert kept.passcode_secret and kept.passcode_secret != secret  # a new seed, kept
-    async with server.services.db() as db:
-        [device] = await list_active_devices(db, device.user_id)
-        assert device.passcode_confirmed_at is not None  # acked after it was stored
+    # Acked after it was stored: the stub reports "stored" once its ack is sent, so the
+    # server may still be writing the confirmation.
+    for _ in range(100):
+        async with server.services.db() as db:
+            [device] = await list_active_devices(db, device.user_id)
+        if device.passcode_confirmed_at is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert device.passcode_confirmed_at is not None
     shown = await asyncio.to_thread(stub, "passcode", "--state", str(path), "--json")
     assert shown.returncode == 0, shown.stdout

@@ -6,16 +6,18 @@
 -- KEYS: approval acks inflight jobs_due jobs_data
 -- ARGV: user_id device channel delivered_channel delivered_event
 -- include: app.approval/lists app.store/schedule
-local owner = redis.call('HGET', approval, 'user_id')
-if not owner or owner ~= user_id then return -1 end
-if redis.call('HGET', approval, 'status') ~= 'pending' then return 0 end
+-- One read of the four fields it may need (each Redis command inside a script costs the
+-- Redis core every process shares).
+local found = redis.call('HMGET', approval, 'user_id', 'status', 'delivered', 'ack_check')
+if not found[1] or found[1] ~= user_id then return -1 end
+if found[2] ~= 'pending' then return 0 end
 local added = redis.call('SADD', acks, device)
 if added == 1 then
   redis.call('EXPIRE', acks, redis.call('TTL', approval))
-  if add_to_list(approval, 'delivered', channel) then
+  if add_to_list(approval, 'delivered', channel, found[3]) then
     redis.call(PUBLISH, delivered_channel, delivered_event)
   end
-  local check = redis.call('HGET', approval, 'ack_check')
+  local check = found[4]
   if check then
     check = cjson.decode(check)
     local all = true

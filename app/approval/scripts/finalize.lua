@@ -8,8 +8,12 @@
 -- far (app.approval.rules computes the schedule; this only looks it up); `approved` forgets
 -- them. Each waiting process hears the end in its inbox, the user's devices on `user_channel`.
 local function finalize(k, id, status, now, decided_by, reason, keep, backoff_schedule, user_channel)
-  redis.call('HSET', k.approval, 'status', status, 'decided_at', now, 'reason', reason)
-  if decided_by ~= '' then redis.call('HSET', k.approval, 'decided_by', decided_by) end
+  if decided_by ~= '' then
+    redis.call('HSET', k.approval, 'status', status, 'decided_at', now, 'reason', reason,
+      'decided_by', decided_by)
+  else
+    redis.call('HSET', k.approval, 'status', status, 'decided_at', now, 'reason', reason)
+  end
   redis.call('EXPIRE', k.approval, keep)
   redis.call('EXPIRE', k.acks, keep)
   redis.call('ZREM', k.deadlines, id)

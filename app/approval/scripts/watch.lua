@@ -3,7 +3,11 @@
 -- KEYS: approval waiters
 -- ARGV: inbox
 local fields = redis.call('HGETALL', approval)
-if #fields > 0 and redis.call('HGET', approval, 'status') == 'pending' then
+local status = nil
+for i = 1, #fields, 2 do
+  if fields[i] == 'status' then status = fields[i + 1] end
+end
+if status == 'pending' then
   redis.call('SADD', waiters, inbox)
   redis.call('EXPIRE', waiters, redis.call('TTL', approval))
 end
