@@ -49,7 +49,7 @@ class PrivateCluster:
         if binary is None:
             raise RuntimeError("redis-server not found (apt-get install redis-server)")
         workdir.mkdir(parents=True, exist_ok=True)
-        ports = [_node_port() for _ in range(6)]
+        ports = [free_node_port() for _ in range(6)]
         children = []
         for port in ports:
             argv = [
@@ -82,8 +82,9 @@ class PrivateCluster:
         return cls(nodes, ports, pids, workdir)
 
 
-def _node_port() -> int:
-    """A free port P (≤ 55535) with P + 10000 free too, for the node's cluster bus."""
+def free_node_port() -> int:
+    """A free port P (≤ 55535) with P + 10000 free too, for the node's cluster bus (also
+    used by tests/fixtures/cluster.py)."""
     while True:
         port = 20000 + secrets.randbelow(35000)
         if all(_free(each) for each in (port, port + 10000)):
