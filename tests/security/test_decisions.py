@@ -89,6 +89,20 @@ def _with_header(
     return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
+def _tampered(text: str) -> str:
+    """`text` with its first character changed: never equal to it, whatever it was.
+
+    (Overwriting the last two with "AA" left a challenge that already ended so untouched:
+    one in 256 challenges, a valid decision the server rightly approved.)
+    """
+    return ("B" if text[0] == "A" else "A") + text[1:]
+
+
+def _another_number(number: str) -> str:
+    """A number of the same length that is not `number` (a fixed "00" is the real one 1 in 100)."""
+    return f"{(int(number) + 1) % 10 ** len(number):0{len(number)}d}"
+
+
 def forgeries(
     who: Person, sibling: Phone, approval: dict[str, Any], other: dict[str, Any], number: str
 ) -> dict[str, str]:
@@ -114,7 +128,7 @@ def forgeries(
         "another approval's challenge": signed(phone, {**good, "chl": other["challenge"]}),
         "another approval's id": signed(phone, {**good, "aid": other["id"]}),
         "another approval entirely": signed(phone, claims_for(other, number=number)),
-        "challenge tampered": signed(phone, {**good, "chl": good["chl"][:-2] + "AA"}),
+        "challenge tampered": signed(phone, {**good, "chl": _tampered(good["chl"])}),
         "no challenge": signed(phone, {k: v for k, v in good.items() if k != "chl"}),
         "decision maybe": signed(phone, {**good, "decision": "maybe"}),
         "approve for fraud": signed(phone, {**good, "reason": "fraud"}),
@@ -149,7 +163,7 @@ def forgeries(
         "payload swapped after signing": ".".join(
             [
                 signed(phone, good).split(".")[0],
-                segment({**good, "decision": "approve", "number": "00"}),
+                segment({**good, "number": _another_number(number)}),
                 signed(phone, good).split(".")[2],
             ]
         ),
@@ -205,6 +219,7 @@ async def test_forged_decisions_are_bad_signature_over_http_and_socket(
             if len(jws) > 8192:
                 assert_error(answer, 422, "invalid_request")
                 continue
+            assert answer.status_code == 400, (name, answer.text)
             body = assert_error(answer, 400, "bad_signature")
             assert body["message"], name
             frame = await _ws_answer(ws, jws, login.approval_id)
