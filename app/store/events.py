@@ -74,6 +74,11 @@ class Link:
     async def subscribe(self, *channels: str, tolerant: bool = False) -> None:
         await self.pubsub.subscribe(*channels)
 
+    @property
+    def needs_heal(self) -> bool:
+        """Whether `heal` has anything to do now (never, on a single server)."""
+        return False
+
     async def heal(self) -> bool:
         """Subscribe what a tolerant subscribe could not; True when something was."""
         return False
@@ -172,8 +177,12 @@ class ShardedLink:
                 self._leaving.discard(channel)
                 self._missing.discard(channel)
 
+    @property
+    def needs_heal(self) -> bool:
+        return bool(self._missing) and time.monotonic() >= self._next_heal
+
     async def heal(self) -> bool:
-        if not self._missing or time.monotonic() < self._next_heal:
+        if not self.needs_heal:
             return False
         self._next_heal = time.monotonic() + HEAL_EVERY
         before = len(self._missing)
@@ -391,13 +400,18 @@ class EventBus:
                 # A failover or resharding: events sent meanwhile may be lost.
                 log.warning("event bus: the cluster's masters changed")
                 self._broadcast(RECONNECTED)
-            try:
-                async with self._lock:
-                    healed = await self._link.heal()
-                if healed:
-                    self._broadcast(RECONNECTED)  # a shard is back: its events were missed
-            except LINK_ERRORS as exc:
-                log.warning("event bus cannot heal yet (%s)", type(exc).__name__)
+            # The lock only when there is something to heal: phones connecting take it to
+            # subscribe, and during a reconnect storm thousands queue on it; a reader taking
+            # it for every message read one message per pass through that queue, so events
+            # and subscription confirmations waited for seconds.
+            if self._link.needs_heal:
+                try:
+                    async with self._lock:
+                        healed = await self._link.heal()
+                    if healed:
+                        self._broadcast(RECONNECTED)  # a shard is back: its events were missed
+                except LINK_ERRORS as exc:
+                    log.warning("event bus cannot heal yet (%s)", type(exc).__name__)
             if not self._link.active:
                 if failures:
                     failures = 0
