@@ -4,7 +4,8 @@ A phone that connects subscribes to its user's channel under the bus's lock; aft
 restart thousands do so at once and queue on that lock. The reader must not queue there too:
 when it took the lock before every read, each event and each subscription confirmation
 waited for a pass through the whole queue (a sign-in's request reached its phone 11-21 s
-late during the bench's reconnect storm, and 330 phones timed out subscribing).
+late during the bench's reconnect storm, and hundreds to thousands of phones timed out
+subscribing).
 """
 
 from __future__ import annotations
